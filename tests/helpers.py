@@ -1,0 +1,109 @@
+"""Input generators and comparison helpers for the tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hypothesis import strategies as st
+from torch import Tensor
+
+#: Agreement demanded of every float32 fast path against the float64 reference.
+RTOL = 1e-5
+
+
+def assert_close_rel(
+    actual: Tensor,
+    expected: Tensor,
+    rtol: float = RTOL,
+    what: str = "",
+    scale: Tensor | None = None,
+) -> None:
+    """``|a - e| <= rtol * (|e| + max|e| + scale)`` elementwise: relative, with the scale.
+
+    ``max|e|`` keeps entries that are tiny next to the rest of the tensor (a gradient component
+    that is almost zero) from demanding more than float32 can give; ``scale`` is the size of
+    the parts a value is a difference of (``|alpha * attraction| + |beta * repulsion|`` for a
+    loss whose two terms cancel).
+    """
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    extra = 0.0 if scale is None else scale.detach().double().cpu().abs()
+    tol = rtol * (e.abs() + e.abs().max() + extra) + 1e-12
+    err = (a - e).abs()
+    bad = err > tol
+    assert not bool(bad.any()), (
+        f"{what}: max error {float(err.max()):.3e} (tolerance {float(tol[bad].min()):.3e}); "
+        f"actual {a.flatten()[:6].tolist()} expected {e.flatten()[:6].tolist()}"
+    )
+
+
+@dataclass
+class Case:
+    """One random call of ``cct_loss``."""
+
+    query: Tensor
+    positive: Tensor
+    negatives: Tensor | None
+    options: dict[str, Any]
+
+    def leaves(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Fresh leaf copies in ``dtype`` that require grad."""
+        q = self.query.to(dtype).requires_grad_()
+        p = self.positive.to(dtype).requires_grad_()
+        n = None if self.negatives is None else self.negatives.to(dtype).requires_grad_()
+        return q, p, n
+
+
+def random_embeddings(shape: tuple[int, ...], seed: int, *, scale: float = 1.0) -> Tensor:
+    """float32-representable values (so float32 and float64 paths see the same inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).float().double()
+
+
+@st.composite
+def cases(draw: st.DrawFn, modes: tuple[str, ...] = ("in_batch", "shared", "per_query")) -> Case:
+    """Random shapes and options over every negative mode."""
+    mode = draw(st.sampled_from(modes))
+    n = draw(st.integers(2 if mode == "in_batch" else 1, 5))
+    m = draw(st.integers(1, 4))
+    k = draw(st.integers(1, 6))
+    d = draw(st.integers(2, 6))
+    seed = draw(st.integers(0, 2**31 - 1))
+    normalize = draw(st.booleans())
+    cost = draw(st.sampled_from(["sqeuclidean", "cosine"]))
+    scale = 1.0 if normalize else 0.4
+    query = random_embeddings((n, d), seed, scale=scale)
+    two_d = m == 1 and draw(st.booleans())
+    positive = random_embeddings((n, d) if two_d else (n, m, d), seed + 1, scale=scale)
+    negatives = None
+    if mode == "shared":
+        negatives = random_embeddings((k, d), seed + 2, scale=scale)
+    elif mode == "per_query":
+        negatives = random_embeddings((n, k, d), seed + 2, scale=scale)
+    options: dict[str, Any] = {
+        "t_pos": draw(st.floats(0.0, 50.0)),
+        "t_neg": draw(st.floats(0.0, 50.0)),
+        "alpha": draw(st.floats(-2.0, 2.0)),
+        "beta": draw(st.floats(-2.0, 2.0)),
+        "cost": cost,
+        "normalize": normalize,
+        "detach_weights": draw(st.booleans()),
+        "reduction": draw(st.sampled_from(["mean", "sum", "none"])),
+    }
+    return Case(query, positive, negatives, options)
+
+
+def backward_weights(loss: Tensor, seed: int = 0) -> Tensor:
+    """Random cotangent for a loss of any shape (so "none" gradients are fully checked)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(loss.shape, generator=g, dtype=torch.float64).to(loss.dtype) + 0.5
+
+
+def grads_of(loss: Tensor, inputs: list[Tensor | None]) -> list[Tensor | None]:
+    present = [x for x in inputs if x is not None]
+    out = torch.autograd.grad((loss * backward_weights(loss)).sum(), present, allow_unused=True)
+    it = iter(out)
+    return [None if x is None else next(it) for x in inputs]

@@ -1,0 +1,118 @@
+"""The dense path against the float64 loop reference: values, gradients and diagnostics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cct_loss import cct_loss
+
+from .helpers import Case, assert_close_rel, cases, grads_of
+from .reference import reduce, reference_queries
+
+IMPLS = ["dense"]
+
+
+def check_against_reference(case: Case, impl: str) -> None:
+    opts = dict(case.options)
+    reduction = str(opts.pop("reduction"))
+    q, p, n = case.leaves(torch.float32)
+    out = cct_loss(q, p, n, impl=impl, reduction=reduction, return_details=True, **opts)
+    assert out.loss.dtype == torch.float32
+
+    rq, rp, rn = case.leaves(torch.float64)
+    results = reference_queries(rq, rp, rn, **opts)
+    expected = reduce([r.loss for r in results], reduction)
+
+    alpha, beta = float(opts["alpha"]), float(opts["beta"])
+    parts = reduce(
+        [abs(alpha) * r.attraction.abs() + abs(beta) * r.repulsion.abs() for r in results],
+        reduction,
+    )
+    assert_close_rel(out.loss, expected, what="loss", scale=parts)
+    assert_close_rel(
+        out.attraction, reduce([r.attraction for r in results], reduction), what="attraction"
+    )
+    assert_close_rel(
+        out.repulsion, reduce([r.repulsion for r in results], reduction), what="repulsion"
+    )
+
+    def stat(xs: list[float]) -> torch.Tensor:
+        t = torch.tensor(xs, dtype=torch.float64)
+        return t if reduction == "none" else t.mean()
+
+    # Entropies are diagnostics in nats: an absolute tolerance (near-one-hot weights have an
+    # entropy close to 0 whose relative error float32 cannot bound).
+    for got_h, want_h in (
+        (out.pos_entropy, stat([r.pos_entropy for r in results])),
+        (out.neg_entropy, stat([r.neg_entropy for r in results])),
+    ):
+        torch.testing.assert_close(got_h.double(), want_h, rtol=1e-4, atol=1e-5)
+
+    got = grads_of(out.loss, [q, p, n])
+    want = grads_of(expected, [rq, rp, rn])
+    for name, g, w in zip(["query", "positive", "negatives"], got, want, strict=True):
+        if w is None:
+            continue
+        assert g is not None
+        assert_close_rel(g, w, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@given(case=cases())
+def test_matches_reference(impl: str, case: Case) -> None:
+    check_against_reference(case, impl)
+
+
+@given(case=cases(), seed=st.integers(0, 100))
+def test_weights_match_reference_shared_and_per_query(case: Case, seed: int) -> None:
+    if case.negatives is None:
+        return
+    opts = dict(case.options)
+    opts.pop("reduction")
+    out = cct_loss(
+        case.query.float(),
+        case.positive.float(),
+        case.negatives.float(),
+        impl="dense",
+        return_details=True,
+        **opts,
+    )
+    results = reference_queries(case.query, case.positive, case.negatives, **opts)
+    assert out.pos_weights is not None and out.neg_weights is not None
+    assert_close_rel(
+        out.pos_weights, torch.stack([torch.stack(r.pos_weights) for r in results]), rtol=1e-4
+    )
+    assert_close_rel(
+        out.neg_weights, torch.stack([torch.stack(r.neg_weights) for r in results]), rtol=1e-4
+    )
+
+
+def test_in_batch_weight_layout() -> None:
+    """In-batch neg_weights is (Q, Q) with zeros on same-instance columns, in view-major order."""
+    g = torch.Generator().manual_seed(3)
+    z1, z2, z3 = (torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    out = cct_loss(z1, torch.stack([z2, z3], 1), t_neg=1.7, return_details=True)
+    results = reference_queries(z1, torch.stack([z2, z3], 1), t_neg=1.7)
+    n, views = 4, 3
+    assert out.neg_weights is not None and out.pos_weights is not None
+    for r, res in enumerate(results):
+        i = r % n
+        cols = [w * n + j for w in range(views) for j in range(n) if j != i]
+        same = [w * n + i for w in range(views)]
+        torch.testing.assert_close(out.neg_weights[r, cols], torch.stack(res.neg_weights))
+        assert torch.all(out.neg_weights[r, same] == 0)
+        torch.testing.assert_close(out.pos_weights[r], torch.stack(res.pos_weights))
+
+
+@given(case=cases())
+def test_accuracy_matches_reference(case: Case) -> None:
+    opts = dict(case.options)
+    opts.pop("reduction")
+    q, p = case.query.double(), case.positive.double()
+    n = None if case.negatives is None else case.negatives.double()
+    out = cct_loss(q, p, n, reduction="none", return_details=True, **opts)
+    results = reference_queries(q, p, n, **opts)
+    assert out.accuracy.tolist() == [r.correct for r in results]

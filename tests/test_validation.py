@@ -1,0 +1,188 @@
+"""Every bad input of SPEC section 5 gets a clear ValueError or TypeError."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import pytest
+import torch
+
+from cct_loss import CCTLoss, CCTMultiviewLoss, cct_loss, cct_loss_multiview
+
+Q = torch.randn(4, 8)
+P = torch.randn(4, 8)
+
+
+def call(**overrides: Any) -> Any:
+    args: dict[str, Any] = {"query": Q, "positive": P, "negatives": None}
+    args.update(overrides)
+    return cct_loss(args.pop("query"), args.pop("positive"), args.pop("negatives"), **args)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "pattern"),
+    [
+        (
+            {"query": torch.randn(4, 8, 1)},
+            ValueError,
+            r"query must have shape \(N, D\).*got 3 dims with shape \(4, 8, 1\)",
+        ),
+        ({"query": torch.randn(8)}, ValueError, r"query must have shape \(N, D\).*\(8\)"),
+        (
+            {"positive": torch.randn(4, 1, 1, 8)},
+            ValueError,
+            r"positive must have shape \(N, D\) or \(N, M, D\).*4 dims",
+        ),
+        (
+            {"positive": torch.randn(5, 8)},
+            ValueError,
+            r"positive must have shape .*\(4, 8\).*got \(5, 8\)",
+        ),
+        ({"positive": torch.randn(4, 7)}, ValueError, r"positive must have shape .*got \(4, 7\)"),
+        ({"positive": torch.randn(4, 0, 8)}, ValueError, r"positive has M = 0"),
+        (
+            {"query": torch.randn(0, 8), "positive": torch.randn(0, 8)},
+            ValueError,
+            r"query is an empty batch",
+        ),
+        ({"query": torch.randn(4, 0), "positive": torch.randn(4, 0)}, ValueError, r"D = 0"),
+        ({"negatives": torch.randn(0, 8)}, ValueError, r"negatives has K = 0"),
+        ({"negatives": torch.randn(4, 0, 8)}, ValueError, r"negatives has K = 0"),
+        (
+            {"negatives": torch.randn(8, 100)},
+            ValueError,
+            r"MoCo queue stored as \(D, K\).*pass queue\.T",
+        ),
+        (
+            {"negatives": torch.randn(100, 7)},
+            ValueError,
+            r"negatives must have shape \(K, D\) with D = 8.*\(100, 7\)",
+        ),
+        (
+            {"negatives": torch.randn(3, 5, 8)},
+            ValueError,
+            r"per-query negatives must have shape \(N, K, D\) = \(4, K, 8\).*\(3, 5, 8\)",
+        ),
+        (
+            {"negatives": torch.randn(2, 3, 4, 8)},
+            ValueError,
+            r"negatives must have shape \(K, D\) or \(N, K, D\)",
+        ),
+        (
+            {"query": torch.randn(1, 8), "positive": torch.randn(1, 8)},
+            ValueError,
+            r"in-batch mode .* at least 2 rows",
+        ),
+        (
+            {"query": torch.ones(4, 8, dtype=torch.long)},
+            TypeError,
+            r"query must have a floating-point dtype.*torch.int64",
+        ),
+        (
+            {"positive": torch.ones(4, 8, dtype=torch.bool)},
+            TypeError,
+            r"positive must have a floating-point dtype",
+        ),
+        (
+            {"negatives": torch.ones(5, 8, dtype=torch.int32)},
+            TypeError,
+            r"negatives must have a floating-point dtype",
+        ),
+        ({"query": [[1.0] * 8] * 4}, TypeError, r"query must be a torch.Tensor.*got list"),
+        ({"negatives": "queue"}, TypeError, r"negatives must be a torch.Tensor"),
+        ({"t_pos": -1.0}, ValueError, r"t_pos must be a finite number >= 0.*-1.0"),
+        ({"t_neg": -0.1}, ValueError, r"t_neg must be a finite number >= 0.*-0.1"),
+        ({"t_neg": math.inf}, ValueError, r"t_neg must be a finite number"),
+        ({"t_pos": math.nan}, ValueError, r"t_pos must be a finite number"),
+        ({"t_neg": "2"}, TypeError, r"t_neg must be a real number.*str"),
+        ({"t_neg": torch.tensor(2.0)}, TypeError, r"t_neg must be a real number.*Tensor"),
+        ({"t_neg": True}, TypeError, r"t_neg must be a real number.*bool"),
+        ({"alpha": math.nan}, ValueError, r"alpha must be finite"),
+        ({"beta": None}, TypeError, r"beta must be a real number"),
+        (
+            {"cost": "euclidean"},
+            ValueError,
+            r"cost must be one of 'sqeuclidean', 'cosine'; got 'euclidean'",
+        ),
+        (
+            {"reduction": "avg"},
+            ValueError,
+            r"reduction must be one of 'mean', 'sum', 'none'; got 'avg'",
+        ),
+        ({"impl": "flash"}, ValueError, r"impl must be one of .*got 'flash'"),
+        ({"chunk_size": 0}, ValueError, r"chunk_size must be None or an int >= 1, got 0"),
+        ({"chunk_size": 2.5}, TypeError, r"chunk_size must be None or an int >= 1"),
+        ({"normalize": 1}, TypeError, r"normalize must be a bool"),
+        ({"detach_weights": "yes"}, TypeError, r"detach_weights must be a bool"),
+        ({"return_details": None}, TypeError, r"return_details must be a bool"),
+    ],
+)
+def test_bad_input_is_named(
+    overrides: dict[str, Any], error: type[Exception], pattern: str
+) -> None:
+    with pytest.raises(error, match=pattern):
+        call(**overrides)
+
+
+def test_mixed_devices() -> None:
+    meta = torch.randn(4, 8, device="meta")
+    with pytest.raises(ValueError, match=r"positive is on device meta but query is on cpu"):
+        call(positive=meta)
+
+
+def test_square_queue_is_accepted_as_k_by_d() -> None:
+    """A (D, D) tensor cannot be told apart from (K, D) with K = D: it is taken as (K, D)."""
+    assert torch.isfinite(call(negatives=torch.randn(8, 8)))
+
+
+def test_mixed_float_dtypes_are_promoted() -> None:
+    out = call(negatives=torch.randn(16, 8, dtype=torch.float64))
+    assert out.dtype == torch.float64
+    assert call(query=Q.half(), negatives=torch.randn(16, 8)).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("views", "kwargs", "error", "pattern"),
+    [
+        ([torch.randn(4, 8)], {}, ValueError, r"views must hold at least 2 views, got 1"),
+        (torch.randn(1, 4, 8), {}, ValueError, r"views must hold at least 2 views"),
+        (
+            [torch.randn(4, 8), torch.randn(5, 8)],
+            {},
+            ValueError,
+            r"views\[1\] has shape \(5, 8\) but views\[0\] has \(4, 8\)",
+        ),
+        ([torch.randn(1, 8), torch.randn(1, 8)], {}, ValueError, r"N >= 2"),
+        (torch.randn(4, 8), {}, ValueError, r"views must have shape \(V, N, D\)"),
+        ("views", {}, TypeError, r"views must be a \(V, N, D\) tensor or a list"),
+        (
+            [torch.randn(4, 8), torch.ones(4, 8, dtype=torch.long)],
+            {},
+            TypeError,
+            r"views\[1\] must have a floating-point dtype",
+        ),
+        (
+            [torch.randn(4, 8)] * 2,
+            {"layout": "official"},
+            ValueError,
+            r"layout must be one of 'all', 'paper'; got 'official'",
+        ),
+        ([torch.randn(4, 8)] * 2, {"t_neg": -2}, ValueError, r"t_neg must be a finite number >= 0"),
+    ],
+)
+def test_bad_multiview_input(
+    views: Any, kwargs: dict[str, Any], error: type[Exception], pattern: str
+) -> None:
+    with pytest.raises(error, match=pattern):
+        cct_loss_multiview(views, **kwargs)
+
+
+def test_modules_validate_at_construction() -> None:
+    with pytest.raises(ValueError, match="t_neg"):
+        CCTLoss(t_neg=-1.0)
+    with pytest.raises(ValueError, match="layout"):
+        CCTMultiviewLoss(layout="nope")
+    with pytest.raises(ValueError, match=re.escape("reduction must be one of")):
+        CCTMultiviewLoss(reduction="max")
