@@ -34,8 +34,8 @@ def prepare_embeddings(x: Tensor, *, cost: str, normalize: bool) -> Tensor:
     return x
 
 
-def cost_from_gram(gram: Tensor, sq_a: Tensor, sq_b: Tensor, cost: str) -> Tensor:
-    """Turn inner products into costs.
+def unclamped_cost(gram: Tensor, sq_a: Tensor, sq_b: Tensor, cost: str) -> Tensor:
+    """Costs from inner products, before clamping at 0 (rounding can make them slightly < 0).
 
     Args:
         gram: ``(..., Q, K)`` inner products ``a.b`` of prepared embeddings.
@@ -44,12 +44,17 @@ def cost_from_gram(gram: Tensor, sq_a: Tensor, sq_b: Tensor, cost: str) -> Tenso
         cost: ``"sqeuclidean"`` or ``"cosine"``.
 
     Returns:
-        ``(..., Q, K)`` non-negative costs.
+        ``(..., Q, K)`` costs.
     """
     if cost == "cosine":
         # Inputs are unit vectors (or zero): 1 - cos(a, b).
-        return (1.0 - gram).clamp_min(0.0)
-    return (sq_a + sq_b - 2.0 * gram).clamp_min(0.0)
+        return 1.0 - gram
+    return sq_a + sq_b - 2.0 * gram
+
+
+def cost_from_gram(gram: Tensor, sq_a: Tensor, sq_b: Tensor, cost: str) -> Tensor:
+    """:func:`unclamped_cost` clamped at 0: the non-negative cost."""
+    return unclamped_cost(gram, sq_a, sq_b, cost).clamp_min(0.0)
 
 
 def pairwise_cost(a: Tensor, b: Tensor, cost: str) -> Tensor:

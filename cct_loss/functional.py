@@ -11,10 +11,10 @@ from torch import Tensor
 
 from ._validation import check_choice, check_float_tensor, check_same_device, shape_str
 from .costs import prepare_embeddings
-from .dense import in_batch_terms, per_query_negatives_terms, shared_negatives_terms
-from .details import CCTDetails, QueryTerms, reduce_terms
+from .details import CCTDetails, reduce_terms
+from .dispatch import repulsion_backend
+from .layouts import explicit_negatives_terms, in_batch_terms, paper_terms
 from .options import CCTOptions
-from .paper import paper_terms
 
 LAYOUTS = ("all", "paper")
 
@@ -132,8 +132,11 @@ def cct_loss(
         reduction: ``"mean"`` or ``"sum"`` over queries, or ``"none"`` for one value per query.
             In-batch, queries are ordered view-major: ``query`` rows first, then
             ``positive[:, 0]``, ``positive[:, 1]``, ... (length ``(M + 1) N``); otherwise ``(N,)``.
-        impl: ``"auto"``, ``"dense"``, ``"chunked"`` or ``"sdpa"``.
-        chunk_size: block size for ``impl="chunked"`` (``None``: a default).
+        impl: ``"dense"`` (full ``Q x K`` cost matrix; fastest while it fits), ``"chunked"``
+            (streams over blocks of negatives with an online softmax; never holds ``Q x K``),
+            ``"sdpa"`` (PyTorch's fused attention kernels) or ``"auto"`` (see
+            :func:`cct_loss.dispatch.choose_impl`). All give the same values and gradients.
+        chunk_size: keys per block for ``impl="chunked"`` (``None``: about 8 MiB per block).
         return_details: return a :class:`CCTDetails` with the terms, weight entropies,
             contrastive accuracy and (dense) the weight matrices.
 
@@ -145,7 +148,6 @@ def cct_loss(
         TypeError: a non-tensor, non-floating tensor or non-numeric option.
         ValueError: shapes that disagree, empty inputs, negative or non-finite sharpness,
             an unknown option value, a ``(D, K)`` queue, or in-batch mode with ``N = 1``.
-        NotImplementedError: ``impl="chunked"`` or ``"sdpa"`` (not yet available).
 
     Examples:
         >>> import torch
@@ -193,30 +195,37 @@ def cct_loss(
             f"in-batch mode (negatives=None) needs at least 2 rows so that each query has "
             f"negatives; got query of shape {shape_str(query)}. Pass negatives, or a batch N >= 2"
         )
-    check_same_device(tensors)
-    impl_used = _resolve_impl(options.impl)
+    device = check_same_device(tensors)
 
     positives = positive if positive.dim() == 3 else positive.unsqueeze(1)
-    with _full_precision(query.device):
+    with _full_precision(device):
         dtype = _compute_dtype(*tensors.values())
         q = prepare_embeddings(query.to(dtype), cost=options.cost, normalize=options.normalize)
         p = prepare_embeddings(positives.to(dtype), cost=options.cost, normalize=options.normalize)
         if negatives is None:
             views = torch.cat([q.unsqueeze(0), p.transpose(0, 1)], dim=0)  # (M + 1, N, D)
-            terms = _in_batch(impl_used, views, options)
+            num_queries = views.shape[0] * n
+            repel = repulsion_backend(options, device, num_queries, num_queries, per_query=False)
+            terms = in_batch_terms(
+                views,
+                cost=options.cost,
+                t_pos=options.t_pos,
+                detach_weights=options.detach_weights,
+                repel=repel,
+            )
         else:
             k = prepare_embeddings(
                 negatives.to(dtype), cost=options.cost, normalize=options.normalize
             )
-            compute = shared_negatives_terms if k.dim() == 2 else per_query_negatives_terms
-            terms = compute(
+            repel = repulsion_backend(options, device, n, k.shape[-2], per_query=k.dim() == 3)
+            terms = explicit_negatives_terms(
                 q,
                 p,
                 k,
                 cost=options.cost,
                 t_pos=options.t_pos,
-                t_neg=options.t_neg,
                 detach_weights=options.detach_weights,
+                repel=repel,
             )
         return reduce_terms(
             terms,
@@ -339,22 +348,26 @@ def cct_loss_multiview(
         return_details=return_details,
     )
     stacked = _stack_views(views)
-    impl_used = _resolve_impl(options.impl)
+    num_views, n, _ = stacked.shape
     with _full_precision(stacked.device):
         dtype = _compute_dtype(stacked)
         prepared = prepare_embeddings(
             stacked.to(dtype), cost=options.cost, normalize=options.normalize
         )
         if layout == "all":
-            terms = _in_batch(impl_used, prepared, options)
-        else:
-            terms = paper_terms(
-                prepared,
-                cost=options.cost,
-                t_pos=options.t_pos,
-                t_neg=options.t_neg,
-                detach_weights=options.detach_weights,
-            )
+            size = num_views * n
+            layout_terms = in_batch_terms
+        else:  # one (N, N) problem per pair of views
+            size = n
+            layout_terms = paper_terms
+        repel = repulsion_backend(options, stacked.device, size, size, per_query=False)
+        terms = layout_terms(
+            prepared,
+            cost=options.cost,
+            t_pos=options.t_pos,
+            detach_weights=options.detach_weights,
+            repel=repel,
+        )
         return reduce_terms(
             terms,
             alpha=options.alpha,
@@ -430,25 +443,6 @@ def _stack_views(views: Tensor | Sequence[Tensor]) -> Tensor:
     if d == 0:
         raise ValueError(f"views have embedding dim D = 0: got shape {shape_str(stacked)}")
     return stacked
-
-
-def _resolve_impl(impl: str) -> str:
-    if impl in ("chunked", "sdpa"):
-        raise NotImplementedError(
-            f"impl={impl!r} is not available in this version; use impl='dense' or 'auto'"
-        )
-    return "dense"
-
-
-def _in_batch(impl: str, views: Tensor, options: CCTOptions) -> QueryTerms:
-    """Symmetric in-batch terms of ``(V, N, D)`` prepared views with the chosen implementation."""
-    return in_batch_terms(
-        views,
-        cost=options.cost,
-        t_pos=options.t_pos,
-        t_neg=options.t_neg,
-        detach_weights=options.detach_weights,
-    )
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:

@@ -23,13 +23,14 @@ class ConditionalExpectation(NamedTuple):
         value: ``(Q,)`` expected cost ``sum_k pi_k c_k`` (differentiable).
         entropy: ``(Q,)`` entropy of ``pi`` in nats (no gradient).
         extreme: ``(Q,)`` largest cost (positives) or smallest cost (negatives), no gradient.
-        weights: ``(Q, K)`` the weights ``pi`` (zero where masked out).
+        weights: ``(Q, K)`` the weights ``pi`` (zero where masked out), or ``None`` from
+            implementations that never hold them.
     """
 
     value: Tensor
     entropy: Tensor
     extreme: Tensor
-    weights: Tensor
+    weights: Tensor | None
 
 
 def conditional_expectation(

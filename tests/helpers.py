@@ -13,25 +13,52 @@ from torch import Tensor
 RTOL = 1e-5
 
 
+def cost_floor(case_tensors: list[Tensor | None], options: dict[str, Any]) -> float:
+    """Absolute float32 floor for a value that is a weighted mean of costs.
+
+    A cost near 0 is a difference of O(|x|^2) numbers (``|a|^2 + |b|^2 - 2 a.b`` or ``1 - cos``),
+    so float32 can only resolve it to a few ulps of the cost scale: ``8 eps * max cost``.
+    """
+    if options["normalize"] or options["cost"] == "cosine":
+        max_cost = 2.0 if options["cost"] == "cosine" else 4.0
+    else:
+        sq = max(float(x.pow(2).sum(-1).max()) for x in case_tensors if x is not None)
+        max_cost = 4.0 * sq
+    return 8.0 * torch.finfo(torch.float32).eps * max_cost
+
+
+def float32_error(expected: Tensor, float32_reference: Tensor) -> Tensor:
+    """Elementwise error of the reference formula itself evaluated in float32."""
+    return (float32_reference.detach().double() - expected.detach().double()).abs().cpu()
+
+
 def assert_close_rel(
     actual: Tensor,
     expected: Tensor,
     rtol: float = RTOL,
     what: str = "",
     scale: Tensor | None = None,
+    conditioning: Tensor | None = None,
+    atol: float = 0.0,
 ) -> None:
     """``|a - e| <= rtol * (|e| + max|e| + scale)`` elementwise: relative, with the scale.
 
     ``max|e|`` keeps entries that are tiny next to the rest of the tensor (a gradient component
     that is almost zero) from demanding more than float32 can give; ``scale`` is the size of
     the parts a value is a difference of (``|alpha * attraction| + |beta * repulsion|`` for a
-    loss whose two terms cancel).
+    loss whose two terms cancel). ``conditioning`` is the error of the reference formula
+    itself evaluated in float32 (:func:`float32_error`): where a value is an ill-conditioned
+    difference (a gradient whose radial part the normalisation removes), a fast path may be
+    off by a few times what the obviously-correct loop is off by in the same precision.
+    ``atol`` is an absolute floor (see :func:`cost_floor`).
     """
     a = actual.detach().double().cpu()
     e = expected.detach().double().cpu()
     assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
     extra = 0.0 if scale is None else scale.detach().double().cpu().abs()
-    tol = rtol * (e.abs() + e.abs().max() + extra) + 1e-12
+    tol = rtol * (e.abs() + e.abs().max() + extra) + atol + 1e-12
+    if conditioning is not None:
+        tol = tol + 4.0 * conditioning.max()
     err = (a - e).abs()
     bad = err > tol
     assert not bool(bad.any()), (

@@ -98,10 +98,16 @@ def reference_queries(
     cost: str = "sqeuclidean",
     normalize: bool = True,
     detach_weights: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> list[QueryResult]:
-    """Per-query results in the documented order (in-batch: view-major)."""
-    q_rows = list(query.double())
-    pos = positive.double()
+    """Per-query results in the documented order (in-batch: view-major).
+
+    Computed in float64 unless ``compute_dtype`` says otherwise (the tests evaluate the same
+    loops in float32 to measure how well-conditioned a case is).
+    """
+    dtype = torch.float64 if compute_dtype is None else compute_dtype
+    q_rows = list(query.to(dtype))
+    pos = positive.to(dtype)
     if pos.dim() == 2:
         pos = pos.unsqueeze(1)
     n, m = pos.shape[0], pos.shape[1]
@@ -122,7 +128,7 @@ def reference_queries(
                 negs = [emb[w][j] for w in range(views) for j in range(n) if j != i]
                 results.append(one_query(emb[v][i], positives, negs, **opts))
         return results
-    neg = negatives.double()
+    neg = negatives.to(dtype)
     for i in range(n):
         positives = [prep(pos[i, j]) for j in range(m)]
         rows = neg if neg.dim() == 2 else neg[i]

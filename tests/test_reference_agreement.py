@@ -1,4 +1,4 @@
-"""The dense path against the float64 loop reference: values, gradients and diagnostics."""
+"""Every implementation against the float64 loop reference: values, gradients, diagnostics."""
 
 from __future__ import annotations
 
@@ -9,17 +9,24 @@ from hypothesis import strategies as st
 
 from cct_loss import cct_loss
 
-from .helpers import Case, assert_close_rel, cases, grads_of
+from .helpers import Case, assert_close_rel, cases, cost_floor, float32_error, grads_of
 from .reference import reduce, reference_queries
 
-IMPLS = ["dense"]
+IMPLS = ["dense", "chunked", "sdpa"]
+#: Relative agreement with the float64 reference. PyTorch's fused CPU attention kernel (sdpa)
+#: evaluates its softmax less exactly than a plain float32 softmax (about 1e-5 relative error
+#: in the attention output at logit scale 20, against 3e-6 for torch's math kernel), which
+#: gradients through the weights amplify by up to t_neg; it is held to 1e-4.
+RTOL = {"dense": 1e-5, "chunked": 1e-5, "sdpa": 1e-4}
 
 
-def check_against_reference(case: Case, impl: str) -> None:
+def check_against_reference(case: Case, impl: str, chunk_size: int | None = None) -> None:
     opts = dict(case.options)
     reduction = str(opts.pop("reduction"))
     q, p, n = case.leaves(torch.float32)
-    out = cct_loss(q, p, n, impl=impl, reduction=reduction, return_details=True, **opts)
+    out = cct_loss(
+        q, p, n, impl=impl, chunk_size=chunk_size, reduction=reduction, return_details=True, **opts
+    )
     assert out.loss.dtype == torch.float32
 
     rq, rp, rn = case.leaves(torch.float64)
@@ -31,12 +38,23 @@ def check_against_reference(case: Case, impl: str) -> None:
         [abs(alpha) * r.attraction.abs() + abs(beta) * r.repulsion.abs() for r in results],
         reduction,
     )
-    assert_close_rel(out.loss, expected, what="loss", scale=parts)
+    rtol = RTOL[impl]
+    floor = cost_floor([case.query, case.positive, case.negatives], opts)
+    weight = abs(alpha) + abs(beta)
+    assert_close_rel(out.loss, expected, rtol=rtol, what="loss", scale=parts, atol=weight * floor)
     assert_close_rel(
-        out.attraction, reduce([r.attraction for r in results], reduction), what="attraction"
+        out.attraction,
+        reduce([r.attraction for r in results], reduction),
+        rtol=rtol,
+        what="attraction",
+        atol=floor,
     )
     assert_close_rel(
-        out.repulsion, reduce([r.repulsion for r in results], reduction), what="repulsion"
+        out.repulsion,
+        reduce([r.repulsion for r in results], reduction),
+        rtol=rtol,
+        what="repulsion",
+        atol=floor,
     )
 
     def stat(xs: list[float]) -> torch.Tensor:
@@ -53,17 +71,34 @@ def check_against_reference(case: Case, impl: str) -> None:
 
     got = grads_of(out.loss, [q, p, n])
     want = grads_of(expected, [rq, rp, rn])
-    for name, g, w in zip(["query", "positive", "negatives"], got, want, strict=True):
+    for index, (name, g, w) in enumerate(
+        zip(["query", "positive", "negatives"], got, want, strict=True)
+    ):
         if w is None:
             continue
         assert g is not None
-        assert_close_rel(g, w, what=f"grad {name}")
+        try:
+            assert_close_rel(g, w, rtol=rtol, what=f"grad {name}")
+        except AssertionError:
+            # Ill-conditioned? Measure the same loops in float32 and allow a few times that.
+            fq, fp, fn = case.leaves(torch.float32)
+            f32 = reference_queries(fq, fp, fn, compute_dtype=torch.float32, **opts)
+            f32_grad = grads_of(reduce([r.loss for r in f32], reduction), [fq, fp, fn])[index]
+            assert f32_grad is not None
+            assert_close_rel(
+                g, w, rtol=rtol, what=f"grad {name}", conditioning=float32_error(w, f32_grad)
+            )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@given(case=cases())
-def test_matches_reference(impl: str, case: Case) -> None:
-    check_against_reference(case, impl)
+@given(case=cases(), chunk_size=st.one_of(st.none(), st.integers(1, 8)))
+def test_matches_reference(impl: str, case: Case, chunk_size: int | None) -> None:
+    """Values, gradients and diagnostics of every implementation against the reference.
+
+    ``chunk_size`` from 1 to 8 against K up to 6 (in-batch up to 24): blocks that divide K,
+    blocks that do not, and blocks larger than K.
+    """
+    check_against_reference(case, impl, chunk_size)
 
 
 @given(case=cases(), seed=st.integers(0, 100))
@@ -107,12 +142,13 @@ def test_in_batch_weight_layout() -> None:
         torch.testing.assert_close(out.pos_weights[r], torch.stack(res.pos_weights))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @given(case=cases())
-def test_accuracy_matches_reference(case: Case) -> None:
+def test_accuracy_matches_reference(impl: str, case: Case) -> None:
     opts = dict(case.options)
     opts.pop("reduction")
     q, p = case.query.double(), case.positive.double()
     n = None if case.negatives is None else case.negatives.double()
-    out = cct_loss(q, p, n, reduction="none", return_details=True, **opts)
+    out = cct_loss(q, p, n, impl=impl, reduction="none", return_details=True, **opts)
     results = reference_queries(q, p, n, **opts)
     assert out.accuracy.tolist() == [r.correct for r in results]

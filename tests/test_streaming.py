@@ -1,0 +1,192 @@
+"""The chunked and sdpa paths: block sizes, float64 gradcheck, saved memory, the auto rule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from cct_loss import cct_loss, cct_loss_multiview
+from cct_loss.chunked import default_chunk_size
+from cct_loss.dispatch import AUTO_DENSE_MAX_ELEMENTS, choose_impl
+
+from .helpers import random_embeddings
+
+MODES = ["in_batch", "shared", "per_query"]
+Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def inputs(
+    mode: str, n: int = 5, m: int = 2, k: int = 10, d: int = 6, requires_grad: bool = True
+) -> Inputs:
+    q = random_embeddings((n, d), 11).requires_grad_(requires_grad)
+    p = random_embeddings((n, m, d), 12).requires_grad_(requires_grad)
+    neg = None
+    if mode == "shared":
+        neg = random_embeddings((k, d), 13).requires_grad_(requires_grad)
+    elif mode == "per_query":
+        neg = random_embeddings((n, k, d), 13).requires_grad_(requires_grad)
+    return q, p, neg
+
+
+def loss_and_grads(xs: Inputs, **kwargs: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    loss = cct_loss(xs[0], xs[1], xs[2], reduction="none", **kwargs)
+    present = [x for x in xs if x is not None]
+    weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype)
+    return loss, list(torch.autograd.grad((loss * weights).sum(), present))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 10, 11, 64, None])
+def test_chunk_sizes_agree_with_dense(mode: str, detach: bool, chunk_size: int | None) -> None:
+    """Blocks that divide K, that do not, K < chunk_size, chunk_size = 1: same result (float64)."""
+    xs = inputs(mode)
+    opts = {"t_pos": 1.5, "t_neg": 3.0, "detach_weights": detach}
+    want, want_grads = loss_and_grads(xs, impl="dense", **opts)
+    got, got_grads = loss_and_grads(xs, impl="chunked", chunk_size=chunk_size, **opts)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "sdpa"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cost", ["sqeuclidean", "cosine"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gradcheck_float64(impl: str, mode: str, cost: str, normalize: bool) -> None:
+    xs = [x for x in inputs(mode, n=3, m=2, k=5, d=4) if x is not None]
+
+    def fn(*args: torch.Tensor) -> torch.Tensor:
+        neg = args[2] if len(args) > 2 else None
+        return cct_loss(
+            args[0],
+            args[1],
+            neg,
+            impl=impl,
+            chunk_size=2,
+            t_pos=1.3,
+            t_neg=2.1,
+            alpha=0.7,
+            beta=1.1,
+            cost=cost,
+            normalize=normalize,
+            detach_weights=False,
+            reduction="none",
+        )
+
+    assert torch.autograd.gradcheck(fn, tuple(xs))
+
+
+@pytest.mark.parametrize("impl", ["chunked", "sdpa"])
+@pytest.mark.parametrize("mode", MODES)
+def test_detached_backward_equals_dense_float64(impl: str, mode: str) -> None:
+    """detach_weights=True is not the derivative of the forward, so no gradcheck: compare with
+    dense (itself checked against the reference) in float64, tightly."""
+    xs = inputs(mode)
+    want, want_grads = loss_and_grads(xs, impl="dense", t_neg=2.0)
+    got, got_grads = loss_and_grads(xs, impl=impl, chunk_size=3, t_neg=2.0)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["in_batch", "shared"])
+def test_chunked_saves_no_query_by_key_tensor(mode: str) -> None:
+    """Bytes saved for backward stay O(N D + K D): no (N, K) tensor is kept alive."""
+    n, k, d = 256, 8192, 4
+    q = torch.randn(n, d, requires_grad=True)
+    p = torch.randn(n, d, requires_grad=True)
+    neg = torch.randn(k, d, requires_grad=True) if mode == "shared" else None
+    num_queries = 2 * n if mode == "in_batch" else n
+    num_keys = 2 * n if mode == "in_batch" else k
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = cct_loss(q, p, neg, impl="chunked", chunk_size=512, t_neg=2.0, detach_weights=False)
+    loss.backward()
+    largest = max(t.numel() for t in saved)
+    total_bytes = sum(t.numel() * t.element_size() for t in saved)
+    linear_bytes = (num_queries + num_keys) * d * 4
+    assert largest < num_queries * num_keys // 8, f"a saved tensor has {largest} elements"
+    assert total_bytes <= 16 * linear_bytes, (
+        f"saved {total_bytes} bytes, linear size {linear_bytes}"
+    )
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked", "sdpa"])
+def test_paper_layout_with_every_impl(impl: str) -> None:
+    views = random_embeddings((4, 6, 5), 5).requires_grad_()
+    want = cct_loss_multiview(views, layout="paper", impl="dense", t_neg=0.9, detach_weights=False)
+    got = cct_loss_multiview(
+        views, layout="paper", impl=impl, chunk_size=4, t_neg=0.9, detach_weights=False
+    )
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    (gw,) = torch.autograd.grad(want, views)
+    (gg,) = torch.autograd.grad(got, views)
+    torch.testing.assert_close(gg, gw, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "sdpa"])
+def test_details_without_weight_matrices(impl: str) -> None:
+    xs = inputs("shared", requires_grad=False)
+    dense = cct_loss(xs[0], xs[1], xs[2], impl="dense", t_neg=2.0, return_details=True)
+    out = cct_loss(xs[0], xs[1], xs[2], impl=impl, t_neg=2.0, return_details=True)
+    assert out.neg_weights is None
+    assert out.pos_weights is not None  # positives are always dense: (Q, M) is small
+    for field in ("loss", "attraction", "repulsion", "pos_entropy", "neg_entropy", "accuracy"):
+        torch.testing.assert_close(getattr(out, field), getattr(dense, field))
+
+
+@pytest.mark.parametrize("impl", ["chunked", "sdpa"])
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_vectors_and_large_sharpness(impl: str, mode: str) -> None:
+    xs = inputs(mode)
+    with torch.no_grad():
+        for x in xs:
+            if x is not None:
+                x[0].zero_()
+    for t in (1e3, 1e4):
+        for detach in (True, False):
+            q, p, n = (None if x is None else x.float().detach().requires_grad_() for x in xs)
+            assert q is not None and p is not None
+            loss, grads = loss_and_grads(
+                (q, p, n),
+                impl=impl,
+                t_pos=t,
+                t_neg=t,
+                detach_weights=detach,
+            )
+            assert torch.isfinite(loss).all()
+            assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_no_grad_inputs_and_no_grad_mode() -> None:
+    xs = inputs("shared", requires_grad=False)
+    with torch.no_grad():
+        for impl in ("chunked", "sdpa"):
+            assert torch.isfinite(cct_loss(xs[0], xs[1], xs[2], impl=impl))
+
+
+def test_auto_rule() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_impl("auto", cpu, 512, 16384, per_query=False) == "dense"
+    assert (
+        choose_impl("auto", cpu, 512, AUTO_DENSE_MAX_ELEMENTS // 512 + 1, per_query=False)
+        == "chunked"
+    )
+    assert choose_impl("auto", cuda, 4096, 65536, per_query=False) == "sdpa"
+    assert choose_impl("auto", cpu, 4096, 65536, per_query=True) == "dense"
+    assert choose_impl("chunked", cpu, 2, 2, per_query=False) == "chunked"
+
+
+def test_default_chunk_size() -> None:
+    assert default_chunk_size(4096, 65536) == 512
+    assert default_chunk_size(256, 65536) == 8192
+    assert default_chunk_size(10, 7) == 7
+    assert default_chunk_size(1 << 30, 100) == 100
