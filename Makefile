@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DEV_STAMP := $(VENV)/.dev-installed
 EXAMPLES_STAMP := $(VENV)/.examples-installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit bench bench-suite clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ test: lint typecheck unit
 
 bench: $(DEV_STAMP)
 	$(PY) benchmarks/run.py
+
+bench-suite: $(DEV_STAMP)
+	$(PY) -m pytest benchmarks/test_benchmarks.py --benchmark-enable --benchmark-only -p no:randomly
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks

@@ -12,8 +12,7 @@ Gradients (``pi_k = softmax_k(-t d_k)``, ``g`` the upstream gradient of ``E``):
 * ``detach_weights=True``: ``dE/dd_k = pi_k``;
 * ``detach_weights=False``: ``dE/dd_k = pi_k (1 - t (d_k - E))``,
 
-then ``dd/dq = 2 (q - n)``, ``dd/dn = 2 (n - q)`` (sqeuclidean) or ``-n``, ``-q`` (cosine), with
-no gradient where the cost was clamped at 0.
+pulled back to the embeddings block by block by :func:`cct_loss.costs.cost_vjp`.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .costs import unclamped_cost
+from .costs import cost_block, cost_vjp
 from .transport import ConditionalExpectation
 
 #: Elements per ``(Q, chunk)`` block when ``chunk_size`` is None (8 MiB in float32).
@@ -34,26 +33,6 @@ MIN_CHUNK = 128
 def default_chunk_size(num_queries: int, num_keys: int) -> int:
     """Block width that keeps one ``(Q, chunk)`` float32 block near 8 MiB."""
     return max(1, min(num_keys, max(MIN_CHUNK, BLOCK_ELEMENTS // max(num_queries, 1))))
-
-
-def _block_cost(query: Tensor, query_sq: Tensor, keys: Tensor, cost: str) -> tuple[Tensor, Tensor]:
-    """Clamped and unclamped costs of every query against one block of keys.
-
-    Args:
-        query: ``(Q, D)``; query_sq: ``(Q, 1)`` squared norms.
-        keys: ``(C, D)`` shared block or ``(Q, C, D)`` per-query block.
-
-    Returns:
-        ``(Q, C)`` cost and ``(Q, C)`` cost before clamping.
-    """
-    if keys.dim() == 2:
-        gram = query @ keys.T
-        keys_sq = keys.pow(2).sum(-1).unsqueeze(0)
-    else:
-        gram = torch.bmm(keys, query.unsqueeze(-1)).squeeze(-1)
-        keys_sq = keys.pow(2).sum(-1)
-    raw = unclamped_cost(gram, query_sq, keys_sq, cost)
-    return raw.clamp_min(0.0), raw
 
 
 def _block_mask(
@@ -78,6 +57,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
         sharpness: float,
         detach_weights: bool,
         chunk_size: int,
+        with_stats: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         num_queries = query.shape[0]
         num_keys = keys.shape[-2]
@@ -86,25 +66,24 @@ class _StreamingExpectedCost(torch.autograd.Function):
         running_max = query.new_full(shape, float("-inf"))
         normaliser = query.new_zeros(shape)
         weighted = query.new_zeros(shape)
-        nearest = query.new_full(shape, float("inf"))
+        nearest = query.new_full(shape, float("inf") if with_stats else float("nan"))
         for start in range(0, num_keys, chunk_size):
             stop = min(start + chunk_size, num_keys)
-            costs, _ = _block_cost(query, query_sq, keys[..., start:stop, :], cost)
+            costs = cost_block(query, query_sq, keys[..., start:stop, :], cost)
             logits = costs * -sharpness
             mask = _block_mask(query_ids, key_ids, start, stop)
             if mask is not None:
-                logits = logits.masked_fill(~mask, float("-inf"))
-                costs_for_min = costs.masked_fill(~mask, float("inf"))
-            else:
-                costs_for_min = costs
-            nearest = torch.minimum(nearest, costs_for_min.amin(-1))
+                logits.masked_fill_(~mask, float("-inf"))
+            if with_stats:
+                masked = costs if mask is None else costs.masked_fill(~mask, float("inf"))
+                nearest = torch.minimum(nearest, masked.amin(-1))
             new_max = torch.maximum(running_max, logits.amax(-1))
             # A row whose keys so far are all masked keeps max -inf: shift by 0 instead.
             shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
             rescale = torch.exp(running_max - shift)
-            exp_logits = torch.exp(logits - shift[:, None])
+            exp_logits = logits.sub_(shift[:, None]).exp_()
             normaliser = normaliser * rescale + exp_logits.sum(-1)
-            weighted = weighted * rescale + (exp_logits * costs).sum(-1)
+            weighted = weighted * rescale + torch.linalg.vecdot(exp_logits, costs)
             running_max = new_max
         expected = weighted / normaliser
         log_normaliser = running_max + torch.log(normaliser)
@@ -120,50 +99,30 @@ class _StreamingExpectedCost(torch.autograd.Function):
         query, keys, query_ids, key_ids, expected, log_normaliser = ctx.saved_tensors
         cost, sharpness, detach_weights, chunk_size = ctx.options
         need_query, need_keys = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_query = torch.zeros_like(query) if need_query else None
+        grad_query = torch.zeros_like(query)
         grad_keys = torch.zeros_like(keys) if need_keys else None
         query_sq = query.pow(2).sum(-1, keepdim=True)
-        shared = keys.dim() == 2
         num_keys = keys.shape[-2]
         for start in range(0, num_keys, chunk_size):
             stop = min(start + chunk_size, num_keys)
             block = keys[..., start:stop, :]
-            costs, raw = _block_cost(query, query_sq, block, cost)
-            logits = costs * -sharpness
+            costs = cost_block(query, query_sq, block, cost)
+            weights = costs * -sharpness
             mask = _block_mask(query_ids, key_ids, start, stop)
             if mask is not None:
-                logits = logits.masked_fill(~mask, float("-inf"))
-            weights = torch.exp(logits - log_normaliser[:, None])
+                weights.masked_fill_(~mask, float("-inf"))
+            weights.sub_(log_normaliser[:, None]).exp_()  # pi, recomputed
             if detach_weights:
-                grad_cost = weights
+                grad_cost = weights.mul_(grad_expected[:, None])
             else:
-                grad_cost = weights * (1.0 - sharpness * (costs - expected[:, None]))
-            grad_cost = grad_cost * grad_expected[:, None] * (raw >= 0)
-            # d cost / d q and d cost / d n, with gram = q.n:
-            #   sqeuclidean: 2 q - 2 n and 2 n - 2 q;  cosine: -n and -q.
-            row_sum = grad_cost.sum(-1, keepdim=True)
-            if shared:
-                if grad_query is not None:
-                    toward = grad_cost @ block
-                    grad_query += -toward if cost == "cosine" else 2.0 * (row_sum * query - toward)
-                if grad_keys is not None:
-                    toward_q = grad_cost.T @ query
-                    col_sum = grad_cost.sum(0).unsqueeze(-1)
-                    grad_keys[start:stop] += (
-                        -toward_q if cost == "cosine" else 2.0 * (col_sum * block - toward_q)
-                    )
-            else:
-                if grad_query is not None:
-                    toward = torch.bmm(grad_cost.unsqueeze(1), block).squeeze(1)
-                    grad_query += -toward if cost == "cosine" else 2.0 * (row_sum * query - toward)
-                if grad_keys is not None:
-                    g = grad_cost.unsqueeze(-1)
-                    grad_keys[:, start:stop] += (
-                        -g * query.unsqueeze(1)
-                        if cost == "cosine"
-                        else 2.0 * g * (block - query.unsqueeze(1))
-                    )
-        return grad_query, grad_keys, None, None, None, None, None, None
+                grad_cost = (costs - expected[:, None]).mul_(-sharpness).add_(1.0)
+                grad_cost.mul_(weights).mul_(grad_expected[:, None])
+            grad_cost.masked_fill_(costs <= 0, 0.0)  # clamped costs carry no gradient
+            block_query, block_keys = cost_vjp(grad_cost, query, block, cost, need_keys=need_keys)
+            grad_query += block_query
+            if grad_keys is not None and block_keys is not None:
+                grad_keys[..., start:stop, :] += block_keys
+        return (grad_query if need_query else None), grad_keys, *([None] * 7)
 
 
 def chunked_repulsion(
@@ -176,6 +135,7 @@ def chunked_repulsion(
     sharpness: float,
     detach_weights: bool,
     chunk_size: int | None,
+    with_stats: bool,
 ) -> ConditionalExpectation:
     """Expected cost under ``softmax_k(-t_neg d_k)``, streamed; same contract as dense.
 
@@ -187,6 +147,7 @@ def chunked_repulsion(
         sharpness: ``t_neg``.
         detach_weights: treat the weights as constants in the backward pass.
         chunk_size: keys per block; ``None`` picks :func:`default_chunk_size`.
+        with_stats: also track the nearest negative's cost (the entropy is free).
 
     Returns:
         :class:`ConditionalExpectation` without weights (``weights=None``); the entropy
@@ -194,7 +155,7 @@ def chunked_repulsion(
     """
     chunk = chunk_size or default_chunk_size(query.shape[0], keys.shape[-2])
     expected, log_normaliser, nearest = _StreamingExpectedCost.apply(  # type: ignore[no-untyped-call]
-        query, keys, query_ids, key_ids, cost, sharpness, detach_weights, chunk
+        query, keys, query_ids, key_ids, cost, sharpness, detach_weights, chunk, with_stats
     )
     # H = -sum pi log pi with log pi = -t d - log Z:  H = log Z + t E.
     entropy = (log_normaliser + sharpness * expected).detach()

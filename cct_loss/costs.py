@@ -95,3 +95,68 @@ def rowwise_cost(a: Tensor, b: Tensor, cost: str) -> Tensor:
     sq_a = a.pow(2).sum(-1, keepdim=True)
     sq_b = b.pow(2).sum(-1)
     return cost_from_gram(gram, sq_a, sq_b, cost)
+
+
+def cost_block(query: Tensor, query_sq: Tensor, keys: Tensor, cost: str) -> Tensor:
+    """Clamped costs of every query against a block of keys (no autograd graph needed).
+
+    Args:
+        query: ``(Q, D)`` prepared queries; query_sq: ``(Q, 1)`` their squared norms.
+        keys: ``(C, D)`` keys shared by all queries, or ``(Q, C, D)`` keys per query.
+        cost: ``"sqeuclidean"`` or ``"cosine"``.
+
+    Returns:
+        ``(Q, C)`` costs, a fresh tensor.
+    """
+    if keys.dim() == 2:
+        keys_sq = keys.pow(2).sum(-1)
+        if cost == "cosine":
+            costs = torch.addmm(torch.ones_like(keys_sq), query, keys.T, alpha=-1.0)
+        else:  # |q|^2 + |n|^2 - 2 q.n with one BLAS call and in-place updates
+            costs = torch.addmm(keys_sq, query, keys.T, alpha=-2.0).add_(query_sq)
+    else:
+        gram = torch.bmm(keys, query.unsqueeze(-1)).squeeze(-1)
+        if cost == "cosine":
+            costs = gram.neg_().add_(1.0)
+        else:
+            costs = gram.mul_(-2.0).add_(keys.pow(2).sum(-1)).add_(query_sq)
+    return costs.clamp_min_(0.0)
+
+
+def cost_vjp(
+    grad_cost: Tensor, query: Tensor, keys: Tensor, cost: str, *, need_keys: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Pull a gradient on a ``(Q, C)`` cost block back to the queries and the keys.
+
+    ``d cost / d q = 2 (q - n)`` and ``d cost / d n = 2 (n - q)`` (sqeuclidean) or ``-n`` and
+    ``-q`` (cosine). ``grad_cost`` must already be zero where the cost was clamped.
+
+    Args:
+        grad_cost: ``(Q, C)`` gradient with respect to the costs.
+        query: ``(Q, D)``; keys: ``(C, D)`` shared or ``(Q, C, D)`` per query.
+        cost: ``"sqeuclidean"`` or ``"cosine"``.
+        need_keys: whether to compute the keys' gradient.
+
+    Returns:
+        ``(Q, D)`` query gradient and the keys' gradient (shaped like ``keys``) or ``None``.
+    """
+    shared = keys.dim() == 2
+    # sum_k G_qk n_k for every query
+    toward_keys = grad_cost @ keys if shared else torch.bmm(grad_cost.unsqueeze(1), keys).squeeze(1)
+    if cost == "cosine":
+        grad_query = toward_keys.neg_()
+    else:
+        grad_query = torch.addcmul(toward_keys, grad_cost.sum(-1, keepdim=True), query, value=-1.0)
+        grad_query.mul_(-2.0)
+    if not need_keys:
+        return grad_query, None
+    if shared:
+        toward_query = grad_cost.T @ query
+        if cost == "cosine":
+            return grad_query, toward_query.neg_()
+        grad_keys = torch.addcmul(toward_query, grad_cost.sum(0).unsqueeze(-1), keys, value=-1.0)
+        return grad_query, grad_keys.mul_(-2.0)
+    g = grad_cost.unsqueeze(-1)
+    if cost == "cosine":
+        return grad_query, -g * query.unsqueeze(1)
+    return grad_query, 2.0 * g * (keys - query.unsqueeze(1))

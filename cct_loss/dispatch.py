@@ -23,15 +23,19 @@ def choose_impl(
     """Resolve ``impl="auto"``; other values are returned unchanged.
 
     The rule: ``"dense"`` for per-query negatives (the ``(N, K, D)`` input is already ``D``
-    times larger than the cost matrix) and while ``Q * K <= 2**24``; above that, ``"sdpa"`` on
-    CUDA (fused attention kernels) and ``"chunked"`` elsewhere (streaming; in our CPU
-    benchmarks it is faster than the CPU attention kernel and as lean).
+    times larger than the cost matrix) and while ``Q * K <= 2**24``; ``"chunked"`` above that,
+    on every device. In the CPU benchmarks (BENCHMARKS.md) dense is fastest below that size,
+    and above it chunked is as fast or faster while holding no ``Q x K`` matrix. ``"sdpa"`` is
+    never picked automatically: it is often the fastest, but PyTorch's fused kernels evaluate
+    the softmax less exactly (agreement 1e-4 instead of 1e-5 relative), so it is opt-in.
+    ``device`` is accepted so the rule can depend on it once GPU measurements exist.
     """
+    del device  # same rule on every device for now (no GPU measurements yet)
     if impl != "auto":
         return impl
     if per_query or num_queries * num_keys <= AUTO_DENSE_MAX_ELEMENTS:
         return "dense"
-    return "sdpa" if device.type == "cuda" else "chunked"
+    return "chunked"
 
 
 def repulsion_backend(
@@ -46,7 +50,13 @@ def repulsion_backend(
     impl = choose_impl(options.impl, device, num_queries, num_keys, per_query=per_query)
     cost, t_neg, detach = options.cost, options.t_neg, options.detach_weights
     if impl == "dense":
-        return functools.partial(dense_repulsion, cost=cost, sharpness=t_neg, detach_weights=detach)
+        return functools.partial(
+            dense_repulsion,
+            cost=cost,
+            sharpness=t_neg,
+            detach_weights=detach,
+            with_stats=options.return_details,
+        )
     if impl == "chunked":
         return functools.partial(
             chunked_repulsion,
@@ -54,6 +64,7 @@ def repulsion_backend(
             sharpness=t_neg,
             detach_weights=detach,
             chunk_size=options.chunk_size,
+            with_stats=options.return_details,
         )
     return functools.partial(
         sdpa_repulsion,

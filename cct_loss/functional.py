@@ -212,6 +212,7 @@ def cct_loss(
                 t_pos=options.t_pos,
                 detach_weights=options.detach_weights,
                 repel=repel,
+                with_stats=options.return_details,
             )
         else:
             k = prepare_embeddings(
@@ -226,6 +227,7 @@ def cct_loss(
                 t_pos=options.t_pos,
                 detach_weights=options.detach_weights,
                 repel=repel,
+                with_stats=options.return_details,
             )
         return reduce_terms(
             terms,
@@ -367,6 +369,7 @@ def cct_loss_multiview(
             t_pos=options.t_pos,
             detach_weights=options.detach_weights,
             repel=repel,
+            with_stats=options.return_details,
         )
         return reduce_terms(
             terms,

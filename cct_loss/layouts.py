@@ -31,7 +31,13 @@ class RepulsionBackend(Protocol):
 
 
 def attraction(
-    query: Tensor, positives: Tensor, *, cost: str, t_pos: float, detach_weights: bool
+    query: Tensor,
+    positives: Tensor,
+    *,
+    cost: str,
+    t_pos: float,
+    detach_weights: bool,
+    with_stats: bool,
 ) -> ConditionalExpectation:
     """Expected cost of each query under ``softmax_m(+t_pos d_m)`` over its positives.
 
@@ -44,6 +50,7 @@ def attraction(
         t_pos,
         farther_weighs_more=True,
         detach_weights=detach_weights,
+        with_stats=with_stats,
     )
 
 
@@ -87,6 +94,7 @@ def in_batch_terms(
     t_pos: float,
     detach_weights: bool,
     repel: RepulsionBackend,
+    with_stats: bool = False,
 ) -> QueryTerms:
     """Symmetric in-batch layout (NT-Xent): every embedding is a query.
 
@@ -104,9 +112,16 @@ def in_batch_terms(
     flat = views.reshape(num_views * n, d)
     ids = instance_ids(num_views, n, views.device)
     attract = attraction(
-        flat, same_row_positives(views), cost=cost, t_pos=t_pos, detach_weights=detach_weights
+        flat,
+        same_row_positives(views),
+        cost=cost,
+        t_pos=t_pos,
+        detach_weights=detach_weights,
+        with_stats=with_stats,
     )
-    return combine(attract, repel(flat, flat, ids, ids))
+    # The keys are the queries; a view keeps them distinct tensors for the autograd functions
+    # (torch.compile cannot trace one tensor passed twice to an autograd.Function).
+    return combine(attract, repel(flat, flat.view_as(flat), ids, ids))
 
 
 def explicit_negatives_terms(
@@ -118,6 +133,7 @@ def explicit_negatives_terms(
     t_pos: float,
     detach_weights: bool,
     repel: RepulsionBackend,
+    with_stats: bool = False,
 ) -> QueryTerms:
     """Only ``query`` rows are queries; negatives shared ``(K, D)`` or per query ``(N, K, D)``.
 
@@ -126,7 +142,14 @@ def explicit_negatives_terms(
         positive: ``(N, M, D)`` prepared positives.
         negatives: ``(K, D)`` or ``(N, K, D)`` prepared negatives.
     """
-    attract = attraction(query, positive, cost=cost, t_pos=t_pos, detach_weights=detach_weights)
+    attract = attraction(
+        query,
+        positive,
+        cost=cost,
+        t_pos=t_pos,
+        detach_weights=detach_weights,
+        with_stats=with_stats,
+    )
     return combine(attract, repel(query, negatives, None, None))
 
 
@@ -137,6 +160,7 @@ def paper_terms(
     t_pos: float,
     detach_weights: bool,
     repel: RepulsionBackend,
+    with_stats: bool = False,
 ) -> QueryTerms:
     """The objective of the official small-scale (CIFAR/STL) CACR code, per row.
 
@@ -161,6 +185,7 @@ def paper_terms(
         cost=cost,
         t_pos=t_pos,
         detach_weights=detach_weights,
+        with_stats=with_stats,
     )
     ids = torch.arange(n, device=views.device)
     pairs = list(itertools.combinations(range(num_views), 2))

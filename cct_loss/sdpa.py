@@ -108,6 +108,7 @@ def sdpa_repulsion(
                 sharpness=sharpness,
                 detach_weights=True,
                 chunk_size=None,
+                with_stats=True,
             )
         entropy, nearest = stats.entropy, stats.extreme
     else:

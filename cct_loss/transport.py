@@ -17,12 +17,13 @@ from torch import Tensor
 
 
 class ConditionalExpectation(NamedTuple):
-    """Per-query result of :func:`conditional_expectation`.
+    """Per-query result of :func:`conditional_expectation` and of the repulsion backends.
 
     Attributes:
         value: ``(Q,)`` expected cost ``sum_k pi_k c_k`` (differentiable).
-        entropy: ``(Q,)`` entropy of ``pi`` in nats (no gradient).
-        extreme: ``(Q,)`` largest cost (positives) or smallest cost (negatives), no gradient.
+        entropy: ``(Q,)`` entropy of ``pi`` in nats (no gradient; NaN when not computed).
+        extreme: ``(Q,)`` largest cost (positives) or smallest cost (negatives), no gradient;
+            NaN when not computed.
         weights: ``(Q, K)`` the weights ``pi`` (zero where masked out), or ``None`` from
             implementations that never hold them.
     """
@@ -33,6 +34,27 @@ class ConditionalExpectation(NamedTuple):
     weights: Tensor | None
 
 
+def weight_statistics(
+    weights: Tensor,
+    costs: Tensor,
+    mask: Tensor | None,
+    *,
+    farther_weighs_more: bool,
+    enabled: bool,
+) -> tuple[Tensor, Tensor]:
+    """Entropy of each row of ``weights`` and the extreme cost (max for positives, min for
+    negatives) over the entries that take part; NaN placeholders when not ``enabled``."""
+    with torch.no_grad():
+        if not enabled:
+            nan = torch.full_like(costs[..., 0], float("nan"))
+            return nan, nan
+        entropy = -torch.special.xlogy(weights, weights).sum(-1)
+        fill = float("-inf") if farther_weighs_more else float("inf")
+        c = costs if mask is None else costs.masked_fill(~mask, fill)
+        extreme = c.amax(-1) if farther_weighs_more else c.amin(-1)
+        return entropy, extreme
+
+
 def conditional_expectation(
     cost: Tensor,
     sharpness: float,
@@ -40,8 +62,9 @@ def conditional_expectation(
     farther_weighs_more: bool,
     detach_weights: bool,
     mask: Tensor | None = None,
+    with_stats: bool = True,
 ) -> ConditionalExpectation:
-    """Softmax-weighted mean of each row of ``cost``.
+    """Softmax-weighted mean of each row of ``cost`` (plain autograd; for small blocks).
 
     Args:
         cost: ``(Q, K)`` costs, floating point.
@@ -51,6 +74,7 @@ def conditional_expectation(
         detach_weights: treat the weights as constants in the backward pass.
         mask: optional ``(Q, K)`` boolean tensor, ``True`` where an entry takes part.
             Every row must keep at least one entry.
+        with_stats: compute the entropy and the extreme cost (else NaN placeholders).
 
     Returns:
         A :class:`ConditionalExpectation`.
@@ -61,12 +85,11 @@ def conditional_expectation(
         logits = logits.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(logits, dim=-1)
     value = (weights * cost).sum(-1)
-    with torch.no_grad():
-        w = weights.detach()
-        entropy = -torch.special.xlogy(w, w).sum(-1)
-        c = cost.detach()
-        if farther_weighs_more:
-            extreme = (c if mask is None else c.masked_fill(~mask, float("-inf"))).amax(-1)
-        else:
-            extreme = (c if mask is None else c.masked_fill(~mask, float("inf"))).amin(-1)
+    entropy, extreme = weight_statistics(
+        weights.detach(),
+        cost.detach(),
+        mask,
+        farther_weighs_more=farther_weighs_more,
+        enabled=with_stats,
+    )
     return ConditionalExpectation(value, entropy, extreme, weights)

@@ -22,7 +22,7 @@ def cost_floor(case_tensors: list[Tensor | None], options: dict[str, Any]) -> fl
     if options["normalize"] or options["cost"] == "cosine":
         max_cost = 2.0 if options["cost"] == "cosine" else 4.0
     else:
-        sq = max(float(x.pow(2).sum(-1).max()) for x in case_tensors if x is not None)
+        sq = max(float(x.detach().pow(2).sum(-1).max()) for x in case_tensors if x is not None)
         max_cost = 4.0 * sq
     return 8.0 * torch.finfo(torch.float32).eps * max_cost
 

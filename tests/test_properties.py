@@ -89,7 +89,7 @@ def test_large_t_pos_selects_farthest_positive(seed: int, n: int, m: int) -> Non
 
 @given(case=cases(modes=("shared", "per_query")))
 def test_single_positive_attraction_is_plain_cost(case: Case) -> None:
-    pos = case.positive[:, :1]
+    pos = case.positive.unsqueeze(1) if case.positive.dim() == 2 else case.positive[:, :1]
     opts = {**case.options, "reduction": "none"}
     out = cct_loss(case.query, pos, case.negatives, return_details=True, **opts)
     q, p = case.query, pos[:, 0]

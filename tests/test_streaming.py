@@ -180,7 +180,7 @@ def test_auto_rule() -> None:
         choose_impl("auto", cpu, 512, AUTO_DENSE_MAX_ELEMENTS // 512 + 1, per_query=False)
         == "chunked"
     )
-    assert choose_impl("auto", cuda, 4096, 65536, per_query=False) == "sdpa"
+    assert choose_impl("auto", cuda, 4096, 65536, per_query=False) == "chunked"
     assert choose_impl("auto", cpu, 4096, 65536, per_query=True) == "dense"
     assert choose_impl("chunked", cpu, 2, 2, per_query=False) == "chunked"
 

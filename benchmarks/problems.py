@@ -1,0 +1,142 @@
+"""Benchmark problems and the methods compared on them (forward + backward, one step).
+
+Shared by ``benchmarks/run.py`` (the side-by-side table of ``make bench``) and the
+pytest-benchmark suite (``benchmarks/test_benchmarks.py``).
+
+Baselines, written here for comparison only:
+
+* ``infonce``: InfoNCE / NT-Xent with ``F.cross_entropy`` (multi-positive for ``M > 1``: the
+  mean log-probability of the ``M`` positives, as SupCon does) on the same shapes.
+* ``matmul``: the one matrix product every method needs, forward and backward.
+* ``official``: the small-scale paper objective computed the way the official code lays it
+  out, with pairwise distances by broadcasting an ``N x N x D`` tensor (written by us from
+  SPEC section 3, not taken from that code).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cct_loss import cct_loss, cct_loss_multiview
+
+Step = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One benchmark shape. ``kind`` is "simclr", "moco" or "paper"."""
+
+    kind: str
+    n: int
+    d: int = 128
+    m: int = 1
+    k: int = 0
+    views: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.kind == "simclr":
+            return f"SimCLR N={self.n} M={self.m} D={self.d}"
+        if self.kind == "moco":
+            return f"MoCo N={self.n} K={self.k} D={self.d}"
+        return f"paper V={self.views} N={self.n} D={self.d}"
+
+
+SIMCLR = [Problem("simclr", n, m=m) for n in (256, 1024) for m in (1, 4)]
+MOCO = [Problem("moco", n, k=k) for n in (256, 512) for k in (16384, 65536)]
+PAPER = [Problem("paper", 256, views=5)]
+MEMORY = Problem("moco", 4096, k=65536)
+
+
+def infonce_in_batch(z: Tensor, temperature: float = 0.2) -> Tensor:
+    """Multi-positive NT-Xent over ``(V, N, D)`` views (plain NT-Xent for V = 2)."""
+    num_views, n, d = z.shape
+    flat = F.normalize(z.reshape(num_views * n, d), dim=-1)
+    logits = flat @ flat.T / temperature
+    self_mask = torch.eye(num_views * n, dtype=torch.bool, device=z.device)
+    log_prob = torch.log_softmax(logits.masked_fill(self_mask, float("-inf")), dim=-1)
+    ids = torch.arange(n, device=z.device).repeat(num_views)
+    positive = (ids[:, None] == ids[None, :]) & ~self_mask
+    return -(log_prob.masked_fill(~positive, 0.0).sum(-1) / (num_views - 1)).mean()
+
+
+def infonce_queue(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2) -> Tensor:
+    """MoCo's InfoNCE: positive logit in column 0, the queue ``(K, D)`` after it."""
+    q, k, queue = F.normalize(q, dim=-1), F.normalize(k, dim=-1), F.normalize(queue, dim=-1)
+    logits = torch.cat([(q * k).sum(-1, keepdim=True), q @ queue.T], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+def official_paper_objective(views: Tensor, t_pos: float, t_neg: float) -> Tensor:
+    """The paper layout computed with broadcast ``N x N x D`` differences (no detach)."""
+    z = F.normalize(views, dim=-1)
+    num_views, n, _ = z.shape
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    attraction = []
+    for x in range(num_views):
+        d_pos = torch.stack(
+            [((z[x] - z[w]) ** 2).sum(-1) for w in range(num_views) if w != x], dim=1
+        )
+        attraction.append((torch.softmax(t_pos * d_pos, dim=1) * d_pos).sum(1).mean())
+    repulsion = []
+    for x, y in itertools.combinations(range(num_views), 2):
+        d_neg = ((z[x][:, None, :] - z[y][None, :, :]) ** 2).sum(-1)  # (N, N, D) then (N, N)
+        w = torch.softmax((-t_neg * d_neg).masked_fill(eye, float("-inf")), dim=1)
+        repulsion.append(-(w * d_neg).masked_fill(eye, 0.0).sum(1).mean())
+    return torch.stack(attraction).mean() + torch.stack(repulsion).mean()
+
+
+def methods(problem: Problem, seed: int = 0) -> dict[str, Step]:
+    """Forward + backward closures for every method on ``problem``, inputs built once."""
+    g = torch.Generator().manual_seed(seed)
+    d = problem.d
+    if problem.kind == "simclr":
+        z = torch.randn(problem.m + 1, problem.n, d, generator=g).requires_grad_()
+
+        def cct(impl: str) -> Step:
+            return lambda: cct_loss(z[0], z[1:].transpose(0, 1), t_neg=2.0, impl=impl).backward()
+
+        def matmul() -> None:
+            flat = z.reshape(-1, d)
+            (flat @ flat.T).sum().backward()
+
+        return {
+            "dense": cct("dense"),
+            "chunked": cct("chunked"),
+            "sdpa": cct("sdpa"),
+            "infonce": lambda: infonce_in_batch(z).backward(),
+            "matmul": matmul,
+        }
+    if problem.kind == "moco":
+        q = torch.randn(problem.n, d, generator=g).requires_grad_()
+        k = torch.randn(problem.n, d, generator=g)
+        queue = F.normalize(torch.randn(problem.k, d, generator=g), dim=-1)
+
+        def cct_moco(impl: str) -> Step:
+            return lambda: cct_loss(q, k, queue, t_neg=2.0, impl=impl).backward()
+
+        return {
+            "dense": cct_moco("dense"),
+            "chunked": cct_moco("chunked"),
+            "sdpa": cct_moco("sdpa"),
+            "infonce": lambda: infonce_queue(q, k, queue).backward(),
+            "matmul": lambda: (q @ queue.T).sum().backward(),
+        }
+    views = torch.randn(problem.views, problem.n, d, generator=g).requires_grad_()
+
+    def paper(impl: str) -> Step:
+        return lambda: cct_loss_multiview(
+            views, layout="paper", t_neg=0.9, detach_weights=False, impl=impl
+        ).backward()
+
+    return {
+        "dense": paper("dense"),
+        "chunked": paper("chunked"),
+        "official": lambda: official_paper_objective(views, 1.0, 0.9).backward(),
+    }
