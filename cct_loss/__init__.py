@@ -7,11 +7,13 @@ A drop-in replacement for InfoNCE / NT-Xent: ``loss = cct_loss(z1, z2)`` in a Si
 from .details import CCTDetails
 from .functional import cct_loss, cct_loss_multiview
 from .modules import CCTLoss, CCTMultiviewLoss
+from .queue import NegativeQueue
 
 __all__ = [
     "CCTDetails",
     "CCTLoss",
     "CCTMultiviewLoss",
+    "NegativeQueue",
     "cct_loss",
     "cct_loss_multiview",
 ]

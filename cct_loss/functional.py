@@ -9,6 +9,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
+from . import distributed
 from ._validation import check_choice, check_float_tensor, check_same_device, shape_str
 from .costs import prepare_embeddings
 from .details import CCTDetails, reduce_terms
@@ -36,6 +37,7 @@ def cct_loss(
     impl: str = "auto",
     chunk_size: int | None = None,
     return_details: Literal[False] = False,
+    gather_distributed: bool = False,
 ) -> Tensor: ...
 
 
@@ -56,6 +58,7 @@ def cct_loss(
     impl: str = "auto",
     chunk_size: int | None = None,
     return_details: Literal[True],
+    gather_distributed: bool = False,
 ) -> CCTDetails: ...
 
 
@@ -76,6 +79,7 @@ def cct_loss(
     impl: str = "auto",
     chunk_size: int | None = None,
     return_details: bool = False,
+    gather_distributed: bool = False,
 ) -> Tensor | CCTDetails: ...
 
 
@@ -95,6 +99,7 @@ def cct_loss(
     impl: str = "auto",
     chunk_size: int | None = None,
     return_details: bool = False,
+    gather_distributed: bool = False,
 ) -> Tensor | CCTDetails:
     r"""Contrastive Conditional Transport (CCT / CACR) loss.
 
@@ -139,6 +144,11 @@ def cct_loss(
         chunk_size: keys per block for ``impl="chunked"`` (``None``: about 8 MiB per block).
         return_details: return a :class:`CCTDetails` with the terms, weight entropies,
             contrastive accuracy and (dense) the weight matrices.
+        gather_distributed: in-batch mode under an initialised ``torch.distributed`` process
+            group: negatives come from the global batch (all ranks' embeddings, gathered with
+            gradients); the queries are this rank's rows. With ``reduction="mean"`` and DDP's
+            gradient averaging, every rank gets the single-process gradient of the loss on the
+            concatenated batch. All ranks must pass the same N. No-op without a process group.
 
     Returns:
         The loss (float32, or float64 for float64 inputs; computed in full precision under
@@ -147,7 +157,9 @@ def cct_loss(
     Raises:
         TypeError: a non-tensor, non-floating tensor or non-numeric option.
         ValueError: shapes that disagree, empty inputs, negative or non-finite sharpness,
-            an unknown option value, a ``(D, K)`` queue, or in-batch mode with ``N = 1``.
+            an unknown option value, a ``(D, K)`` queue, in-batch mode with ``N = 1``, or
+            ``gather_distributed=True`` with explicit negatives (gather a queue with
+            :class:`cct_loss.NegativeQueue` instead).
 
     Examples:
         >>> import torch
@@ -169,6 +181,7 @@ def cct_loss(
         impl=impl,
         chunk_size=chunk_size,
         return_details=return_details,
+        gather_distributed=gather_distributed,
     )
     query = check_float_tensor("query", query, (2,), "(N, D)")
     positive = check_float_tensor("positive", positive, (2, 3), "(N, D) or (N, M, D)")
@@ -190,7 +203,13 @@ def cct_loss(
     if negatives is not None:
         negatives = _check_negatives(negatives, n, d)
         tensors["negatives"] = negatives
-    elif n < 2:
+        if options.gather_distributed:
+            raise ValueError(
+                "gather_distributed=True gathers in-batch negatives (negatives=None); with "
+                "explicit negatives, gather them yourself, e.g. with "
+                "NegativeQueue(..., gather_distributed=True)"
+            )
+    elif n < 2 and not (options.gather_distributed and distributed.is_active()):
         raise ValueError(
             f"in-batch mode (negatives=None) needs at least 2 rows so that each query has "
             f"negatives; got query of shape {shape_str(query)}. Pass negatives, or a batch N >= 2"
@@ -204,8 +223,11 @@ def cct_loss(
         p = prepare_embeddings(positives.to(dtype), cost=options.cost, normalize=options.normalize)
         if negatives is None:
             views = torch.cat([q.unsqueeze(0), p.transpose(0, 1)], dim=0)  # (M + 1, N, D)
-            num_queries = views.shape[0] * n
-            repel = repulsion_backend(options, device, num_queries, num_queries, per_query=False)
+            key_views, offset = _global_views(views, options.gather_distributed)
+            num_keys = views.shape[0] * (n if key_views is None else key_views.shape[1])
+            repel = repulsion_backend(
+                options, device, views.shape[0] * n, num_keys, per_query=False
+            )
             terms = in_batch_terms(
                 views,
                 cost=options.cost,
@@ -213,6 +235,8 @@ def cct_loss(
                 detach_weights=options.detach_weights,
                 repel=repel,
                 with_stats=options.return_details,
+                key_views=key_views,
+                id_offset=offset,
             )
         else:
             k = prepare_embeddings(
@@ -254,6 +278,7 @@ def cct_loss_multiview(
     impl: str = "auto",
     chunk_size: int | None = None,
     return_details: Literal[False] = False,
+    gather_distributed: bool = False,
 ) -> Tensor: ...
 
 
@@ -273,6 +298,7 @@ def cct_loss_multiview(
     impl: str = "auto",
     chunk_size: int | None = None,
     return_details: Literal[True],
+    gather_distributed: bool = False,
 ) -> CCTDetails: ...
 
 
@@ -292,6 +318,7 @@ def cct_loss_multiview(
     impl: str = "auto",
     chunk_size: int | None = None,
     return_details: bool = False,
+    gather_distributed: bool = False,
 ) -> Tensor | CCTDetails: ...
 
 
@@ -310,6 +337,7 @@ def cct_loss_multiview(
     impl: str = "auto",
     chunk_size: int | None = None,
     return_details: bool = False,
+    gather_distributed: bool = False,
 ) -> Tensor | CCTDetails:
     """CCT loss for a multi-view batch (several augmentations of each image).
 
@@ -323,7 +351,8 @@ def cct_loss_multiview(
             views ``x < y``, rows of ``x`` against the other rows of ``y``, averaged over pairs).
             To reproduce the paper use ``detach_weights=False``. ``reduction="none"`` gives one
             value per row ``(N,)`` for ``"paper"``.
-        **options: as in :func:`cct_loss`.
+        **options: as in :func:`cct_loss`; ``gather_distributed=True`` takes the negatives
+            from the global batch for both layouts.
 
     Returns:
         The loss, or a :class:`CCTDetails`.
@@ -348,21 +377,24 @@ def cct_loss_multiview(
         impl=impl,
         chunk_size=chunk_size,
         return_details=return_details,
+        gather_distributed=gather_distributed,
     )
-    stacked = _stack_views(views)
+    stacked = _stack_views(views, allow_single_row=gather_distributed and distributed.is_active())
     num_views, n, _ = stacked.shape
     with _full_precision(stacked.device):
         dtype = _compute_dtype(stacked)
         prepared = prepare_embeddings(
             stacked.to(dtype), cost=options.cost, normalize=options.normalize
         )
+        key_views, offset = _global_views(prepared, options.gather_distributed)
+        n_keys = n if key_views is None else key_views.shape[1]
         if layout == "all":
-            size = num_views * n
+            num_queries, num_keys = num_views * n, num_views * n_keys
             layout_terms = in_batch_terms
-        else:  # one (N, N) problem per pair of views
-            size = n
+        else:  # one (N, N_all) problem per pair of views
+            num_queries, num_keys = n, n_keys
             layout_terms = paper_terms
-        repel = repulsion_backend(options, stacked.device, size, size, per_query=False)
+        repel = repulsion_backend(options, stacked.device, num_queries, num_keys, per_query=False)
         terms = layout_terms(
             prepared,
             cost=options.cost,
@@ -370,6 +402,8 @@ def cct_loss_multiview(
             detach_weights=options.detach_weights,
             repel=repel,
             with_stats=options.return_details,
+            key_views=key_views,
+            id_offset=offset,
         )
         return reduce_terms(
             terms,
@@ -412,7 +446,19 @@ def _check_negatives(negatives: Tensor, n: int, d: int) -> Tensor:
     return negatives
 
 
-def _stack_views(views: Tensor | Sequence[Tensor]) -> Tensor:
+def _global_views(views: Tensor, gather: bool) -> tuple[Tensor | None, int]:
+    """``(V, N, D)`` local views -> ``(V, world * N, D)`` global views and this rank's offset.
+
+    ``(None, 0)`` unless ``gather`` is set and a multi-rank process group is initialised.
+    """
+    if not (gather and distributed.is_active()):
+        return None, 0
+    rank, _ = distributed.rank_and_world_size()
+    gathered = distributed.all_gather_with_grad(views.transpose(0, 1))  # (world * N, V, D)
+    return gathered.transpose(0, 1), rank * views.shape[1]
+
+
+def _stack_views(views: Tensor | Sequence[Tensor], *, allow_single_row: bool = False) -> Tensor:
     if isinstance(views, Tensor):
         stacked = check_float_tensor("views", views, (3,), "(V, N, D)")
     elif isinstance(views, Sequence) and not isinstance(views, str):
@@ -439,7 +485,7 @@ def _stack_views(views: Tensor | Sequence[Tensor]) -> Tensor:
     num_views, n, d = stacked.shape
     if num_views < 2:
         raise ValueError(f"views must hold at least 2 views, got shape {shape_str(stacked)}")
-    if n < 2:
+    if n < 2 and not allow_single_row:
         raise ValueError(
             f"multi-view in-batch negatives need N >= 2 rows per view, got shape {shape_str(stacked)}"
         )

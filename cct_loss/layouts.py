@@ -95,6 +95,8 @@ def in_batch_terms(
     detach_weights: bool,
     repel: RepulsionBackend,
     with_stats: bool = False,
+    key_views: Tensor | None = None,
+    id_offset: int = 0,
 ) -> QueryTerms:
     """Symmetric in-batch layout (NT-Xent): every embedding is a query.
 
@@ -102,15 +104,19 @@ def in_batch_terms(
     instance ``i`` (in view order), its negatives every view of every other instance.
 
     Args:
-        views: ``(V, N, D)`` prepared embeddings, ``V >= 2``, ``N >= 2``.
+        views: ``(V, N, D)`` prepared embeddings, ``V >= 2``; these rows are the queries.
+        key_views: ``(V, N_all, D)``, the global batch when training across processes (the
+            local rows are ``id_offset .. id_offset + N - 1`` of it), or ``None``: the keys are
+            ``views`` themselves.
+        id_offset: instance id of the first local row within ``key_views``.
 
     Returns:
         :class:`QueryTerms` over ``V * N`` queries (dense: ``pos_weights`` ``(V*N, V-1)`` and
-        ``neg_weights`` ``(V*N, V*N)`` with zeros on same-instance columns).
+        ``neg_weights`` ``(V*N, V*N_all)`` with zeros on same-instance columns).
     """
     num_views, n, d = views.shape
     flat = views.reshape(num_views * n, d)
-    ids = instance_ids(num_views, n, views.device)
+    ids = instance_ids(num_views, n, views.device, offset=id_offset)
     attract = attraction(
         flat,
         same_row_positives(views),
@@ -119,9 +125,14 @@ def in_batch_terms(
         detach_weights=detach_weights,
         with_stats=with_stats,
     )
-    # The keys are the queries; a view keeps them distinct tensors for the autograd functions
-    # (torch.compile cannot trace one tensor passed twice to an autograd.Function).
-    return combine(attract, repel(flat, flat.view_as(flat), ids, ids))
+    if key_views is None:
+        # The keys are the queries; a view keeps them distinct tensors for the autograd
+        # functions (torch.compile cannot trace one tensor passed twice to an autograd.Function).
+        keys, key_ids = flat.view_as(flat), ids
+    else:
+        keys = key_views.reshape(-1, d)
+        key_ids = instance_ids(num_views, key_views.shape[1], views.device)
+    return combine(attract, repel(flat, keys, ids, key_ids))
 
 
 def explicit_negatives_terms(
@@ -161,6 +172,8 @@ def paper_terms(
     detach_weights: bool,
     repel: RepulsionBackend,
     with_stats: bool = False,
+    key_views: Tensor | None = None,
+    id_offset: int = 0,
 ) -> QueryTerms:
     """The objective of the official small-scale (CIFAR/STL) CACR code, per row.
 
@@ -171,6 +184,9 @@ def paper_terms(
 
     Args:
         views: ``(V, N, D)`` prepared embeddings, ``V >= 2``, ``N >= 2``.
+        key_views: ``(V, N_all, D)`` global batch across processes (negatives of view ``y``
+            come from all of its rows), or ``None``.
+        id_offset: instance id of the first local row within ``key_views``.
 
     Returns:
         :class:`QueryTerms` with one entry per row (``(N,)``); the accuracy of a row is the
@@ -187,9 +203,11 @@ def paper_terms(
         detach_weights=detach_weights,
         with_stats=with_stats,
     )
-    ids = torch.arange(n, device=views.device)
+    ids = torch.arange(id_offset, id_offset + n, device=views.device)
+    keys = views if key_views is None else key_views
+    key_ids = torch.arange(keys.shape[1], device=views.device)
     pairs = list(itertools.combinations(range(num_views), 2))
-    repels = [repel(views[x], views[y], ids, ids) for x, y in pairs]
+    repels = [repel(views[x], keys[y], ids, key_ids) for x, y in pairs]
     with torch.no_grad():
         own = torch.stack([rowwise_cost(views[x], views[y].unsqueeze(1), cost) for x, y in pairs])
         correct = (own.squeeze(-1) < torch.stack([r.extreme for r in repels])).to(views.dtype)

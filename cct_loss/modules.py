@@ -18,7 +18,7 @@ class CCTLoss(nn.Module):
 
     Args:
         t_pos, t_neg, alpha, beta, cost, normalize, detach_weights, reduction, impl,
-        chunk_size, return_details: as in :func:`cct_loss.cct_loss`; checked here, at
+        chunk_size, return_details, gather_distributed: as in :func:`cct_loss.cct_loss`; checked here, at
         construction, so a bad setting fails before training starts.
 
     Examples:
@@ -42,6 +42,7 @@ class CCTLoss(nn.Module):
         impl: str = "auto",
         chunk_size: int | None = None,
         return_details: bool = False,
+        gather_distributed: bool = False,
     ) -> None:
         super().__init__()
         self.options = CCTOptions(
@@ -56,6 +57,7 @@ class CCTLoss(nn.Module):
             impl=impl,
             chunk_size=chunk_size,
             return_details=return_details,
+            gather_distributed=gather_distributed,
         )
 
     def forward(
@@ -78,6 +80,7 @@ class CCTLoss(nn.Module):
             impl=o.impl,
             chunk_size=o.chunk_size,
             return_details=o.return_details,
+            gather_distributed=o.gather_distributed,
         )
 
     def extra_repr(self) -> str:
@@ -107,6 +110,7 @@ class CCTMultiviewLoss(nn.Module):
         impl: str = "auto",
         chunk_size: int | None = None,
         return_details: bool = False,
+        gather_distributed: bool = False,
     ) -> None:
         super().__init__()
         self.layout = check_choice("layout", layout, LAYOUTS)
@@ -122,6 +126,7 @@ class CCTMultiviewLoss(nn.Module):
             impl=impl,
             chunk_size=chunk_size,
             return_details=return_details,
+            gather_distributed=gather_distributed,
         )
 
     def forward(self, views: Tensor | Sequence[Tensor]) -> Tensor | CCTDetails:
@@ -141,6 +146,7 @@ class CCTMultiviewLoss(nn.Module):
             impl=o.impl,
             chunk_size=o.chunk_size,
             return_details=o.return_details,
+            gather_distributed=o.gather_distributed,
         )
 
     def extra_repr(self) -> str:

@@ -31,6 +31,7 @@ class CCTOptions:
     impl: str = "auto"
     chunk_size: int | None = None
     return_details: bool = False
+    gather_distributed: bool = False
 
     def __post_init__(self) -> None:
         # Normalise ints to floats and reject bad values with messages naming the argument.
@@ -45,3 +46,4 @@ class CCTOptions:
         check_choice("impl", self.impl, IMPLS)
         check_chunk_size(self.chunk_size)
         check_flag("return_details", self.return_details)
+        check_flag("gather_distributed", self.gather_distributed)

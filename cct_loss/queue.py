@@ -1,0 +1,155 @@
+"""A FIFO queue of negative keys for MoCo-style training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._validation import check_float_tensor, shape_str
+from .distributed import all_gather_no_grad
+
+
+class NegativeQueue(nn.Module):
+    """FIFO of the ``size`` most recent keys, the negatives of a MoCo trainer.
+
+    The keys live in a registered buffer (``state_dict`` saves and ``load_state_dict``
+    restores the contents, the write position and the fill level exactly; ``.to(device)`` and
+    ``.to(dtype)`` move them). Enqueued keys are detached.
+
+    **Before the queue is full, :meth:`negatives` returns only the keys written so far**, never
+    uninitialised memory and never placeholder vectors (MoCo fills its queue with random unit
+    vectors; those are not negatives of anything, so we do not). Its length therefore grows to
+    ``size`` over the first steps; it is known on the host from the batch sizes, so reading it
+    costs no device synchronisation. Reading an empty queue is an error.
+
+    Args:
+        size: capacity ``K >= 1``.
+        dim: key dimension ``D >= 1``.
+        gather_distributed: under an initialised process group, :meth:`enqueue` first gathers
+            the keys of all ranks (in rank order), so every rank holds the same queue. Every
+            rank must then enqueue the same number of keys per call.
+        dtype: dtype of the stored keys (default float32).
+
+    Examples:
+        >>> import torch
+        >>> from cct_loss import NegativeQueue, cct_loss
+        >>> queue = NegativeQueue(4096, 128)
+        >>> q, k = torch.randn(32, 128), torch.randn(32, 128)
+        >>> queue.enqueue(torch.randn(32, 128))  # keys of an earlier step
+        >>> loss = cct_loss(q, k, queue.negatives())
+        >>> queue.enqueue(k)
+    """
+
+    keys: Tensor
+    write_position: Tensor
+    fill_level: Tensor
+
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        *,
+        gather_distributed: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        for name, value in (("size", size), ("dim", dim)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value}")
+        if not isinstance(gather_distributed, bool):
+            raise TypeError(
+                f"gather_distributed must be a bool, got {type(gather_distributed).__name__}"
+            )
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        self.size = size
+        self.dim = dim
+        self.gather_distributed = gather_distributed
+        self.register_buffer("keys", torch.zeros(size, dim, dtype=dtype))
+        self.register_buffer("write_position", torch.zeros((), dtype=torch.long))
+        self.register_buffer("fill_level", torch.zeros((), dtype=torch.long))
+        # Host mirrors of the two counters: shapes depend on them, so reading them must not
+        # synchronise with the device. They are restored from the buffers on load.
+        self._position = 0
+        self._filled = 0
+        self.register_load_state_dict_post_hook(_sync_host_counters)  # type: ignore[no-untyped-call]
+
+    def __len__(self) -> int:
+        """Number of keys currently held (``<= size``)."""
+        return self._filled
+
+    @property
+    def is_full(self) -> bool:
+        return self._filled == self.size
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor) -> None:
+        """Append ``keys`` (detached), overwriting the oldest once full.
+
+        Args:
+            keys: ``(B, dim)`` floating-point keys, any ``B >= 0``; when ``B > size`` only the
+                newest ``size`` keys are kept. With ``gather_distributed=True`` under an
+                initialised process group, the keys of all ranks are gathered first (rank
+                order) and all of them are enqueued on every rank.
+        """
+        keys = check_float_tensor("keys", keys, (2,), f"(B, dim) = (B, {self.dim})")
+        if keys.shape[1] != self.dim:
+            raise ValueError(
+                f"keys must have shape (B, dim) = (B, {self.dim}), got {shape_str(keys)}"
+            )
+        if keys.device != self.keys.device:
+            raise ValueError(
+                f"keys is on device {keys.device} but the queue is on {self.keys.device}; "
+                "move the queue with .to(device)"
+            )
+        keys = keys.detach()
+        if self.gather_distributed:
+            keys = all_gather_no_grad(keys)
+        batch = keys.shape[0]
+        if batch == 0:
+            return
+        if batch > self.size:
+            # Keep the newest `size`; they land where a sequential write would leave them.
+            self._position = (self._position + batch - self.size) % self.size
+            keys, batch = keys[-self.size :], self.size
+        index = (torch.arange(batch, device=keys.device) + self._position) % self.size
+        self.keys.index_copy_(0, index, keys.to(self.keys.dtype))
+        self._position = (self._position + batch) % self.size
+        self._filled = min(self._filled + batch, self.size)
+        self.write_position.fill_(self._position)
+        self.fill_level.fill_(self._filled)
+
+    def negatives(self) -> Tensor:
+        """The keys held, ``(len(self), dim)``, ready for ``cct_loss(q, k, queue.negatives())``.
+
+        Returns a copy, so that :meth:`enqueue` may run before the backward pass (as MoCo's
+        forward does) without touching tensors saved for it. Raises ``ValueError`` while the
+        queue is empty.
+        """
+        if self._filled == 0:
+            raise ValueError(
+                "the queue is empty: enqueue keys before reading negatives "
+                "(for example the momentum encoder's keys of the first batch)"
+            )
+        return self.keys[: self._filled].clone()
+
+    def extra_repr(self) -> str:
+        return (
+            f"size={self.size}, dim={self.dim}, filled={self._filled}, "
+            f"gather_distributed={self.gather_distributed}"
+        )
+
+
+def _sync_host_counters(module: nn.Module, _incompatible: Any) -> None:
+    assert isinstance(module, NegativeQueue)
+    position, filled = int(module.write_position), int(module.fill_level)
+    if not (0 <= position < module.size and 0 <= filled <= module.size):
+        raise ValueError(
+            f"loaded queue counters out of range for size {module.size}: "
+            f"write_position={position}, fill_level={filled}"
+        )
+    module._position, module._filled = position, filled

@@ -1,0 +1,91 @@
+"""Worker processes for tests/test_distributed.py (spawned; gloo on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from cct_loss import NegativeQueue, cct_loss, cct_loss_multiview
+
+N_PER_RANK = 4
+DIM_IN, DIM_OUT = 6, 5
+STEPS = 3
+LR = 0.5
+SCENARIOS = {
+    # name: (loss on a (V, N, DIM_IN) batch of views, number of views)
+    "nt_xent_dense": ("all", "dense", 2),
+    "nt_xent_chunked": ("all", "chunked", 2),
+    "multiview_sdpa": ("all", "sdpa", 3),
+    "paper_dense": ("paper", "dense", 3),
+}
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(DIM_IN, 8), nn.Tanh(), nn.Linear(8, DIM_OUT))
+
+
+def global_batches(num_views: int, world_size: int) -> list[torch.Tensor]:
+    """STEPS batches of views ``(V, world * N, DIM_IN)``, the same on every process."""
+    g = torch.Generator().manual_seed(1)
+    return [
+        torch.randn(num_views, world_size * N_PER_RANK, DIM_IN, generator=g) for _ in range(STEPS)
+    ]
+
+
+def loss_fn(model: nn.Module, views: torch.Tensor, scenario: str, gather: bool) -> torch.Tensor:
+    layout, impl, _ = SCENARIOS[scenario]
+    z: torch.Tensor = model(views)  # (V, N, DIM_OUT)
+    opts: dict[str, Any] = dict(
+        t_neg=2.0, detach_weights=False, impl=impl, chunk_size=3, gather_distributed=gather
+    )
+    if layout == "paper":
+        loss: torch.Tensor = cct_loss_multiview(z, layout="paper", **opts)
+    else:
+        loss = cct_loss(z[0], z[1:].transpose(0, 1), **opts)
+    return loss
+
+
+def train(model: nn.Module, scenario: str, rank: int, world_size: int, gather: bool) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for views in global_batches(SCENARIOS[scenario][2], world_size):
+        local = views[:, rank * N_PER_RANK : (rank + 1) * N_PER_RANK] if gather else views
+        opt.zero_grad()
+        loss_fn(model, local, scenario, gather).backward()
+        opt.step()
+
+
+def run(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
+    torch.set_num_threads(1)
+    try:
+        results: dict[str, object] = {}
+        for scenario in SCENARIOS:
+            model = DistributedDataParallel(make_model())
+            train(model, scenario, rank, world_size, gather=True)
+            results[scenario] = {
+                k: v.detach().clone() for k, v in model.module.state_dict().items()
+            }
+
+        queue = NegativeQueue(7, 3, gather_distributed=True)
+        g = torch.Generator().manual_seed(100 + rank)
+        for batch in (2, 3, 1, 2):  # 2 ranks x 16 keys: wraps around a queue of 7 twice
+            queue.enqueue(torch.randn(batch, 3, generator=g) + 10 * rank)
+        results["queue"] = queue.state_dict()
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

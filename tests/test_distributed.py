@@ -1,0 +1,92 @@
+"""Two gloo processes on the CPU: gathered in-batch negatives and the distributed queue."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from cct_loss import NegativeQueue, cct_loss
+from cct_loss.distributed import all_gather_with_grad, is_active, rank_and_world_size
+
+from . import distributed_worker as worker
+
+WORLD_SIZE = 2
+TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("dist")
+    context = mp.start_processes(  # type: ignore[attr-defined, no-untyped-call]
+        worker.run,
+        args=(WORLD_SIZE, free_port(), str(out)),
+        nprocs=WORLD_SIZE,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+
+
+@pytest.mark.parametrize("scenario", list(worker.SCENARIOS))
+def test_ddp_with_gathered_negatives_equals_single_process(
+    results: list[dict[str, Any]], scenario: str
+) -> None:
+    """After a few SGD steps, DDP + gather_distributed matches one process on the whole batch."""
+    single = worker.make_model()
+    worker.train(single, scenario, rank=0, world_size=WORLD_SIZE, gather=False)
+    for rank in range(WORLD_SIZE):
+        for name, value in single.state_dict().items():
+            got = results[rank][scenario][name]
+            assert torch.allclose(got, value, rtol=1e-5, atol=1e-5), (
+                f"rank {rank} {name}: max difference {float((got - value).abs().max()):.2e}"
+            )
+
+
+def test_queues_agree_across_ranks_after_wrapping(results: list[dict[str, Any]]) -> None:
+    states = [r["queue"] for r in results]
+    for key in states[0]:
+        torch.testing.assert_close(states[1][key], states[0][key], rtol=0, atol=0)
+    # 16 gathered keys into 7 slots: full, write position 16 mod 7 = 2.
+    assert int(states[0]["fill_level"]) == 7
+    assert int(states[0]["write_position"]) == 2
+    # The newest keys are there: the last enqueue was rank 0's then rank 1's 2 keys.
+    keys = states[0]["keys"]
+    assert (keys[0:2] > 5).all() and (keys[5:7] < 5).all()
+
+
+def test_helpers_are_no_ops_without_process_group() -> None:
+    assert not is_active()
+    assert rank_and_world_size() == (0, 1)
+    x = torch.randn(3, 2, requires_grad=True)
+    assert all_gather_with_grad(x) is x
+    z1, z2 = torch.randn(4, 3), torch.randn(4, 3)
+    torch.testing.assert_close(cct_loss(z1, z2, gather_distributed=True), cct_loss(z1, z2))
+    queue = NegativeQueue(4, 3, gather_distributed=True)
+    queue.enqueue(z1)
+    torch.testing.assert_close(queue.negatives(), torch.nn.functional.pad(z1, (0, 0))[:4])
+
+
+def test_gather_with_explicit_negatives_is_an_error() -> None:
+    with pytest.raises(ValueError, match="gather_distributed=True gathers in-batch negatives"):
+        cct_loss(torch.randn(4, 3), torch.randn(4, 3), torch.randn(5, 3), gather_distributed=True)

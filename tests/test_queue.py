@@ -1,0 +1,205 @@
+"""NegativeQueue: FIFO semantics against a plain list, state_dict, devices, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cct_loss import NegativeQueue, cct_loss
+
+
+class ListQueue:
+    """The obviously-correct FIFO: a Python list of the newest `size` keys."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: list[torch.Tensor] = []
+
+    def enqueue(self, keys: torch.Tensor) -> None:
+        self.items.extend(keys)
+        self.items = self.items[-self.size :]
+
+
+def as_set(x: torch.Tensor) -> list[tuple[float, ...]]:
+    return sorted(tuple(row.tolist()) for row in x)
+
+
+@given(
+    size=st.integers(1, 9),
+    batches=st.lists(st.integers(0, 13), min_size=1, max_size=8),
+    seed=st.integers(0, 1000),
+)
+def test_fifo_matches_list_reference(size: int, batches: list[int], seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    queue, reference = NegativeQueue(size, 3), ListQueue(size)
+    for b in batches:
+        keys = torch.randn(b, 3, generator=g)
+        queue.enqueue(keys)
+        reference.enqueue(keys)
+        assert len(queue) == len(reference.items)
+        if reference.items:
+            assert as_set(queue.negatives()) == as_set(torch.stack(reference.items))
+            assert queue.is_full == (len(reference.items) == size)
+
+
+def test_empty_queue_refuses_to_give_negatives() -> None:
+    queue = NegativeQueue(8, 4)
+    assert len(queue) == 0
+    with pytest.raises(ValueError, match="the queue is empty"):
+        queue.negatives()
+
+
+def test_partial_queue_gives_only_written_keys_in_order() -> None:
+    queue = NegativeQueue(8, 2)
+    keys = torch.arange(6.0).reshape(3, 2)
+    queue.enqueue(keys)
+    torch.testing.assert_close(queue.negatives(), keys)
+
+
+def test_larger_batch_keeps_newest_keys() -> None:
+    queue = NegativeQueue(3, 1)
+    queue.enqueue(torch.arange(7.0)[:, None])
+    assert as_set(queue.negatives()) == [(4.0,), (5.0,), (6.0,)]
+    queue.enqueue(torch.tensor([[7.0]]))  # overwrites the oldest, 4
+    assert as_set(queue.negatives()) == [(5.0,), (6.0,), (7.0,)]
+
+
+def test_keys_are_detached_and_negatives_are_a_copy() -> None:
+    queue = NegativeQueue(4, 3)
+    k = torch.randn(2, 3, requires_grad=True)
+    queue.enqueue(k * 2)
+    negatives = queue.negatives()
+    assert not negatives.requires_grad
+    negatives.zero_()
+    assert queue.negatives().abs().sum() > 0
+
+
+def test_enqueue_after_loss_before_backward_is_safe() -> None:
+    """MoCo enqueues inside forward, before backward: saved tensors must not be disturbed."""
+    queue = NegativeQueue(16, 4)
+    queue.enqueue(torch.randn(8, 4))
+    q = torch.randn(4, 4, requires_grad=True)
+    k = torch.randn(4, 4)
+    for impl in ("dense", "chunked", "sdpa"):
+        loss = cct_loss(q, k, queue.negatives(), normalize=False, impl=impl)
+        queue.enqueue(k)
+        loss.backward()
+
+
+def test_state_dict_round_trip_and_resume() -> None:
+    g = torch.Generator().manual_seed(0)
+    queue = NegativeQueue(5, 2)
+    for b in (3, 4):
+        queue.enqueue(torch.randn(b, 2, generator=g))
+    state = queue.state_dict()
+    assert set(state) == {"keys", "write_position", "fill_level"}
+    restored = NegativeQueue(5, 2)
+    restored.load_state_dict(state)
+    assert len(restored) == len(queue) and restored.is_full
+    torch.testing.assert_close(restored.negatives(), queue.negatives(), rtol=0, atol=0)
+    more = torch.randn(3, 2, generator=g)
+    queue.enqueue(more)
+    restored.enqueue(more)
+    torch.testing.assert_close(restored.keys, queue.keys, rtol=0, atol=0)
+    assert int(restored.write_position) == int(queue.write_position)
+
+
+def test_training_resumes_identically_from_state_dict() -> None:
+    """Model + queue saved mid-training and restored continue exactly as if never stopped."""
+
+    def step(
+        model: torch.nn.Module, opt: torch.optim.Optimizer, queue: NegativeQueue, x: torch.Tensor
+    ) -> None:
+        q, k = model(x), model(x + 0.1).detach()
+        loss = cct_loss(q, k, queue.negatives(), t_neg=2.0)
+        queue.enqueue(k)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    torch.manual_seed(0)
+    data = [torch.randn(4, 6) for _ in range(6)]
+    model = torch.nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    queue = NegativeQueue(10, 3)
+    queue.enqueue(torch.randn(4, 3))
+    for x in data[:3]:
+        step(model, opt, queue, x)
+    saved = {"model": model.state_dict(), "opt": opt.state_dict(), "queue": queue.state_dict()}
+    saved = {
+        k: {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in s.items()}
+        for k, s in saved.items()
+    }
+    for x in data[3:]:
+        step(model, opt, queue, x)
+
+    model2 = torch.nn.Linear(6, 3)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.3)
+    queue2 = NegativeQueue(10, 3)
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    queue2.load_state_dict(saved["queue"])
+    for x in data[3:]:
+        step(model2, opt2, queue2, x)
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(queue.keys, queue2.keys, rtol=0, atol=0)
+
+
+def test_to_dtype_moves_keys_and_keeps_counters() -> None:
+    queue = NegativeQueue(4, 2).to(torch.float64)
+    assert queue.keys.dtype == torch.float64
+    assert queue.write_position.dtype == torch.long
+    queue.enqueue(torch.randn(2, 2))  # float32 keys are stored in the queue's dtype
+    assert queue.negatives().dtype == torch.float64
+
+
+def test_corrupt_state_is_rejected() -> None:
+    queue = NegativeQueue(4, 2)
+    state = queue.state_dict()
+    state["fill_level"] = torch.tensor(9)
+    with pytest.raises(ValueError, match="out of range"):
+        NegativeQueue(4, 2).load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "pattern"),
+    [
+        ((0, 4), {}, ValueError, r"size must be an int >= 1, got 0"),
+        ((4, 0), {}, ValueError, r"dim must be an int >= 1, got 0"),
+        ((4.5, 4), {}, TypeError, r"size must be an int >= 1, got float"),
+        ((True, 4), {}, TypeError, r"size must be an int >= 1, got bool"),
+        ((4, 4), {"gather_distributed": "yes"}, TypeError, r"gather_distributed must be a bool"),
+        ((4, 4), {"dtype": torch.long}, TypeError, r"dtype must be a floating-point dtype"),
+    ],
+)
+def test_bad_construction(
+    args: tuple[object, ...], kwargs: dict[str, object], error: type[Exception], pattern: str
+) -> None:
+    with pytest.raises(error, match=pattern):
+        NegativeQueue(*args, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("keys", "error", "pattern"),
+    [
+        (
+            torch.randn(3, 5),
+            ValueError,
+            r"keys must have shape \(B, dim\) = \(B, 4\), got \(3, 5\)",
+        ),
+        (torch.randn(4), ValueError, r"keys must have shape .* got 1 dims"),
+        (torch.ones(3, 4, dtype=torch.long), TypeError, r"keys must have a floating-point dtype"),
+        ([[1.0] * 4], TypeError, r"keys must be a torch.Tensor"),
+        (
+            torch.randn(3, 4, device="meta"),
+            ValueError,
+            r"keys is on device meta but the queue is on cpu",
+        ),
+    ],
+)
+def test_bad_enqueue(keys: object, error: type[Exception], pattern: str) -> None:
+    with pytest.raises(error, match=pattern):
+        NegativeQueue(8, 4).enqueue(keys)  # type: ignore[arg-type]
