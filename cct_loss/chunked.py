@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .costs import cost_block, cost_vjp
+from .layouts import negative_mask
 from .transport import ConditionalExpectation
 
 #: Elements per ``(Q, chunk)`` block when ``chunk_size`` is None (8 MiB in float32).
@@ -33,14 +34,6 @@ MIN_CHUNK = 128
 def default_chunk_size(num_queries: int, num_keys: int) -> int:
     """Block width that keeps one ``(Q, chunk)`` float32 block near 8 MiB."""
     return max(1, min(num_keys, max(MIN_CHUNK, BLOCK_ELEMENTS // max(num_queries, 1))))
-
-
-def _block_mask(
-    query_ids: Tensor | None, key_ids: Tensor | None, start: int, stop: int
-) -> Tensor | None:
-    if query_ids is None or key_ids is None:
-        return None
-    return query_ids[:, None] != key_ids[None, start:stop]
 
 
 class _StreamingExpectedCost(torch.autograd.Function):
@@ -71,7 +64,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
             stop = min(start + chunk_size, num_keys)
             costs = cost_block(query, query_sq, keys[..., start:stop, :], cost)
             logits = costs * -sharpness
-            mask = _block_mask(query_ids, key_ids, start, stop)
+            mask = negative_mask(query_ids, None if key_ids is None else key_ids[start:stop])
             if mask is not None:
                 logits.masked_fill_(~mask, float("-inf"))
             if with_stats:
@@ -108,7 +101,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
             block = keys[..., start:stop, :]
             costs = cost_block(query, query_sq, block, cost)
             weights = costs * -sharpness
-            mask = _block_mask(query_ids, key_ids, start, stop)
+            mask = negative_mask(query_ids, None if key_ids is None else key_ids[start:stop])
             if mask is not None:
                 weights.masked_fill_(~mask, float("-inf"))
             weights.sub_(log_normaliser[:, None]).exp_()  # pi, recomputed

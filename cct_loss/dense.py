@@ -20,14 +20,8 @@ import torch
 from torch import Tensor
 
 from .costs import cost_block, cost_vjp
+from .layouts import negative_mask
 from .transport import ConditionalExpectation, weight_statistics
-
-
-def key_mask(query_ids: Tensor | None, key_ids: Tensor | None) -> Tensor | None:
-    """``(Q, K)`` boolean, True where key ``k`` is a negative of query ``q`` (ids differ)."""
-    if query_ids is None or key_ids is None:
-        return None
-    return query_ids[:, None] != key_ids[None, :]
 
 
 class _DenseExpectedCost(torch.autograd.Function):
@@ -101,7 +95,7 @@ def dense_repulsion(
     Returns:
         :class:`ConditionalExpectation` with the ``(Q, K)`` weights.
     """
-    mask = key_mask(query_ids, key_ids)
+    mask = negative_mask(query_ids, key_ids)
     expected, weights, costs = _DenseExpectedCost.apply(  # type: ignore[no-untyped-call]
         query, keys, mask, cost, sharpness, detach_weights
     )

@@ -82,6 +82,14 @@ def same_row_positives(views: Tensor) -> Tensor:
     return gathered.permute(0, 2, 1, 3).reshape(num_views * n, num_views - 1, d)
 
 
+def negative_mask(query_ids: Tensor | None, key_ids: Tensor | None) -> Tensor | None:
+    """``(Q, K)`` boolean, True where key ``k`` is a negative of query ``q`` (their instance
+    ids differ); ``None`` when there are no ids (every key is a negative)."""
+    if query_ids is None or key_ids is None:
+        return None
+    return query_ids[:, None] != key_ids[None, :]
+
+
 def instance_ids(num_views: int, n: int, device: torch.device, offset: int = 0) -> Tensor:
     """``(V * N,)`` instance id of each row of the view-major flattened batch."""
     return torch.arange(offset, offset + n, device=device).repeat(num_views)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .chunked import chunked_repulsion
+from .layouts import negative_mask
 from .transport import ConditionalExpectation
 
 #: Head dims are padded to a multiple of this so the fused CUDA kernels accept them.
@@ -79,9 +80,9 @@ def sdpa_repulsion(
     k_att = _pad_last(k_att, HEAD_DIM_MULTIPLE)
     values = _pad_last(values, HEAD_DIM_MULTIPLE)
 
-    mask = None
-    if query_ids is not None and key_ids is not None:
-        mask = (query_ids[:, None] != key_ids[None, :]).view(1, 1, query.shape[0], -1)
+    mask = negative_mask(query_ids, key_ids)
+    if mask is not None:
+        mask = mask.view(1, 1, *mask.shape)
     if keys.dim() == 2:  # one "head" whose Q queries attend to the K shared keys
         out = F.scaled_dot_product_attention(
             q_att[None, None], k_att[None, None], values[None, None], attn_mask=mask, scale=scale
