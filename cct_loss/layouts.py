@@ -67,19 +67,19 @@ def combine(attract: ConditionalExpectation, repel: ConditionalExpectation) -> Q
     )
 
 
-def other_views_index(num_views: int, device: torch.device) -> Tensor:
-    """``(V, V - 1)`` table whose row ``v`` lists the views other than ``v``, in order."""
-    full = torch.arange(num_views, device=device).expand(num_views, num_views)
-    keep = ~torch.eye(num_views, dtype=torch.bool, device=device)
-    return full[keep].reshape(num_views, num_views - 1)
-
-
 def same_row_positives(views: Tensor) -> Tensor:
     """``(V * N, V - 1, D)``: for row ``v * N + i``, the other views of instance ``i``."""
     num_views, n, d = views.shape
-    others = other_views_index(num_views, views.device)  # (V, V-1)
-    gathered = views[others]  # (V, V-1, N, D)
-    return gathered.permute(0, 2, 1, 3).reshape(num_views * n, num_views - 1, d)
+    # Built by stacking slices (a loop over views, not samples): unlike an advanced-index
+    # gather, whose backward accumulates repeated indices in a thread-dependent order on the
+    # CPU, its backward is deterministic.
+    gathered = torch.stack(
+        [
+            torch.stack([views[w] for w in range(num_views) if w != v], dim=1)
+            for v in range(num_views)
+        ]
+    )  # (V, N, V-1, D)
+    return gathered.reshape(num_views * n, num_views - 1, d)
 
 
 def negative_mask(query_ids: Tensor | None, key_ids: Tensor | None) -> Tensor | None:
