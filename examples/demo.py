@@ -79,14 +79,14 @@ def plot_curves(results: dict[tuple[str, int], list[Result]], path: Path) -> Non
         label = f"{loss}, {views} views"
         epochs = range(1, len(runs[0].knn_curve) + 1)
         knn = torch.tensor([r.knn_curve for r in runs])
-        axes[0].plot(epochs, knn.mean(0), marker="o", label=label)
-        axes[0].fill_between(epochs, knn.min(0).values, knn.max(0).values, alpha=0.2)
+        color = COLORS[(loss, views)]
+        axes[0].plot(epochs, knn.mean(0), marker="o", label=label, color=color)
+        axes[0].fill_between(epochs, knn.min(0).values, knn.max(0).values, alpha=0.2, color=color)
         ax = axes[1] if loss == "cct" else axes[2]
-        ax.plot(epochs, torch.tensor([r.losses for r in runs]).mean(0), marker="o", label=label)
+        losses = torch.tensor([r.losses for r in runs]).mean(0)
+        ax.plot(epochs, losses, marker="o", label=label, color=color)
     axes[0].set(
-        title="kNN accuracy on held-out MNIST (mean, min-max over seeds)",
-        xlabel="epoch",
-        ylabel="accuracy",
+        title="held-out kNN accuracy (mean; band: min to max)", xlabel="epoch", ylabel="accuracy"
     )
     axes[1].set(title="CCT training loss", xlabel="epoch", ylabel="loss")
     axes[2].set(title="InfoNCE training loss", xlabel="epoch", ylabel="loss")
