@@ -12,7 +12,7 @@ from torch import Tensor
 from . import distributed
 from ._validation import check_choice, check_float_tensor, check_same_device, shape_str
 from .costs import prepare_embeddings
-from .details import CCTDetails, reduce_terms
+from .details import CCTDetails, QueryTerms, reduce_terms
 from .dispatch import repulsion_backend
 from .layouts import explicit_negatives_terms, in_batch_terms, paper_terms
 from .options import CCTOptions
@@ -223,21 +223,7 @@ def cct_loss(
         p = prepare_embeddings(positives.to(dtype), cost=options.cost, normalize=options.normalize)
         if negatives is None:
             views = torch.cat([q.unsqueeze(0), p.transpose(0, 1)], dim=0)  # (M + 1, N, D)
-            key_views, offset = _global_views(views, options.gather_distributed)
-            num_keys = views.shape[0] * (n if key_views is None else key_views.shape[1])
-            repel = repulsion_backend(
-                options, device, views.shape[0] * n, num_keys, per_query=False
-            )
-            terms = in_batch_terms(
-                views,
-                cost=options.cost,
-                t_pos=options.t_pos,
-                detach_weights=options.detach_weights,
-                repel=repel,
-                with_stats=options.return_details,
-                key_views=key_views,
-                id_offset=offset,
-            )
+            terms = _multiview_terms(views, "all", options)
         else:
             k = prepare_embeddings(
                 negatives.to(dtype), cost=options.cost, normalize=options.normalize
@@ -380,31 +366,12 @@ def cct_loss_multiview(
         gather_distributed=gather_distributed,
     )
     stacked = _stack_views(views, allow_single_row=gather_distributed and distributed.is_active())
-    num_views, n, _ = stacked.shape
     with _full_precision(stacked.device):
         dtype = _compute_dtype(stacked)
         prepared = prepare_embeddings(
             stacked.to(dtype), cost=options.cost, normalize=options.normalize
         )
-        key_views, offset = _global_views(prepared, options.gather_distributed)
-        n_keys = n if key_views is None else key_views.shape[1]
-        if layout == "all":
-            num_queries, num_keys = num_views * n, num_views * n_keys
-            layout_terms = in_batch_terms
-        else:  # one (N, N_all) problem per pair of views
-            num_queries, num_keys = n, n_keys
-            layout_terms = paper_terms
-        repel = repulsion_backend(options, stacked.device, num_queries, num_keys, per_query=False)
-        terms = layout_terms(
-            prepared,
-            cost=options.cost,
-            t_pos=options.t_pos,
-            detach_weights=options.detach_weights,
-            repel=repel,
-            with_stats=options.return_details,
-            key_views=key_views,
-            id_offset=offset,
-        )
+        terms = _multiview_terms(prepared, layout, options)
         return reduce_terms(
             terms,
             alpha=options.alpha,
@@ -444,6 +411,31 @@ def _check_negatives(negatives: Tensor, n: int, d: int) -> Tensor:
             f"negatives has K = 0 per query (shape {shape_str(negatives)}); expected K >= 1"
         )
     return negatives
+
+
+def _multiview_terms(views: Tensor, layout: str, options: CCTOptions) -> QueryTerms:
+    """Per-query terms of ``(V, N, D)`` prepared views in the symmetric (``"all"``) or the paper
+    layout, with negatives from the global batch when ``gather_distributed`` applies."""
+    num_views, n, _ = views.shape
+    key_views, offset = _global_views(views, options.gather_distributed)
+    n_keys = n if key_views is None else key_views.shape[1]
+    if layout == "all":
+        num_queries, num_keys = num_views * n, num_views * n_keys
+        layout_terms = in_batch_terms
+    else:  # one (N, N_all) problem per pair of views
+        num_queries, num_keys = n, n_keys
+        layout_terms = paper_terms
+    repel = repulsion_backend(options, views.device, num_queries, num_keys, per_query=False)
+    return layout_terms(
+        views,
+        cost=options.cost,
+        t_pos=options.t_pos,
+        detach_weights=options.detach_weights,
+        repel=repel,
+        with_stats=options.return_details,
+        key_views=key_views,
+        id_offset=offset,
+    )
 
 
 def _global_views(views: Tensor, gather: bool) -> tuple[Tensor | None, int]:

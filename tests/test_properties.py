@@ -211,12 +211,14 @@ def test_detached_repulsion_gradient_is_softmin_gradient(seed: int, cost: str) -
     torch.testing.assert_close(grad, want)
 
 
+@pytest.mark.parametrize("impl", ["dense", "chunked", "sdpa"])
 @pytest.mark.parametrize("mode", ["in_batch", "shared", "per_query"])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("cost", ["sqeuclidean", "cosine"])
-def test_gradcheck_float64(mode: str, normalize: bool, cost: str) -> None:
-    """The true derivative (detach_weights=False); detached weights are checked against the
-    reference, since their backward is by design not the derivative of the forward."""
+def test_gradcheck_float64(impl: str, mode: str, normalize: bool, cost: str) -> None:
+    """The true derivative (detach_weights=False) of every implementation (chunked with blocks
+    of 2 keys). Detached weights are checked against the reference instead: their backward is by
+    design not the derivative of the forward."""
     g = torch.Generator().manual_seed(7)
     q = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     p = torch.randn(3, 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
@@ -237,6 +239,8 @@ def test_gradcheck_float64(mode: str, normalize: bool, cost: str) -> None:
             normalize=normalize,
             cost=cost,
             reduction="none",
+            impl=impl,
+            chunk_size=2,
         )
 
     assert torch.autograd.gradcheck(fn, tuple(inputs))
