@@ -34,52 +34,10 @@ def prepare_embeddings(x: Tensor, *, cost: str, normalize: bool) -> Tensor:
     return x
 
 
-def unclamped_cost(gram: Tensor, sq_a: Tensor, sq_b: Tensor, cost: str) -> Tensor:
-    """Costs from inner products, before clamping at 0 (rounding can make them slightly < 0).
-
-    Args:
-        gram: ``(..., Q, K)`` inner products ``a.b`` of prepared embeddings.
-        sq_a: ``(..., Q, 1)`` squared norms of the left factors (ignored for cosine).
-        sq_b: ``(..., 1, K)`` squared norms of the right factors (ignored for cosine).
-        cost: ``"sqeuclidean"`` or ``"cosine"``.
-
-    Returns:
-        ``(..., Q, K)`` costs.
-    """
-    if cost == "cosine":
-        # Inputs are unit vectors (or zero): 1 - cos(a, b).
-        return 1.0 - gram
-    return sq_a + sq_b - 2.0 * gram
-
-
-def cost_from_gram(gram: Tensor, sq_a: Tensor, sq_b: Tensor, cost: str) -> Tensor:
-    """:func:`unclamped_cost` clamped at 0: the non-negative cost."""
-    return unclamped_cost(gram, sq_a, sq_b, cost).clamp_min(0.0)
-
-
-def pairwise_cost(a: Tensor, b: Tensor, cost: str) -> Tensor:
-    """Costs between every row of ``a`` and every row of ``b``.
-
-    Args:
-        a: ``(Q, D)`` prepared embeddings.
-        b: ``(K, D)`` prepared embeddings.
-        cost: ``"sqeuclidean"`` or ``"cosine"``.
-
-    Returns:
-        ``(Q, K)`` costs.
-    """
-    gram = a @ b.transpose(-1, -2)
-    if cost == "cosine":
-        return cost_from_gram(gram, gram, gram, cost)
-    sq_a = a.pow(2).sum(-1, keepdim=True)
-    sq_b = b.pow(2).sum(-1).unsqueeze(-2)
-    return cost_from_gram(gram, sq_a, sq_b, cost)
-
-
 def rowwise_cost(a: Tensor, b: Tensor, cost: str) -> Tensor:
-    """Costs between each row ``a[i]`` and its own set of vectors ``b[i, :]``.
+    """Costs between each row ``a[i]`` and its own set of vectors ``b[i, :]`` (plain autograd).
 
-    Used for the M positives of each query and for per-query negatives.
+    Used for the ``M`` positives of each query, a small block.
 
     Args:
         a: ``(N, D)`` prepared embeddings.
@@ -90,11 +48,9 @@ def rowwise_cost(a: Tensor, b: Tensor, cost: str) -> Tensor:
         ``(N, K)`` costs.
     """
     gram = torch.bmm(b, a.unsqueeze(-1)).squeeze(-1)
-    if cost == "cosine":
-        return cost_from_gram(gram, gram, gram, cost)
-    sq_a = a.pow(2).sum(-1, keepdim=True)
-    sq_b = b.pow(2).sum(-1)
-    return cost_from_gram(gram, sq_a, sq_b, cost)
+    if cost == "cosine":  # inputs are unit vectors (or zero): 1 - cos(a, b)
+        return (1.0 - gram).clamp_min(0.0)
+    return (a.pow(2).sum(-1, keepdim=True) + b.pow(2).sum(-1) - 2.0 * gram).clamp_min(0.0)
 
 
 def cost_block(query: Tensor, query_sq: Tensor, keys: Tensor, cost: str) -> Tensor:
