@@ -110,7 +110,6 @@ class _StreamingExpectedCost(torch.autograd.Function):
             else:
                 grad_cost = (costs - expected[:, None]).mul_(-sharpness).add_(1.0)
                 grad_cost.mul_(weights).mul_(grad_expected[:, None])
-            grad_cost.masked_fill_(costs <= 0, 0.0)  # clamped costs carry no gradient
             block_query, block_keys = cost_vjp(grad_cost, query, block, cost, need_keys=need_keys)
             grad_query += block_query
             if grad_keys is not None and block_keys is not None:

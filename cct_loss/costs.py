@@ -37,7 +37,8 @@ def prepare_embeddings(x: Tensor, *, cost: str, normalize: bool) -> Tensor:
 def rowwise_cost(a: Tensor, b: Tensor, cost: str) -> Tensor:
     """Costs between each row ``a[i]`` and its own set of vectors ``b[i, :]`` (plain autograd).
 
-    Used for the ``M`` positives of each query, a small block.
+    Used for the ``M`` positives of each query, a small block. The value is clamped at 0; the
+    gradient is the formula's everywhere (see :func:`cost_vjp`).
 
     Args:
         a: ``(N, D)`` prepared embeddings.
@@ -49,8 +50,11 @@ def rowwise_cost(a: Tensor, b: Tensor, cost: str) -> Tensor:
     """
     gram = torch.bmm(b, a.unsqueeze(-1)).squeeze(-1)
     if cost == "cosine":  # inputs are unit vectors (or zero): 1 - cos(a, b)
-        return (1.0 - gram).clamp_min(0.0)
-    return (a.pow(2).sum(-1, keepdim=True) + b.pow(2).sum(-1) - 2.0 * gram).clamp_min(0.0)
+        raw = 1.0 - gram
+    else:
+        raw = a.pow(2).sum(-1, keepdim=True) + b.pow(2).sum(-1) - 2.0 * gram
+    # Value clamped at 0 (rounding), gradient of the formula, as in cost_block + cost_vjp.
+    return raw + (raw.clamp_min(0.0) - raw).detach()
 
 
 def cost_block(query: Tensor, query_sq: Tensor, keys: Tensor, cost: str) -> Tensor:
@@ -85,7 +89,9 @@ def cost_vjp(
     """Pull a gradient on a ``(Q, C)`` cost block back to the queries and the keys.
 
     ``d cost / d q = 2 (q - n)`` and ``d cost / d n = 2 (n - q)`` (sqeuclidean) or ``-n`` and
-    ``-q`` (cosine). ``grad_cost`` must already be zero where the cost was clamped.
+    ``-q`` (cosine): the derivative of the formula's cost, also where rounding made the matrix
+    product's value slightly negative and the forward pass clamped it to 0 (there the true
+    gradient is ``2 (q - n)``, almost zero, not exactly zero).
 
     Args:
         grad_cost: ``(Q, C)`` gradient with respect to the costs.

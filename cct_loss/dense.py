@@ -8,7 +8,9 @@ saves the weights (and, without detaching, the costs) and writes the backward in
 * ``detach_weights=True``: ``dE/dd_k = pi_k``;
 * ``detach_weights=False``: ``dE/dd_k = pi_k (1 - t (d_k - E))``,
 
-pulled back to the embeddings by :func:`cct_loss.costs.cost_vjp`. It is the fastest path while
+pulled back to the embeddings by :func:`cct_loss.costs.cost_vjp` (the derivative of
+``||q - n||^2`` or ``1 - q.n``, also where rounding clamped a cost to 0, as in the formula).
+It is the fastest path while
 ``Q x K`` fits in memory.
 """
 
@@ -44,7 +46,9 @@ class _DenseExpectedCost(torch.autograd.Function):
         weights = torch.softmax(logits, dim=-1)
         del logits
         expected = torch.linalg.vecdot(weights, costs)
-        ctx.save_for_backward(query, keys, weights, expected, costs)
+        # Detached weights need only the weights for the backward pass; through the weights it
+        # also needs the costs.
+        ctx.save_for_backward(query, keys, weights, expected, None if detach_weights else costs)
         ctx.options = (cost, sharpness, detach_weights)
         ctx.mark_non_differentiable(weights, costs)
         return expected, weights, costs
@@ -61,7 +65,6 @@ class _DenseExpectedCost(torch.autograd.Function):
             # pi (1 - t (d - E)) g, in place on one fresh tensor
             grad_cost = (costs - expected[:, None]).mul_(-sharpness).add_(1.0)
             grad_cost.mul_(weights).mul_(grad_expected[:, None])
-        grad_cost.masked_fill_(costs <= 0, 0.0)  # clamped costs carry no gradient
         grad_query, grad_keys = cost_vjp(
             grad_cost, query, keys, cost, need_keys=ctx.needs_input_grad[1]
         )

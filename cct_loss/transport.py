@@ -61,10 +61,10 @@ def conditional_expectation(
     *,
     farther_weighs_more: bool,
     detach_weights: bool,
-    mask: Tensor | None = None,
     with_stats: bool = True,
 ) -> ConditionalExpectation:
-    """Softmax-weighted mean of each row of ``cost`` (plain autograd; for small blocks).
+    """Softmax-weighted mean of each row of ``cost`` (plain autograd; for small blocks such as
+    the ``M`` positives of each query; the negatives go through the repulsion backends).
 
     Args:
         cost: ``(Q, K)`` costs, floating point.
@@ -72,8 +72,6 @@ def conditional_expectation(
         farther_weighs_more: ``True`` for positives (``softmax(+t c)``), ``False`` for
             negatives (``softmax(-t c)``).
         detach_weights: treat the weights as constants in the backward pass.
-        mask: optional ``(Q, K)`` boolean tensor, ``True`` where an entry takes part.
-            Every row must keep at least one entry.
         with_stats: compute the entropy and the extreme cost (else NaN placeholders).
 
     Returns:
@@ -81,14 +79,12 @@ def conditional_expectation(
     """
     sign = 1.0 if farther_weighs_more else -1.0
     logits = (cost.detach() if detach_weights else cost) * (sign * sharpness)
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(logits, dim=-1)
     value = (weights * cost).sum(-1)
     entropy, extreme = weight_statistics(
         weights.detach(),
         cost.detach(),
-        mask,
+        None,
         farther_weighs_more=farther_weighs_more,
         enabled=with_stats,
     )
