@@ -217,8 +217,15 @@ def paper_terms(
     pairs = list(itertools.combinations(range(num_views), 2))
     repels = [repel(views[x], keys[y], ids, key_ids) for x, y in pairs]
     with torch.no_grad():
-        own = torch.stack([rowwise_cost(views[x], views[y].unsqueeze(1), cost) for x, y in pairs])
-        correct = (own.squeeze(-1) < torch.stack([r.extreme for r in repels])).to(views.dtype)
+        if with_stats:  # does z_y[i] beat every other row of view y as z_x[i]'s neighbour?
+            own = torch.stack(
+                [rowwise_cost(views[x], views[y].unsqueeze(1), cost) for x, y in pairs]
+            ).squeeze(-1)
+            correct = (own < torch.stack([r.extreme for r in repels])).to(views.dtype)
+        else:
+            correct = torch.full(
+                (len(pairs), n), float("nan"), dtype=views.dtype, device=views.device
+            )
 
     def per_row(x: Tensor) -> Tensor:
         return x.reshape(-1, n).mean(0)
