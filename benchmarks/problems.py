@@ -114,7 +114,7 @@ def methods(problem: Problem, seed: int = 0) -> dict[str, Step]:
 
     def paper(impl: str) -> Step:
         return lambda: cct_loss_multiview(
-            views, layout="paper", t_neg=0.9, detach_weights=False, impl=impl
+            list(views.unbind(0)), layout="paper", t_neg=0.9, detach_weights=False, impl=impl
         ).backward()
 
     return {

@@ -17,7 +17,7 @@ from torch import Tensor
 
 COSTS = ("sqeuclidean", "cosine")
 REDUCTIONS = ("mean", "sum", "none")
-IMPLS = ("auto", "dense", "chunked", "sdpa")
+LAYOUTS = ("all", "cross", "paper")
 
 
 def shape_str(x: Tensor) -> str:
@@ -65,24 +65,37 @@ def check_same_device(tensors: dict[str, Tensor]) -> torch.device:
     return first.device
 
 
-def check_sharpness(name: str, value: object) -> float:
-    """Check an inverse temperature (``t_pos``/``t_neg``): a finite real number >= 0."""
+def check_scalar_option(name: str, value: object, *, nonnegative: bool) -> float | Tensor:
+    """Check ``t_pos``/``t_neg`` (``nonnegative``: an inverse temperature ``>= 0``) or
+    ``alpha``/``beta`` (any finite number).
+
+    A Python number is checked for its value and returned as a float. A 0-dim floating-point
+    tensor is checked for its shape, dtype and ``requires_grad`` but not for its value: reading
+    it would cost a host synchronisation (and a recompile per value under ``torch.compile``).
+    A tensor that requires grad is refused: these are constants to autograd.
+    """
+    what = "an inverse temperature >= 0" if nonnegative else "a finite number"
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise TypeError(
+                f"{name} must be a real number or a 0-dim floating-point tensor ({what}), "
+                f"got a tensor of shape {shape_str(value)} and dtype {value.dtype}"
+            )
+        if value.requires_grad:
+            raise ValueError(
+                f"{name} must not require grad: the options are constants to autograd. With "
+                "detach_weights=True a sharpness gets no gradient at all, and with "
+                "detach_weights=False the loss falls as t_neg falls, so a learned sharpness "
+                f"collapses towards uniform weights; pass {name}.detach() (a schedule is fine)"
+            )
+        return value
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(
-            f"{name} must be a real number (an inverse temperature >= 0), "
-            f"got {type(value).__name__}"
+            f"{name} must be a real number or a 0-dim tensor ({what}), got {type(value).__name__}"
         )
     v = float(value)
-    if not math.isfinite(v) or v < 0:
+    if nonnegative and not (math.isfinite(v) and v >= 0):
         raise ValueError(f"{name} must be a finite number >= 0 (an inverse temperature), got {v}")
-    return v
-
-
-def check_coefficient(name: str, value: object) -> float:
-    """Check a loss coefficient (``alpha``/``beta``): any finite real number."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
     return v
@@ -111,3 +124,58 @@ def check_chunk_size(value: object) -> int | None:
     if value < 1:
         raise ValueError(f"chunk_size must be None or an int >= 1, got {value}")
     return value
+
+
+def check_labels(name: str, labels: object, rows: int, rows_name: str) -> Tensor:
+    """Check integer class labels: a 1-D integer tensor with one entry per row."""
+    if not isinstance(labels, Tensor):
+        raise TypeError(
+            f"{name} must be a 1-D integer tensor ({rows_name},), got {type(labels).__name__}"
+        )
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype (class labels), got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != rows:
+        raise ValueError(
+            f"{name} must have shape ({rows_name},) = ({rows},), one label per row, "
+            f"got {shape_str(labels)}"
+        )
+    return labels
+
+
+def check_no_shared_memory(negatives: Tensor, positive: Tensor) -> None:
+    """Refuse ``negatives`` that is ``positive`` or a view of its memory (eager mode only).
+
+    ``cct_loss(q, k, k)`` runs and is wrong: every query would count its own positive among its
+    negatives. What was meant is ``layout="cross"``. Memory ranges are compared, so a
+    ``negatives`` that merely interleaves with ``positive`` in one buffer is refused too; the
+    message says how to pass it anyway (a copy).
+    """
+    if negatives is positive:
+        overlap = True
+    elif torch.compiler.is_compiling() or negatives.device != positive.device:
+        return
+    else:
+        overlap = _byte_range(negatives, 0) < _byte_range(positive, 1) and _byte_range(
+            positive, 0
+        ) < _byte_range(negatives, 1)
+        overlap = overlap and negatives.untyped_storage().data_ptr() == (
+            positive.untyped_storage().data_ptr()
+        )
+    if overlap:
+        raise ValueError(
+            "negatives is the same tensor as positive (or a view of its memory): each query "
+            "would count its own positive among its negatives. For MoCo v3 / CLIP, where the "
+            "negatives are the other rows of positive, use layout='cross' and no negatives; "
+            "if the overlap is intended, pass negatives.clone()"
+        )
+
+
+def _byte_range(x: Tensor, end: int) -> int:
+    """First byte (``end=0``) or one past the last byte (``end=1``) that ``x`` touches."""
+    start = x.data_ptr()
+    if end == 0:
+        return start
+    if x.numel() == 0:
+        return start
+    span = sum((size - 1) * abs(stride) for size, stride in zip(x.shape, x.stride(), strict=True))
+    return start + (span + 1) * x.element_size()

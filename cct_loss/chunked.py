@@ -1,30 +1,34 @@
-"""``impl="chunked"``: the repulsion streamed over blocks of negatives with an online softmax.
+"""``impl="chunked"``: the expected cost streamed over blocks of keys with an online softmax.
 
 For each query the forward pass keeps, over blocks of ``chunk_size`` keys, a running maximum
-``m`` of the logits ``s_k = -t d_k``, a running normaliser ``Z = sum exp(s_k - m)`` and a running
-weighted cost ``S = sum exp(s_k - m) d_k`` (as flash attention does); the expected cost is
-``E = S / Z``. The backward pass recomputes each block from the inputs and two saved numbers per
-query (``E`` and ``log sum_k exp(s_k)``), so no ``(Q, K)`` tensor is ever held, forward or
-backward: memory is ``O(Q D + K D + Q chunk_size)``.
+``m`` of the logits ``l_k = s d_k`` (``s = +t_pos`` for positives, ``-t_neg`` for negatives), a
+running normaliser ``Z = sum exp(l_k - m)`` and a running weighted cost
+``S = sum exp(l_k - m) d_k`` (as flash attention does); the expected cost is ``E = S / Z``. The
+backward pass recomputes each block from the inputs and two saved numbers per query (``E`` and
+``log sum_k exp(l_k)``), so no ``(Q, K)`` tensor is ever held, forward or backward: memory is
+``O(Q D + K D + Q chunk_size)``. Which keys take part is rebuilt per block from integer ids.
+A query with no key taking part keeps ``m = -inf`` and gets ``E = 0``.
 
-Gradients (``pi_k = softmax_k(-t d_k)``, ``g`` the upstream gradient of ``E``):
+Gradients (``pi_k = softmax_k(l_k)``, ``g`` the upstream gradient of ``E``):
 
 * ``detach_weights=True``: ``dE/dd_k = pi_k``;
-* ``detach_weights=False``: ``dE/dd_k = pi_k (1 - t (d_k - E))``,
+* ``detach_weights=False``: ``dE/dd_k = pi_k (1 + s (d_k - E))``,
 
 pulled back to the embeddings block by block by :func:`cct_loss.costs.cost_vjp`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .costs import cost_block, cost_vjp
-from .layouts import negative_mask
-from .transport import ConditionalExpectation
+from .transport import ConditionalExpectation, Membership, signed_sharpness
+
+if TYPE_CHECKING:
+    from .options import CCTOptions, Side
 
 #: Elements per ``(Q, chunk)`` block when ``chunk_size`` is None (8 MiB in float32).
 BLOCK_ELEMENTS = 1 << 21
@@ -36,22 +40,40 @@ def default_chunk_size(num_queries: int, num_keys: int) -> int:
     return max(1, min(num_keys, max(MIN_CHUNK, BLOCK_ELEMENTS // max(num_queries, 1))))
 
 
+def _block_mask(
+    ids: tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None],
+    same_group: bool,
+    start: int,
+    stop: int,
+) -> Tensor | None:
+    query_groups, key_groups, query_self, key_self = ids
+    if query_groups is None or key_groups is None:
+        return None
+    members = Membership(query_groups, key_groups, same_group, query_self, key_self)
+    return members.block_mask(start, stop)
+
+
 class _StreamingExpectedCost(torch.autograd.Function):
-    """``E_q = sum_k softmax_k(-t d_qk) d_qk`` streamed over key blocks (see module docs)."""
+    """``E_q = sum_k softmax_k(s d_qk) d_qk`` streamed over key blocks (see module docs)."""
 
     @staticmethod
     def forward(
         ctx: Any,
         query: Tensor,
         keys: Tensor,
-        query_ids: Tensor | None,
-        key_ids: Tensor | None,
+        query_groups: Tensor | None,
+        key_groups: Tensor | None,
+        query_self: Tensor | None,
+        key_self: Tensor | None,
+        same_group: bool,
         cost: str,
-        sharpness: float,
+        signed_t: float | Tensor,
         detach_weights: bool,
         chunk_size: int,
         with_stats: bool,
+        farther: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        ids = (query_groups, key_groups, query_self, key_self)
         num_queries = query.shape[0]
         num_keys = keys.shape[-2]
         query_sq = query.pow(2).sum(-1, keepdim=True)
@@ -59,96 +81,117 @@ class _StreamingExpectedCost(torch.autograd.Function):
         running_max = query.new_full(shape, float("-inf"))
         normaliser = query.new_zeros(shape)
         weighted = query.new_zeros(shape)
-        nearest = query.new_full(shape, float("inf") if with_stats else float("nan"))
+        fill = float("-inf") if farther else float("inf")
+        extreme = query.new_full(shape, fill if with_stats else float("nan"))
         for start in range(0, num_keys, chunk_size):
             stop = min(start + chunk_size, num_keys)
             costs = cost_block(query, query_sq, keys[..., start:stop, :], cost)
-            logits = costs * -sharpness
-            mask = negative_mask(query_ids, None if key_ids is None else key_ids[start:stop])
+            logits = costs * signed_t
+            mask = _block_mask(ids, same_group, start, stop)
             if mask is not None:
                 logits.masked_fill_(~mask, float("-inf"))
             if with_stats:
-                masked = costs if mask is None else costs.masked_fill(~mask, float("inf"))
-                nearest = torch.minimum(nearest, masked.amin(-1))
+                masked = costs if mask is None else costs.masked_fill(~mask, fill)
+                if farther:
+                    extreme = torch.maximum(extreme, masked.amax(-1))
+                else:
+                    extreme = torch.minimum(extreme, masked.amin(-1))
             new_max = torch.maximum(running_max, logits.amax(-1))
-            # A row whose keys so far are all masked keeps max -inf: shift by 0 instead.
+            # A row whose keys so far all sit out keeps max -inf: shift by 0 instead.
             shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
             rescale = torch.exp(running_max - shift)
             exp_logits = logits.sub_(shift[:, None]).exp_()
             normaliser = normaliser * rescale + exp_logits.sum(-1)
             weighted = weighted * rescale + torch.linalg.vecdot(exp_logits, costs)
             running_max = new_max
-        expected = weighted / normaliser
+        # Z >= 1 wherever a key took part (the maximum contributes exp(0)); Z = 0, S = 0 and
+        # E = 0 where none did.
+        expected = weighted / normaliser.clamp_min(1.0)
         log_normaliser = running_max + torch.log(normaliser)
-        ctx.save_for_backward(query, keys, query_ids, key_ids, expected, log_normaliser)
-        ctx.options = (cost, sharpness, detach_weights, chunk_size)
-        ctx.mark_non_differentiable(log_normaliser, nearest)
-        return expected, log_normaliser, nearest
+        ctx.save_for_backward(query, keys, *ids, expected, log_normaliser)
+        ctx.options = (cost, signed_t, detach_weights, chunk_size, same_group)
+        ctx.mark_non_differentiable(log_normaliser, extreme)
+        return expected, log_normaliser, extreme
 
     @staticmethod
     def backward(
-        ctx: Any, grad_expected: Tensor, _grad_lse: Tensor | None, _grad_nearest: Tensor | None
+        ctx: Any, grad_expected: Tensor, _grad_lse: Tensor | None, _grad_extreme: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        query, keys, query_ids, key_ids, expected, log_normaliser = ctx.saved_tensors
-        cost, sharpness, detach_weights, chunk_size = ctx.options
+        query, keys, *saved_ids, expected, log_normaliser = ctx.saved_tensors
+        ids = (saved_ids[0], saved_ids[1], saved_ids[2], saved_ids[3])
+        cost, signed_t, detach_weights, chunk_size, same_group = ctx.options
         need_query, need_keys = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_query = torch.zeros_like(query)
         grad_keys = torch.zeros_like(keys) if need_keys else None
         query_sq = query.pow(2).sum(-1, keepdim=True)
+        # A query without keys has log Z = -inf; shifting its (all -inf) logits by 0 gives 0.
+        lse = torch.where(torch.isinf(log_normaliser), 0.0, log_normaliser)
         num_keys = keys.shape[-2]
         for start in range(0, num_keys, chunk_size):
             stop = min(start + chunk_size, num_keys)
             block = keys[..., start:stop, :]
             costs = cost_block(query, query_sq, block, cost)
-            weights = costs * -sharpness
-            mask = negative_mask(query_ids, None if key_ids is None else key_ids[start:stop])
+            weights = costs * signed_t
+            mask = _block_mask(ids, same_group, start, stop)
             if mask is not None:
                 weights.masked_fill_(~mask, float("-inf"))
-            weights.sub_(log_normaliser[:, None]).exp_()  # pi, recomputed
+            weights.sub_(lse[:, None]).exp_()  # pi, recomputed
             if detach_weights:
                 grad_cost = weights.mul_(grad_expected[:, None])
             else:
-                grad_cost = (costs - expected[:, None]).mul_(-sharpness).add_(1.0)
+                grad_cost = (costs - expected[:, None]).mul_(signed_t).add_(1.0)
                 grad_cost.mul_(weights).mul_(grad_expected[:, None])
             block_query, block_keys = cost_vjp(grad_cost, query, block, cost, need_keys=need_keys)
             grad_query += block_query
             if grad_keys is not None and block_keys is not None:
                 grad_keys[..., start:stop, :] += block_keys
-        return (grad_query if need_query else None), grad_keys, *([None] * 7)
+        return (grad_query if need_query else None), grad_keys, *([None] * 11)
 
 
-def chunked_repulsion(
+def chunked_expected_cost(
     query: Tensor,
     keys: Tensor,
-    query_ids: Tensor | None,
-    key_ids: Tensor | None,
+    members: Membership | None,
     *,
-    cost: str,
-    sharpness: float,
-    detach_weights: bool,
-    chunk_size: int | None,
-    with_stats: bool,
+    side: Side,
+    options: CCTOptions,
 ) -> ConditionalExpectation:
-    """Expected cost under ``softmax_k(-t_neg d_k)``, streamed; same contract as dense.
+    """Expected cost over the keys that take part, streamed; same contract as dense.
 
     Args:
         query: ``(Q, D)`` prepared queries.
-        keys: ``(K, D)`` shared candidate negatives or ``(Q, K, D)`` per query.
-        query_ids, key_ids: ``(Q,)`` and ``(K,)`` instance ids (shared keys only), or ``None``.
-        cost: ``"sqeuclidean"`` or ``"cosine"``.
-        sharpness: ``t_neg``.
-        detach_weights: treat the weights as constants in the backward pass.
-        chunk_size: keys per block; ``None`` picks :func:`default_chunk_size`.
-        with_stats: also track the nearest negative's cost (the entropy is free).
+        keys: ``(K, D)`` shared keys or ``(Q, K, D)`` per query.
+        members: which keys take part (shared keys only), or ``None`` (all).
+        side: ``"positives"`` or ``"negatives"``.
+        options: cost, sharpness, ``detach_weights``, ``chunk_size`` (``None`` picks
+            :func:`default_chunk_size`), ``return_details``.
 
     Returns:
         :class:`ConditionalExpectation` without weights (``weights=None``); the entropy
-        ``log Z + t E`` and the nearest cost come from the running statistics.
+        ``log Z - s E`` and the extreme cost come from the running statistics.
     """
-    chunk = chunk_size or default_chunk_size(query.shape[0], keys.shape[-2])
-    expected, log_normaliser, nearest = _StreamingExpectedCost.apply(  # type: ignore[no-untyped-call]
-        query, keys, query_ids, key_ids, cost, sharpness, detach_weights, chunk, with_stats
+    chunk = options.chunk_size or default_chunk_size(query.shape[0], keys.shape[-2])
+    signed_t = signed_sharpness(options, side)
+    ids: tuple[Tensor | None, ...] = (None, None, None, None)
+    if members is not None:
+        ids = (members.query_groups, members.key_groups, members.query_self, members.key_self)
+    same_group = members is not None and members.same_group
+    expected, log_normaliser, extreme = _StreamingExpectedCost.apply(  # type: ignore[no-untyped-call]
+        query,
+        keys,
+        *ids,
+        same_group,
+        options.cost,
+        signed_t,
+        options.detach_weights,
+        chunk,
+        options.return_details,
+        side == "positives",
     )
-    # H = -sum pi log pi with log pi = -t d - log Z:  H = log Z + t E.
-    entropy = (log_normaliser + sharpness * expected).detach()
-    return ConditionalExpectation(expected, entropy, nearest, None)
+    # H = -sum pi log pi with log pi = s d - log Z:  H = log Z - s E (0 without keys).
+    entropy = (log_normaliser - signed_t * expected).detach()
+    present = None
+    if members is not None and members.may_be_empty:
+        present = torch.isfinite(log_normaliser)
+        entropy = torch.where(present, entropy, 0.0)
+    return ConditionalExpectation(expected, entropy, extreme, None, present)

@@ -1,32 +1,37 @@
-"""Per-query terms produced by the implementations and the diagnostics returned to users."""
+"""Per-query terms produced by the layouts, the reductions, and the diagnostics returned."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 
 class QueryTerms(NamedTuple):
-    """What every implementation returns: one entry per query (or per row, paper layout).
+    """What every layout returns: one entry per query (or per row, paper layout).
 
     Attributes:
-        attraction: ``(Q,)`` ``sum_m pi_m^+ d_m^+``.
-        repulsion: ``(Q,)`` ``-sum_k pi_k^- d_k^-``.
+        attraction: ``(Q,)`` ``sum_m pi_m^+ d_m^+`` (0 for a query without positives).
+        repulsion: ``(Q,)`` ``-sum_k pi_k^- d_k^-`` (0 for a query without negatives).
         pos_entropy: ``(Q,)`` entropy of the positive weights (nats, no gradient).
         neg_entropy: ``(Q,)`` entropy of the negative weights (nats, no gradient).
-        correct: ``(Q,)`` 1.0 where the farthest positive is closer than the nearest negative.
-        pos_weights: positive weights, or ``None`` when the implementation does not store them.
-        neg_weights: negative weights, or ``None`` when the implementation does not store them.
+        accuracy: ``(Q,)`` 1.0 where the farthest positive is closer than the nearest negative.
+        pos_weights: positive weights, or ``None`` when the kernel does not hold them.
+        neg_weights: negative weights, or ``None`` when the kernel does not hold them.
+        has_positives: ``(Q,)`` bool, or ``None`` when every query has positives.
+        has_negatives: ``(Q,)`` bool, or ``None`` when every query has negatives.
     """
 
     attraction: Tensor
     repulsion: Tensor
     pos_entropy: Tensor
     neg_entropy: Tensor
-    correct: Tensor
+    accuracy: Tensor
     pos_weights: Tensor | None = None
     neg_weights: Tensor | None = None
+    has_positives: Tensor | None = None
+    has_negatives: Tensor | None = None
 
 
 class CCTDetails(NamedTuple):
@@ -36,16 +41,22 @@ class CCTDetails(NamedTuple):
 
     Attributes:
         loss: the loss, reduced as asked (scalar, or ``(Q,)`` for ``reduction="none"``).
-        attraction: the attraction term, reduced like the loss.
-        repulsion: the repulsion term, reduced like the loss.
-        pos_entropy: entropy (nats) of each query's positive weights; averaged over queries
-            for ``"mean"`` and ``"sum"``, per query for ``"none"``. Its exponential is the
-            effective number of positives (1 to M).
+        attraction: the attraction term, reduced like the loss (``"mean"``: over the queries
+            that have positives).
+        repulsion: the repulsion term, reduced like the loss (``"mean"``: over the queries
+            that have negatives).
+        pos_entropy: entropy (nats) of each query's positive weights; averaged over the
+            queries that have positives for ``"mean"`` and ``"sum"``, per query for ``"none"``.
+            Its exponential is the effective number of positives.
         neg_entropy: the same for the negative weights (effective number of negatives).
         accuracy: fraction of queries whose farthest positive is closer than their nearest
-            negative (per query 0/1 for ``"none"``): the analogue of InfoNCE's top-1.
+            negative, among the queries that have both (per query 0/1 for ``"none"``): the
+            analogue of InfoNCE's top-1.
         pos_weights: the positive weights (dense and paper paths), else ``None``.
         neg_weights: the negative weights (dense and paper paths), else ``None``.
+        queries_with_positives: how many of this call's queries have at least one positive
+            (per query, bool, for ``"none"``). Without labels, every query.
+        queries_with_negatives: the same for negatives.
     """
 
     loss: Tensor
@@ -56,34 +67,88 @@ class CCTDetails(NamedTuple):
     accuracy: Tensor
     pos_weights: Tensor | None
     neg_weights: Tensor | None
+    queries_with_positives: Tensor
+    queries_with_negatives: Tensor
+
+
+class MeanScale(NamedTuple):
+    """What ``reduction="mean"`` divides each term's sum by.
+
+    ``attraction`` and ``repulsion`` are 0-dim tensors, or ``None`` for a plain mean over the
+    queries. Across processes a term's sum is divided by its global count over the world size,
+    so that DDP's averaging gives the gradient of the mean over the concatenated batch.
+    """
+
+    attraction: Tensor | None = None
+    repulsion: Tensor | None = None
+
+
+def term_counts(terms: QueryTerms) -> Tensor:
+    """``(2,)`` float: how many queries have positives and how many have negatives."""
+    num = terms.attraction.shape[0]
+
+    def count(flags: Tensor | None) -> Tensor:
+        if flags is None:
+            return terms.attraction.new_full((), float(num))
+        return flags.sum().to(terms.attraction.dtype)
+
+    return torch.stack([count(terms.has_positives), count(terms.has_negatives)])
 
 
 def reduce_terms(
-    terms: QueryTerms, *, alpha: float, beta: float, reduction: str, return_details: bool
+    terms: QueryTerms,
+    *,
+    alpha: float | Tensor,
+    beta: float | Tensor,
+    reduction: str,
+    return_details: bool,
+    mean_scale: MeanScale,
 ) -> Tensor | CCTDetails:
-    """Combine per-query terms into the loss (and, if asked, the diagnostics)."""
-    per_query = alpha * terms.attraction + beta * terms.repulsion
+    """Combine per-query terms into the loss (and, if asked, the diagnostics).
+
+    ``"mean"`` is ``alpha * mean(attraction over queries with positives) + beta *
+    mean(repulsion over queries with negatives)``, a term that no query has being 0 (without
+    labels every query has both, and this is the plain mean). ``"sum"`` and ``"none"`` use the
+    per-query values, which are 0 for a missing term.
+    """
+    attraction = _reduce(terms.attraction, reduction, mean_scale.attraction)
+    repulsion = _reduce(terms.repulsion, reduction, mean_scale.repulsion)
+    loss = alpha * attraction + beta * repulsion
     if not return_details:
-        return _reduce(per_query, reduction)
+        return loss
 
-    def stat(x: Tensor) -> Tensor:
-        return x if reduction == "none" else x.mean()
+    def stat(x: Tensor, flags: Tensor | None) -> Tensor:
+        if reduction == "none":
+            return x if flags is None else torch.where(flags, x, 0.0)
+        if flags is None:
+            return x.mean()
+        return torch.where(flags, x, 0.0).sum() / flags.sum().clamp_min(1)
 
+    def present(flags: Tensor | None) -> Tensor:
+        if flags is None:
+            flags = torch.ones_like(terms.attraction, dtype=torch.bool)
+        return flags if reduction == "none" else flags.sum()
+
+    both = terms.has_positives
+    if terms.has_negatives is not None:
+        both = terms.has_negatives if both is None else both & terms.has_negatives
     return CCTDetails(
-        loss=_reduce(per_query, reduction),
-        attraction=_reduce(terms.attraction, reduction),
-        repulsion=_reduce(terms.repulsion, reduction),
-        pos_entropy=stat(terms.pos_entropy),
-        neg_entropy=stat(terms.neg_entropy),
-        accuracy=stat(terms.correct),
+        loss=loss,
+        attraction=attraction,
+        repulsion=repulsion,
+        pos_entropy=stat(terms.pos_entropy, terms.has_positives),
+        neg_entropy=stat(terms.neg_entropy, terms.has_negatives),
+        accuracy=stat(terms.accuracy, both),
         pos_weights=terms.pos_weights,
         neg_weights=terms.neg_weights,
+        queries_with_positives=present(terms.has_positives),
+        queries_with_negatives=present(terms.has_negatives),
     )
 
 
-def _reduce(x: Tensor, reduction: str) -> Tensor:
+def _reduce(x: Tensor, reduction: str, scale: Tensor | None) -> Tensor:
     if reduction == "mean":
-        return x.mean()
+        return x.mean() if scale is None else x.sum() * scale
     if reduction == "sum":
         return x.sum()
     return x

@@ -1,16 +1,27 @@
-"""Choosing the repulsion implementation (``impl``) and binding its options."""
+"""The implementations (``impl``), in one table that validation, dispatch and the tests read.
+
+An implementation is an :class:`cct_loss.transport.ExpectedCostKernel`; adding one is a new file
+and one entry in :data:`KERNELS`.
+"""
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from .chunked import chunked_repulsion
-from .dense import dense_repulsion
-from .layouts import RepulsionBackend
-from .options import CCTOptions
-from .sdpa import sdpa_repulsion
+from .chunked import chunked_expected_cost
+from .dense import dense_expected_cost
+from .sdpa import sdpa_expected_cost
+from .transport import ExpectedCostKernel
+
+#: Every implementation by its ``impl`` name.
+KERNELS: dict[str, ExpectedCostKernel] = {
+    "dense": dense_expected_cost,
+    "chunked": chunked_expected_cost,
+    "sdpa": sdpa_expected_cost,
+}
+
+#: The accepted values of ``impl``.
+IMPLS = ("auto", *KERNELS)
 
 #: ``impl="auto"`` stays dense while the ``Q x K`` cost matrix has at most this many entries
 #: (64 MiB in float32; dense keeps a few such matrices alive for the backward pass).
@@ -38,38 +49,8 @@ def choose_impl(
     return "chunked"
 
 
-def repulsion_backend(
-    options: CCTOptions,
-    device: torch.device,
-    num_queries: int,
-    num_keys: int,
-    *,
-    per_query: bool,
-) -> RepulsionBackend:
-    """The repulsion function for these options and problem size, options bound."""
-    impl = choose_impl(options.impl, device, num_queries, num_keys, per_query=per_query)
-    cost, t_neg, detach = options.cost, options.t_neg, options.detach_weights
-    if impl == "dense":
-        return functools.partial(
-            dense_repulsion,
-            cost=cost,
-            sharpness=t_neg,
-            detach_weights=detach,
-            with_stats=options.return_details,
-        )
-    if impl == "chunked":
-        return functools.partial(
-            chunked_repulsion,
-            cost=cost,
-            sharpness=t_neg,
-            detach_weights=detach,
-            chunk_size=options.chunk_size,
-            with_stats=options.return_details,
-        )
-    return functools.partial(
-        sdpa_repulsion,
-        cost=cost,
-        sharpness=t_neg,
-        detach_weights=detach,
-        with_stats=options.return_details,
-    )
+def kernel_for(
+    impl: str, device: torch.device, num_queries: int, num_keys: int, *, per_query: bool
+) -> ExpectedCostKernel:
+    """The kernel that serves a ``(num_queries, num_keys)`` problem (see :func:`choose_impl`)."""
+    return KERNELS[choose_impl(impl, device, num_queries, num_keys, per_query=per_query)]

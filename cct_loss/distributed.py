@@ -77,3 +77,13 @@ def all_gather_no_grad(x: Tensor, group: Any = None) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def all_reduce_sum(x: Tensor, group: Any = None) -> Tensor:
+    """The sum of ``x`` over every rank (a copy; ``x`` itself is left alone), no gradient."""
+    if not is_active(group):
+        return x
+    total = x.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total

@@ -1,154 +1,110 @@
-"""``nn.Module`` wrappers: they store (and validate) the options and call the functions."""
+"""``nn.Module`` wrappers: they hold one validated options object and call the private core.
+
+Every option is an attribute: reading ``crit.t_neg`` gives the current value and setting it
+(``crit.t_neg = 5.0``) validates the new value and takes effect on the next call. Options are
+not buffers or parameters, so ``state_dict`` never changes.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from ._validation import check_choice
+from .core import PAIR_LAYOUTS, VIEW_LAYOUTS, check_layout, loss_of_pairs, loss_of_views
 from .details import CCTDetails
-from .functional import LAYOUTS, cct_loss, cct_loss_multiview
-from .options import CCTOptions
+from .options import OPTION_NAMES, CCTOptions
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .options import CCTKeywords
 
 
-class CCTLoss(nn.Module):
+class _OptionsModule(nn.Module):
+    """Holds a :class:`CCTOptions`; its fields read and write as attributes."""
+
+    options: CCTOptions
+    _layouts: tuple[str, ...] = ()
+    _entry: str = ""
+
+    def __init__(self, **options: Unpack[CCTKeywords]) -> None:
+        super().__init__()
+        checked = CCTOptions(**options)
+        check_layout(checked, self._layouts, self._entry)
+        object.__setattr__(self, "options", checked)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in OPTION_NAMES:
+            return getattr(self.__dict__["options"], name)
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in OPTION_NAMES:  # validated like the constructor's; never silently ignored
+            updated = replace(self.options, **{name: value})
+            check_layout(updated, self._layouts, self._entry)
+            object.__setattr__(self, "options", updated)
+        elif name == "options":
+            if not isinstance(value, CCTOptions):
+                raise TypeError(f"options must be a CCTOptions, got {type(value).__name__}")
+            check_layout(value, self._layouts, self._entry)
+            object.__setattr__(self, "options", value)
+        else:
+            super().__setattr__(name, value)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.as_dict().items())
+
+
+class CCTLoss(_OptionsModule):
     """Module form of :func:`cct_loss.cct_loss`.
 
     Args:
-        t_pos, t_neg, alpha, beta, cost, normalize, detach_weights, reduction, impl,
-        chunk_size, return_details, gather_distributed: as in :func:`cct_loss.cct_loss`; checked here, at
-        construction, so a bad setting fails before training starts.
+        **options: ``layout``, ``t_pos``, ``t_neg``, ``alpha``, ``beta``, ``cost``,
+            ``normalize``, ``detach_weights``, ``reduction``, ``impl``, ``chunk_size``,
+            ``return_details``, ``gather_distributed``: as in :func:`cct_loss.cct_loss`;
+            checked here, at construction (and when set as attributes), so a bad setting fails
+            before training starts.
 
     Examples:
         >>> import torch
         >>> from cct_loss import CCTLoss
         >>> criterion = CCTLoss(t_neg=2.0)
         >>> loss = criterion(torch.randn(8, 16), torch.randn(8, 16))
+        >>> criterion.t_neg = torch.tensor(1.5)  # a schedule: takes effect on the next call
+        >>> supervised = CCTLoss(layout="cross")(
+        ...     torch.randn(8, 16), torch.randn(8, 16), labels=torch.randint(0, 3, (8,))
+        ... )
     """
 
-    def __init__(
-        self,
-        *,
-        t_pos: float = 1.0,
-        t_neg: float = 1.0,
-        alpha: float = 1.0,
-        beta: float = 1.0,
-        cost: str = "sqeuclidean",
-        normalize: bool = True,
-        detach_weights: bool = True,
-        reduction: str = "mean",
-        impl: str = "auto",
-        chunk_size: int | None = None,
-        return_details: bool = False,
-        gather_distributed: bool = False,
-    ) -> None:
-        super().__init__()
-        self.options = CCTOptions(
-            t_pos=t_pos,
-            t_neg=t_neg,
-            alpha=alpha,
-            beta=beta,
-            cost=cost,
-            normalize=normalize,
-            detach_weights=detach_weights,
-            reduction=reduction,
-            impl=impl,
-            chunk_size=chunk_size,
-            return_details=return_details,
-            gather_distributed=gather_distributed,
-        )
+    _layouts = PAIR_LAYOUTS
+    _entry = "CCTLoss"
 
     def forward(
-        self, query: Tensor, positive: Tensor, negatives: Tensor | None = None
+        self,
+        query: Tensor,
+        positive: Tensor,
+        negatives: Tensor | None = None,
+        labels: Tensor | None = None,
+        negative_labels: Tensor | None = None,
     ) -> Tensor | CCTDetails:
         """See :func:`cct_loss.cct_loss`."""
-        o = self.options
-        return cct_loss(
-            query,
-            positive,
-            negatives,
-            t_pos=o.t_pos,
-            t_neg=o.t_neg,
-            alpha=o.alpha,
-            beta=o.beta,
-            cost=o.cost,
-            normalize=o.normalize,
-            detach_weights=o.detach_weights,
-            reduction=o.reduction,
-            impl=o.impl,
-            chunk_size=o.chunk_size,
-            return_details=o.return_details,
-            gather_distributed=o.gather_distributed,
-        )
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in asdict(self.options).items())
+        return loss_of_pairs(query, positive, negatives, labels, negative_labels, self.options)
 
 
-class CCTMultiviewLoss(nn.Module):
+class CCTMultiviewLoss(_OptionsModule):
     """Module form of :func:`cct_loss.cct_loss_multiview`.
 
     Args:
-        layout: ``"all"`` (symmetric, ``M = V - 1`` positives) or ``"paper"``.
-        **options: as in :func:`cct_loss.cct_loss`.
+        **options: ``layout`` (``"all"``, symmetric with ``M = V - 1`` positives, or
+            ``"paper"``) and the options of :func:`cct_loss.cct_loss`.
     """
 
-    def __init__(
-        self,
-        *,
-        layout: str = "all",
-        t_pos: float = 1.0,
-        t_neg: float = 1.0,
-        alpha: float = 1.0,
-        beta: float = 1.0,
-        cost: str = "sqeuclidean",
-        normalize: bool = True,
-        detach_weights: bool = True,
-        reduction: str = "mean",
-        impl: str = "auto",
-        chunk_size: int | None = None,
-        return_details: bool = False,
-        gather_distributed: bool = False,
-    ) -> None:
-        super().__init__()
-        self.layout = check_choice("layout", layout, LAYOUTS)
-        self.options = CCTOptions(
-            t_pos=t_pos,
-            t_neg=t_neg,
-            alpha=alpha,
-            beta=beta,
-            cost=cost,
-            normalize=normalize,
-            detach_weights=detach_weights,
-            reduction=reduction,
-            impl=impl,
-            chunk_size=chunk_size,
-            return_details=return_details,
-            gather_distributed=gather_distributed,
-        )
+    _layouts = VIEW_LAYOUTS
+    _entry = "CCTMultiviewLoss"
 
-    def forward(self, views: Tensor | Sequence[Tensor]) -> Tensor | CCTDetails:
+    def forward(self, views: Sequence[Tensor], labels: Tensor | None = None) -> Tensor | CCTDetails:
         """See :func:`cct_loss.cct_loss_multiview`."""
-        o = self.options
-        return cct_loss_multiview(
-            views,
-            layout=self.layout,
-            t_pos=o.t_pos,
-            t_neg=o.t_neg,
-            alpha=o.alpha,
-            beta=o.beta,
-            cost=o.cost,
-            normalize=o.normalize,
-            detach_weights=o.detach_weights,
-            reduction=o.reduction,
-            impl=o.impl,
-            chunk_size=o.chunk_size,
-            return_details=o.return_details,
-            gather_distributed=o.gather_distributed,
-        )
-
-    def extra_repr(self) -> str:
-        items = {"layout": self.layout, **asdict(self.options)}
-        return ", ".join(f"{k}={v!r}" for k, v in items.items())
+        return loss_of_views(views, labels, self.options)

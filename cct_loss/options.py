@@ -1,29 +1,47 @@
-"""The scalar options shared by every entry point, validated once."""
+"""The options of every entry point: one object, validated once, passed to the private core.
+
+Adding an option touches this file (the field and its check), the public signatures
+(:func:`cct_loss.cct_loss`, :func:`cct_loss.cct_loss_multiview` and :class:`CCTKeywords`, which
+the modules take) and the docs; nothing else re-lists the options.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Literal, TypedDict
+
+from torch import Tensor
 
 from ._validation import (
     COSTS,
-    IMPLS,
+    LAYOUTS,
     REDUCTIONS,
     check_choice,
     check_chunk_size,
-    check_coefficient,
     check_flag,
-    check_sharpness,
+    check_scalar_option,
 )
+from .dispatch import IMPLS
+
+#: Which side of the transport a kernel call computes: the attraction over a query's positives
+#: (``softmax(+t_pos d)``, farther positives weigh more) or the repulsion over its negatives
+#: (``softmax(-t_neg d)``, closer negatives weigh more).
+Side = Literal["positives", "negatives"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CCTOptions:
-    """Validated options of :func:`cct_loss.cct_loss` (see its docstring for meanings)."""
+    """Validated options of :func:`cct_loss.cct_loss` (see its docstring for their meaning).
 
-    t_pos: float = 1.0
-    t_neg: float = 1.0
-    alpha: float = 1.0
-    beta: float = 1.0
+    ``t_pos``, ``t_neg``, ``alpha`` and ``beta`` are floats or 0-dim tensors (a tensor is checked
+    for its shape, dtype and ``requires_grad``, never for its value: that would synchronise).
+    """
+
+    layout: str = "all"
+    t_pos: float | Tensor = 1.0
+    t_neg: float | Tensor = 1.0
+    alpha: float | Tensor = 1.0
+    beta: float | Tensor = 1.0
     cost: str = "sqeuclidean"
     normalize: bool = True
     detach_weights: bool = True
@@ -34,11 +52,14 @@ class CCTOptions:
     gather_distributed: bool = False
 
     def __post_init__(self) -> None:
-        # Normalise ints to floats and reject bad values with messages naming the argument.
-        object.__setattr__(self, "t_pos", check_sharpness("t_pos", self.t_pos))
-        object.__setattr__(self, "t_neg", check_sharpness("t_neg", self.t_neg))
-        object.__setattr__(self, "alpha", check_coefficient("alpha", self.alpha))
-        object.__setattr__(self, "beta", check_coefficient("beta", self.beta))
+        check_choice("layout", self.layout, LAYOUTS)
+        # Python numbers become floats; every bad value is refused with a message naming it.
+        for name in ("t_pos", "t_neg"):
+            value = check_scalar_option(name, getattr(self, name), nonnegative=True)
+            object.__setattr__(self, name, value)
+        for name in ("alpha", "beta"):
+            value = check_scalar_option(name, getattr(self, name), nonnegative=False)
+            object.__setattr__(self, name, value)
         check_choice("cost", self.cost, COSTS)
         check_flag("normalize", self.normalize)
         check_flag("detach_weights", self.detach_weights)
@@ -47,3 +68,39 @@ class CCTOptions:
         check_chunk_size(self.chunk_size)
         check_flag("return_details", self.return_details)
         check_flag("gather_distributed", self.gather_distributed)
+
+    def sharpness(self, side: Side) -> float | Tensor:
+        """``t_pos`` for the positives, ``t_neg`` for the negatives."""
+        return self.t_pos if side == "positives" else self.t_neg
+
+    def as_dict(self) -> dict[str, object]:
+        """The options by name (for ``repr`` and :func:`dataclasses.replace`)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+#: Names of the options (the fields of :class:`CCTOptions`).
+OPTION_NAMES = frozenset(f.name for f in fields(CCTOptions))
+
+
+class OptionKeywords(TypedDict, total=False):
+    """Every keyword option but ``return_details`` (the typed overloads spell that one out)."""
+
+    layout: str
+    t_pos: float | Tensor
+    t_neg: float | Tensor
+    alpha: float | Tensor
+    beta: float | Tensor
+    cost: str
+    normalize: bool
+    detach_weights: bool
+    reduction: str
+    impl: str
+    chunk_size: int | None
+    gather_distributed: bool
+
+
+class CCTKeywords(OptionKeywords, total=False):
+    """The keyword options of :class:`cct_loss.CCTLoss` and :class:`cct_loss.CCTMultiviewLoss`
+    (the same as :func:`cct_loss.cct_loss`'s, whose docstring explains each)."""
+
+    return_details: bool

@@ -1,32 +1,40 @@
-"""``impl="sdpa"``: the repulsion through ``torch.nn.functional.scaled_dot_product_attention``.
+"""``impl="sdpa"``: the expected cost through ``torch.nn.functional.scaled_dot_product_attention``.
 
-The negative weights are an attention pattern. For the squared Euclidean cost,
-``-t d_k = -t (|q|^2 + |n_k|^2 - 2 q.n_k)``, and ``|q|^2`` does not depend on ``k``, so
+The weights are an attention pattern. For the squared Euclidean cost,
+``s d_k = s (|q|^2 + |n_k|^2 - 2 q.n_k)`` (``s = -t_neg`` for negatives, ``+t_pos`` for
+positives), and ``|q|^2`` does not depend on ``k``, so
 
-    softmax_k(-t d_k) = softmax_k(2t * q'.n'_k)   with q' = [q, 1], n'_k = [n_k, -|n_k|^2 / 2].
+    softmax_k(s d_k) = softmax_k(2|s| q'.n'_k)   with q' = [q, 1],
+                                                  n'_k = sign(-s) [n_k, -|n_k|^2 / 2].
 
-With values ``v_k = [n_k, |n_k|^2]`` the attention output ``O = sum_k pi_k v_k`` gives the expected
-cost ``E = |q|^2 + O[D] - 2 q.O[:D]``. On the unit sphere the extra column is constant and this is
-the familiar ``softmax_k(2t q.n_k)``; the augmentation makes it exact for any norms (zero vectors
-and ``normalize=False`` included). For the cosine cost (unit vectors), ``softmax_k(t q.n_k)`` and
-``E = 1 - q.O``. The in-batch exclusion is a boolean attention mask.
+With values ``v_k = [n_k, |n_k|^2]`` the attention output ``O = sum_k pi_k v_k`` gives the
+expected cost ``E = |q|^2 + O[D] - 2 q.O[:D]``. On the unit sphere the extra column is constant
+and this is the familiar ``softmax_k(2t q.n_k)``; the augmentation makes it exact for any norms
+(zero vectors and ``normalize=False`` included). For the cosine cost (unit vectors),
+``softmax_k(-s q.n_k)`` and ``E = 1 - q.O``. Which keys take part becomes a boolean attention
+mask. The sharpness multiplies ``q'`` (``scale=1``), so a 0-dim tensor sharpness works too.
 
 That hands forward and backward to PyTorch's fused attention kernels (FlashAttention-style on
 CUDA, a memory-lean flash kernel on the CPU). ``detach_weights=True`` detaches the query and
 key arguments (not the values), which is exactly "weights are constants": the gradient then
-flows only through the costs. Weight entropies and nearest-negative costs are not produced by
-the kernel; when diagnostics are asked for they come from one extra no-grad streaming pass.
+flows only through the costs. Weight entropies and extreme costs are not produced by the
+kernel; when diagnostics are asked for they come from one extra no-grad streaming pass.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .chunked import chunked_repulsion
-from .layouts import negative_mask
-from .transport import ConditionalExpectation
+from .chunked import chunked_expected_cost
+from .transport import ConditionalExpectation, Membership
+
+if TYPE_CHECKING:
+    from .options import CCTOptions, Side
 
 #: Head dims are padded to a multiple of this so the fused CUDA kernels accept them.
 HEAD_DIM_MULTIPLE = 8
@@ -37,81 +45,82 @@ def _pad_last(x: Tensor, multiple: int) -> Tensor:
     return F.pad(x, (0, extra)) if extra else x
 
 
-def sdpa_repulsion(
+def sdpa_expected_cost(
     query: Tensor,
     keys: Tensor,
-    query_ids: Tensor | None,
-    key_ids: Tensor | None,
+    members: Membership | None,
     *,
-    cost: str,
-    sharpness: float,
-    detach_weights: bool,
-    with_stats: bool,
+    side: Side,
+    options: CCTOptions,
 ) -> ConditionalExpectation:
-    """Expected cost under ``softmax_k(-t_neg d_k)`` from one attention call.
+    """Expected cost over the keys that take part, from one attention call.
 
     Args:
         query: ``(Q, D)`` prepared queries.
-        keys: ``(K, D)`` shared candidate negatives or ``(Q, K, D)`` per query.
-        query_ids, key_ids: ``(Q,)`` and ``(K,)`` instance ids (shared keys only), or ``None``;
-            they become a ``(Q, K)`` boolean attention mask.
-        cost: ``"sqeuclidean"`` or ``"cosine"``.
-        sharpness: ``t_neg``.
-        detach_weights: treat the weights as constants in the backward pass.
-        with_stats: also compute the weight entropy and the nearest cost (an extra no-grad
-            streaming pass); otherwise they are NaN.
+        keys: ``(K, D)`` shared keys or ``(Q, K, D)`` per query.
+        members: which keys take part (shared keys only; a ``(Q, K)`` boolean attention mask
+            is built from them), or ``None`` (all).
+        side: ``"positives"`` or ``"negatives"``.
+        options: cost, sharpness, ``detach_weights``, ``return_details`` (the diagnostics
+            come from an extra no-grad streaming pass; otherwise they are NaN).
 
     Returns:
         :class:`ConditionalExpectation` without weights.
     """
-    if cost == "cosine":
-        q_att, k_att, values = query, keys, keys
-        scale = sharpness
+    t = options.sharpness(side)
+    direction = -1.0 if side == "positives" else 1.0  # +t d = -t (-d): flip the keys' sign
+    if options.cost == "cosine":
+        q_att, k_att, values = query, direction * keys, keys
+        scale = t
     else:
         keys_sq = keys.pow(2).sum(-1, keepdim=True)
         q_att = torch.cat([query, torch.ones_like(query[..., :1])], dim=-1)
-        k_att = torch.cat([keys, -0.5 * keys_sq], dim=-1)
+        k_att = torch.cat([keys, -0.5 * keys_sq], dim=-1) * direction
         values = torch.cat([keys, keys_sq], dim=-1)
-        scale = 2.0 * sharpness
-    if detach_weights:
+        scale = 2.0 * t
+    if options.detach_weights:
         q_att, k_att = q_att.detach(), k_att.detach()
+    q_att = q_att * scale
     d_values = values.shape[-1]
     q_att = _pad_last(q_att, HEAD_DIM_MULTIPLE)
     k_att = _pad_last(k_att, HEAD_DIM_MULTIPLE)
     values = _pad_last(values, HEAD_DIM_MULTIPLE)
 
-    mask = negative_mask(query_ids, key_ids)
-    if mask is not None:
-        mask = mask.view(1, 1, *mask.shape)
+    mask = None if members is None else members.block_mask()
+    present = None
+    if mask is not None and members is not None and members.may_be_empty:
+        # A row with no key taking part would make the kernel's softmax 0/0: let it attend to
+        # every key, then drop its output (E = 0).
+        present = mask.any(-1)
+        mask = mask | ~present[:, None]
     if keys.dim() == 2:  # one "head" whose Q queries attend to the K shared keys
+        attn_mask = None if mask is None else mask.view(1, 1, *mask.shape)
         out = F.scaled_dot_product_attention(
-            q_att[None, None], k_att[None, None], values[None, None], attn_mask=mask, scale=scale
+            q_att[None, None], k_att[None, None], values[None, None], attn_mask=attn_mask, scale=1.0
         )[0, 0]
     else:  # a batch of Q heads, each with one query and its own K keys
         out = F.scaled_dot_product_attention(
-            q_att[:, None, None], k_att[:, None], values[:, None], scale=scale
+            q_att[:, None, None], k_att[:, None], values[:, None], scale=1.0
         )[:, 0, 0]
     out = out[..., :d_values]
-    if cost == "cosine":
+    if options.cost == "cosine":
         expected = 1.0 - (query * out).sum(-1)
     else:
         d = query.shape[-1]
         expected = query.pow(2).sum(-1) + out[..., d] - 2.0 * (query * out[..., :d]).sum(-1)
+    if present is not None:
+        expected = torch.where(present, expected, 0.0)
 
-    if with_stats:
+    if options.return_details:
         with torch.no_grad():
-            stats = chunked_repulsion(
+            stats = chunked_expected_cost(
                 query.detach(),
                 keys.detach(),
-                query_ids,
-                key_ids,
-                cost=cost,
-                sharpness=sharpness,
-                detach_weights=True,
-                chunk_size=None,
-                with_stats=True,
+                members,
+                side=side,
+                options=replace(options, detach_weights=True, chunk_size=None),
             )
-        entropy, nearest = stats.entropy, stats.extreme
+        entropy, extreme = stats.entropy, stats.extreme
     else:
-        entropy = nearest = torch.full_like(expected, float("nan")).detach()
-    return ConditionalExpectation(expected, entropy, nearest, None)
+        entropy = extreme = torch.full_like(expected, float("nan")).detach()
+    return ConditionalExpectation(expected, entropy, extreme, None, present)

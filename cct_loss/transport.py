@@ -1,37 +1,117 @@
-"""The conditional transport maths on a block of costs (pure functions).
+"""The conditional transport maths, and the protocol every kernel implements.
 
-For one query with costs ``c_1..c_K`` to its positives (or negatives) and a sharpness ``t``:
+For one query with costs ``c_1..c_K`` to the keys that take part (its positives, or its
+negatives) and a sharpness ``t``:
 
     pi_k = softmax_k(sign * t * c_k)        sign = +1 for positives, -1 for negatives
     E    = sum_k pi_k c_k                   the query-conditional expected cost
 
-Attraction is ``E`` over the positives, repulsion is ``-E`` over the negatives.
+Attraction is ``E`` over the positives (``t = t_pos``), repulsion is ``-E`` over the negatives
+(``t = t_neg``). A query with no key taking part has ``E = 0`` and is flagged as absent.
+
+Which keys take part is described by integer ids (:class:`Membership`), never by a mask tensor
+handed to a kernel: a kernel builds the ``(Q, block)`` boolean it needs from the ids, block by
+block if it streams.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from .options import CCTOptions, Side
+
 
 class ConditionalExpectation(NamedTuple):
-    """Per-query result of :func:`conditional_expectation` and of the repulsion backends.
+    """Per-query result of a kernel (and of :func:`conditional_expectation`).
 
     Attributes:
-        value: ``(Q,)`` expected cost ``sum_k pi_k c_k`` (differentiable).
+        value: ``(Q,)`` expected cost ``sum_k pi_k c_k`` (differentiable); 0 for a query with no
+            key taking part.
         entropy: ``(Q,)`` entropy of ``pi`` in nats (no gradient; NaN when not computed).
         extreme: ``(Q,)`` largest cost (positives) or smallest cost (negatives), no gradient;
             NaN when not computed.
-        weights: ``(Q, K)`` the weights ``pi`` (zero where masked out), or ``None`` from
-            implementations that never hold them.
+        weights: ``(Q, K)`` the weights ``pi`` (zero where a key does not take part), or
+            ``None`` from kernels that never hold them.
+        present: ``(Q,)`` bool, True where at least one key takes part; ``None`` when every
+            query has keys by construction.
     """
 
     value: Tensor
     entropy: Tensor
     extreme: Tensor
     weights: Tensor | None
+    present: Tensor | None = None
+
+
+class Membership(NamedTuple):
+    """Which keys take part in each query's softmax, from integer ids.
+
+    Key ``k`` takes part for query ``q`` when
+
+    * ``same_group=False`` (negatives): ``query_groups[q] != key_groups[k]``;
+    * ``same_group=True`` (positives): ``query_groups[q] == key_groups[k]`` and, when self ids
+      are given, ``query_self[q] != key_self[k]`` (a query is never its own positive).
+
+    Groups are instance ids without labels (so the other views of a row are positives) and
+    class labels with them.
+
+    Attributes:
+        query_groups: ``(Q,)`` integer ids.
+        key_groups: ``(K,)`` integer ids.
+        same_group: positives (True) or negatives (False).
+        query_self: ``(Q,)`` index of each query among the keys, or ``None``.
+        key_self: ``(K,)`` index of each key (``arange(K)``), or ``None``.
+        may_be_empty: a query may have no key taking part (labels); kernels then guard
+            against an empty softmax (which costs one extra pass on the dense path).
+    """
+
+    query_groups: Tensor
+    key_groups: Tensor
+    same_group: bool = False
+    query_self: Tensor | None = None
+    key_self: Tensor | None = None
+    may_be_empty: bool = False
+
+    def block_mask(self, start: int = 0, stop: int | None = None) -> Tensor:
+        """``(Q, stop - start)`` boolean, True where key ``start + j`` takes part for query q."""
+        keys = self.key_groups[start:stop]
+        if not self.same_group:
+            return self.query_groups[:, None] != keys[None, :]
+        mask = self.query_groups[:, None] == keys[None, :]
+        if self.query_self is not None and self.key_self is not None:
+            mask &= self.query_self[:, None] != self.key_self[None, start:stop]
+        return mask
+
+
+class ExpectedCostKernel(Protocol):
+    """An implementation (``impl``): the expected cost of each query over a set of keys.
+
+    ``(query (Q, D), keys (K, D) shared or (Q, K, D) per query, members, side, options)``;
+    ``members=None`` means every key takes part (per-query keys always). ``side`` picks the
+    sign and the sharpness (``t_pos`` or ``t_neg``) of the softmax; ``options`` gives the cost,
+    ``detach_weights``, ``chunk_size`` and whether diagnostics are wanted (``return_details``).
+    """
+
+    def __call__(
+        self,
+        query: Tensor,
+        keys: Tensor,
+        members: Membership | None,
+        *,
+        side: Side,
+        options: CCTOptions,
+    ) -> ConditionalExpectation: ...
+
+
+def signed_sharpness(options: CCTOptions, side: Side) -> float | Tensor:
+    """``+t_pos`` for the positives, ``-t_neg`` for the negatives: the logits are this times
+    the cost."""
+    t = options.sharpness(side)
+    return t if side == "positives" else -t
 
 
 def weight_statistics(
@@ -39,7 +119,7 @@ def weight_statistics(
     costs: Tensor,
     mask: Tensor | None,
     *,
-    farther_weighs_more: bool,
+    side: Side,
     enabled: bool,
 ) -> tuple[Tensor, Tensor]:
     """Entropy of each row of ``weights`` and the extreme cost (max for positives, min for
@@ -49,43 +129,31 @@ def weight_statistics(
             nan = torch.full_like(costs[..., 0], float("nan"))
             return nan, nan
         entropy = -torch.special.xlogy(weights, weights).sum(-1)
-        fill = float("-inf") if farther_weighs_more else float("inf")
+        farther = side == "positives"
+        fill = float("-inf") if farther else float("inf")
         c = costs if mask is None else costs.masked_fill(~mask, fill)
-        extreme = c.amax(-1) if farther_weighs_more else c.amin(-1)
+        extreme = c.amax(-1) if farther else c.amin(-1)
         return entropy, extreme
 
 
 def conditional_expectation(
-    cost: Tensor,
-    sharpness: float,
-    *,
-    farther_weighs_more: bool,
-    detach_weights: bool,
-    with_stats: bool = True,
+    cost: Tensor, *, side: Side, options: CCTOptions
 ) -> ConditionalExpectation:
     """Softmax-weighted mean of each row of ``cost`` (plain autograd; for small blocks such as
-    the ``M`` positives of each query; the negatives go through the repulsion backends).
+    the ``M`` positives of each query that are not drawn from a batch by label).
 
     Args:
-        cost: ``(Q, K)`` costs, floating point.
-        sharpness: inverse temperature ``t >= 0``; 0 gives uniform weights.
-        farther_weighs_more: ``True`` for positives (``softmax(+t c)``), ``False`` for
-            negatives (``softmax(-t c)``).
-        detach_weights: treat the weights as constants in the backward pass.
-        with_stats: compute the entropy and the extreme cost (else NaN placeholders).
+        cost: ``(Q, M)`` costs, floating point; every entry takes part.
+        side: ``"positives"`` (``softmax(+t_pos c)``) or ``"negatives"`` (``softmax(-t_neg c)``).
+        options: ``detach_weights`` and ``return_details`` are read.
 
     Returns:
-        A :class:`ConditionalExpectation`.
+        A :class:`ConditionalExpectation` with the ``(Q, M)`` weights.
     """
-    sign = 1.0 if farther_weighs_more else -1.0
-    logits = (cost.detach() if detach_weights else cost) * (sign * sharpness)
-    weights = torch.softmax(logits, dim=-1)
+    source = cost.detach() if options.detach_weights else cost
+    weights = torch.softmax(source * signed_sharpness(options, side), dim=-1)
     value = (weights * cost).sum(-1)
     entropy, extreme = weight_statistics(
-        weights.detach(),
-        cost.detach(),
-        None,
-        farther_weighs_more=farther_weighs_more,
-        enabled=with_stats,
+        weights.detach(), cost.detach(), None, side=side, enabled=options.return_details
     )
     return ConditionalExpectation(value, entropy, extreme, weights)

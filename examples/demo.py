@@ -109,7 +109,9 @@ def plot_weights(result: Result, split: Split, path: Path, queries: int = 4) -> 
     z = head(encoder(torch.cat([augment(x, gen) for _ in range(cfg.views)]))).view(
         cfg.views, len(x), -1
     )
-    out = cct_loss_multiview(z, t_pos=cfg.t_pos, t_neg=cfg.t_neg, impl="dense", return_details=True)
+    out = cct_loss_multiview(
+        list(z), t_pos=cfg.t_pos, t_neg=cfg.t_neg, impl="dense", return_details=True
+    )
     assert out.pos_weights is not None and out.neg_weights is not None
     flat = F.normalize(z.reshape(-1, z.shape[-1]), dim=-1)
     costs = torch.cdist(flat, flat) ** 2

@@ -56,7 +56,7 @@ def contrastive_loss(z: torch.Tensor, cfg: Config) -> torch.Tensor:
     """``z``: ``(V, B, D)`` embeddings of V views of B images."""
     if cfg.loss == "cct":
         # CCT (with 2 views this is exactly cct_loss(z[0], z[1])): V - 1 positives per query
-        return cct_loss_multiview(z, t_pos=cfg.t_pos, t_neg=cfg.t_neg)
+        return cct_loss_multiview(list(z), t_pos=cfg.t_pos, t_neg=cfg.t_neg)
     return info_nce_multiview(z, temperature=cfg.temperature)  # InfoNCE / NT-Xent
 
 

@@ -47,7 +47,7 @@ def loss_fn(model: nn.Module, views: torch.Tensor, scenario: str, gather: bool) 
         t_neg=2.0, detach_weights=False, impl=impl, chunk_size=3, gather_distributed=gather
     )
     if layout == "paper":
-        loss: torch.Tensor = cct_loss_multiview(z, layout="paper", **opts)
+        loss: torch.Tensor = cct_loss_multiview(list(z), layout="paper", **opts)
     else:
         loss = cct_loss(z[0], z[1:].transpose(0, 1), **opts)
     return loss

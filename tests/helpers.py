@@ -75,6 +75,9 @@ class Case:
     positive: Tensor
     negatives: Tensor | None
     options: dict[str, Any]
+    layout: str = "all"
+    labels: Tensor | None = None
+    negative_labels: Tensor | None = None
 
     def leaves(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor | None]:
         """Fresh leaf copies in ``dtype`` that require grad."""
@@ -82,6 +85,29 @@ class Case:
         p = self.positive.to(dtype).requires_grad_()
         n = None if self.negatives is None else self.negatives.to(dtype).requires_grad_()
         return q, p, n
+
+    @property
+    def call_options(self) -> dict[str, Any]:
+        """The keywords of this call besides the options: layout and labels."""
+        return {
+            "layout": self.layout,
+            "labels": self.labels,
+            "negative_labels": self.negative_labels,
+        }
+
+
+LABEL_PATTERNS = ("none", "equal", "distinct", "random")
+
+
+def draw_labels(draw: st.DrawFn, pattern: str, n: int) -> Tensor | None:
+    """Labels of ``n`` rows: none, all equal, all distinct, or random with repeats."""
+    if pattern == "none":
+        return None
+    if pattern == "equal":
+        return torch.full((n,), 7, dtype=torch.long)
+    if pattern == "distinct":
+        return torch.arange(n, dtype=torch.long) * 3 - 5
+    return torch.tensor(draw(st.lists(st.integers(0, 2), min_size=n, max_size=n)))
 
 
 def random_embeddings(shape: tuple[int, ...], seed: int, *, scale: float = 1.0) -> Tensor:
@@ -91,10 +117,22 @@ def random_embeddings(shape: tuple[int, ...], seed: int, *, scale: float = 1.0) 
 
 
 @st.composite
-def cases(draw: st.DrawFn, modes: tuple[str, ...] = ("in_batch", "shared", "per_query")) -> Case:
-    """Random shapes and options over every negative mode."""
+def cases(
+    draw: st.DrawFn,
+    modes: tuple[str, ...] = ("in_batch", "shared", "per_query"),
+    layouts: tuple[str, ...] = ("all",),
+    label_patterns: tuple[str, ...] = ("none",),
+) -> Case:
+    """Random shapes and options over negative modes, layouts and label patterns."""
+    layout = draw(st.sampled_from(layouts))
     mode = draw(st.sampled_from(modes))
-    n = draw(st.integers(2 if mode == "in_batch" else 1, 5))
+    pattern = draw(st.sampled_from(label_patterns))
+    if layout == "cross" and mode == "per_query":
+        mode = "shared"  # cross takes (K, D) negatives only
+    if pattern != "none" and mode == "per_query":
+        pattern = "none"  # labels take (K, D) negatives only
+    single_row_ok = mode != "in_batch" or pattern != "none"
+    n = draw(st.integers(1 if single_row_ok else 2, 5))
     m = draw(st.integers(1, 4))
     k = draw(st.integers(1, 6))
     d = draw(st.integers(2, 6))
@@ -110,6 +148,10 @@ def cases(draw: st.DrawFn, modes: tuple[str, ...] = ("in_batch", "shared", "per_
         negatives = random_embeddings((k, d), seed + 2, scale=scale)
     elif mode == "per_query":
         negatives = random_embeddings((n, k, d), seed + 2, scale=scale)
+    labels = draw_labels(draw, pattern, n)
+    negative_labels = None
+    if labels is not None and negatives is not None and (layout == "all" or draw(st.booleans())):
+        negative_labels = torch.tensor(draw(st.lists(st.integers(0, 3), min_size=k, max_size=k)))
     options: dict[str, Any] = {
         "t_pos": draw(st.floats(0.0, 50.0)),
         "t_neg": draw(st.floats(0.0, 50.0)),
@@ -120,7 +162,7 @@ def cases(draw: st.DrawFn, modes: tuple[str, ...] = ("in_batch", "shared", "per_
         "detach_weights": draw(st.booleans()),
         "reduction": draw(st.sampled_from(["mean", "sum", "none"])),
     }
-    return Case(query, positive, negatives, options)
+    return Case(query, positive, negatives, options, layout, labels, negative_labels)
 
 
 def backward_weights(loss: Tensor, seed: int = 0) -> Tensor:

@@ -46,6 +46,8 @@ class QueryResult:
     pos_entropy: float
     neg_entropy: float
     correct: float
+    has_positives: bool = True
+    has_negatives: bool = True
 
 
 def one_query(
@@ -60,20 +62,30 @@ def one_query(
     cost: str,
     detach_weights: bool,
 ) -> QueryResult:
-    """The formula of SPEC section 2 for one query."""
+    """The formula of SPEC section 2 for one query; a missing term (no positive, or no
+    negative) is 0 (SPEC section 3, labels)."""
     d_pos = [cost_fn(q, p, cost) for p in positives]
     d_neg = [cost_fn(q, n, cost) for n in negatives]
     src_pos = [d.detach() for d in d_pos] if detach_weights else d_pos
     src_neg = [d.detach() for d in d_neg] if detach_weights else d_neg
-    w_pos = softmax_list([t_pos * d for d in src_pos])
-    w_neg = softmax_list([-t_neg * d for d in src_neg])
-    attraction = torch.stack([w * d for w, d in zip(w_pos, d_pos, strict=True)]).sum()
-    repulsion = -torch.stack([w * d for w, d in zip(w_neg, d_neg, strict=True)]).sum()
+    w_pos = softmax_list([t_pos * d for d in src_pos]) if d_pos else []
+    w_neg = softmax_list([-t_neg * d for d in src_neg]) if d_neg else []
+    zero = (q * 0).sum()
+    attraction = (
+        torch.stack([w * d for w, d in zip(w_pos, d_pos, strict=True)]).sum() if d_pos else zero
+    )
+    repulsion = (
+        -torch.stack([w * d for w, d in zip(w_neg, d_neg, strict=True)]).sum() if d_neg else zero
+    )
 
     def entropy(ws: list[Tensor]) -> float:
         return -sum(float(w.detach() * torch.log(w.detach())) for w in ws if float(w.detach()) > 0)
 
-    correct = float(max(float(d.detach()) for d in d_pos) < min(float(d.detach()) for d in d_neg))
+    correct = 0.0
+    if d_pos and d_neg:
+        correct = float(
+            max(float(d.detach()) for d in d_pos) < min(float(d.detach()) for d in d_neg)
+        )
     return QueryResult(
         loss=alpha * attraction + beta * repulsion,
         attraction=attraction,
@@ -83,6 +95,8 @@ def one_query(
         pos_entropy=entropy(w_pos),
         neg_entropy=entropy(w_neg),
         correct=correct,
+        has_positives=bool(d_pos),
+        has_negatives=bool(d_neg),
     )
 
 
@@ -91,6 +105,9 @@ def reference_queries(
     positive: Tensor,
     negatives: Tensor | None = None,
     *,
+    layout: str = "all",
+    labels: Tensor | None = None,
+    negative_labels: Tensor | None = None,
     t_pos: float = 1.0,
     t_neg: float = 1.0,
     alpha: float = 1.0,
@@ -100,7 +117,7 @@ def reference_queries(
     detach_weights: bool = True,
     compute_dtype: torch.dtype | None = None,
 ) -> list[QueryResult]:
-    """Per-query results in the documented order (in-batch: view-major).
+    """Per-query results in the documented order (in-batch: view-major), SPEC section 3.
 
     Computed in float64 unless ``compute_dtype`` says otherwise (the tests evaluate the same
     loops in float32 to measure how well-conditioned a case is).
@@ -115,26 +132,94 @@ def reference_queries(
     opts: dict[str, Any] = dict(
         t_pos=t_pos, t_neg=t_neg, alpha=alpha, beta=beta, cost=cost, detach_weights=detach_weights
     )
+    lab = None if labels is None else [int(x) for x in labels]
+    neg_lab = None if negative_labels is None else [int(x) for x in negative_labels]
+
+    def same(i: int, j: int) -> bool:
+        """Rows i and j are the same class (without labels: the same row)."""
+        return i == j if lab is None else lab[i] == lab[j]
+
+    explicit: list[list[Tensor]] = [[] for _ in range(n)]
+    if negatives is not None:
+        neg = negatives.to(dtype)
+        for i in range(n):
+            rows = neg if neg.dim() == 2 else neg[i]
+            explicit[i] = [
+                prep(r)
+                for k, r in enumerate(rows)
+                if neg_lab is None or lab is None or neg_lab[k] != lab[i]
+            ]
     results = []
+    if layout == "cross":
+        # Queries: rows of query. Candidates: every embedding of every row of positive.
+        cand = [[prep(pos[j, v]) for v in range(m)] for j in range(n)]
+        for i in range(n):
+            positives = [cand[j][v] for j in range(n) for v in range(m) if same(i, j)]
+            negs = [cand[j][v] for j in range(n) for v in range(m) if not same(i, j)]
+            results.append(one_query(prep(q_rows[i]), positives, negs + explicit[i], **opts))
+        return results
     if negatives is None:
         # Every embedding of instance i: view 0 is the query row, views 1..M the positives.
         emb = [[prep(q_rows[i]) for i in range(n)]] + [
             [prep(pos[i, v]) for i in range(n)] for v in range(m)
         ]
-        views = m + 1
-        for v in range(views):
-            for i in range(n):
-                positives = [emb[w][i] for w in range(views) if w != v]
-                negs = [emb[w][j] for w in range(views) for j in range(n) if j != i]
-                results.append(one_query(emb[v][i], positives, negs, **opts))
-        return results
-    neg = negatives.to(dtype)
+        return reference_views(emb, labels=lab, **opts)
     for i in range(n):
         positives = [prep(pos[i, j]) for j in range(m)]
-        rows = neg if neg.dim() == 2 else neg[i]
-        negs = [prep(r) for r in rows]
-        results.append(one_query(prep(q_rows[i]), positives, negs, **opts))
+        results.append(one_query(prep(q_rows[i]), positives, explicit[i], **opts))
     return results
+
+
+def reference_views(
+    emb: list[list[Tensor]], *, labels: list[int] | None, **opts: Any
+) -> list[QueryResult]:
+    """The symmetric in-batch layout over prepared views ``emb[v][i]``, view-major."""
+    views, n = len(emb), len(emb[0])
+    results = []
+    for v in range(views):
+        for i in range(n):
+            if labels is None:
+                positives = [emb[w][i] for w in range(views) if w != v]
+                negs = [emb[w][j] for w in range(views) for j in range(n) if j != i]
+            else:
+                positives = [
+                    emb[w][j]
+                    for w in range(views)
+                    for j in range(n)
+                    if labels[j] == labels[i] and (w, j) != (v, i)
+                ]
+                negs = [emb[w][j] for w in range(views) for j in range(n) if labels[j] != labels[i]]
+            results.append(one_query(emb[v][i], positives, negs, **opts))
+    return results
+
+
+def reference_multiview(
+    views: list[Tensor],
+    *,
+    labels: Tensor | None = None,
+    normalize: bool = True,
+    reduction: str = "mean",
+    **opts: Any,
+) -> Tensor:
+    """``cct_loss_multiview(views, labels=...)`` (layout "all"), reduced."""
+    prep = unit if normalize else (lambda x: x)
+    emb = [[prep(r) for r in v.double()] for v in views]
+    lab = None if labels is None else [int(x) for x in labels]
+    return reduce_results(reference_views(emb, labels=lab, **opts), reduction, opts)
+
+
+def reduce_results(results: list[QueryResult], reduction: str, opts: dict[str, Any]) -> Tensor:
+    """SPEC section 3: "mean" is alpha * mean(attraction over queries with positives) + beta *
+    mean(repulsion over queries with negatives), 0 for a term no query has."""
+    if reduction != "mean":
+        return reduce([r.loss for r in results], reduction)
+    alpha, beta = float(opts.get("alpha", 1.0)), float(opts.get("beta", 1.0))
+    att = [r.attraction for r in results if r.has_positives]
+    rep = [r.repulsion for r in results if r.has_negatives]
+    zero = (results[0].loss * 0).sum()
+    mean_att = torch.stack(att).mean() if att else zero
+    mean_rep = torch.stack(rep).mean() if rep else zero
+    return alpha * mean_att + beta * mean_rep
 
 
 def reduce(values: list[Tensor], reduction: str) -> Tensor:
@@ -156,7 +241,7 @@ def reference_loss(
 ) -> Tensor:
     """The loss of SPEC section 2, reduced."""
     results = reference_queries(query, positive, negatives, **options)
-    return reduce([r.loss for r in results], reduction)
+    return reduce_results(results, reduction, options)
 
 
 def reference_paper(

@@ -19,7 +19,9 @@ from problems import official_paper_objective  # noqa: E402
 def test_official_formulation_baseline_equals_paper_layout() -> None:
     """The broadcast N x N x D baseline and our paper layout are the same objective."""
     views = torch.randn(5, 12, 8, dtype=torch.float64)
-    ours = cct_loss_multiview(views, layout="paper", t_pos=1.0, t_neg=0.9, detach_weights=False)
+    ours = cct_loss_multiview(
+        list(views), layout="paper", t_pos=1.0, t_neg=0.9, detach_weights=False
+    )
     torch.testing.assert_close(ours, official_paper_objective(views, 1.0, 0.9))
 
 

@@ -21,14 +21,14 @@ from .reference import reference_paper
     seed=st.integers(0, 10_000),
     detach=st.booleans(),
     reduction=st.sampled_from(["mean", "sum", "none"]),
-    as_tensor=st.booleans(),
+    as_tuple=st.booleans(),
 )
 def test_layout_all_is_the_symmetric_call(
-    v: int, n: int, seed: int, detach: bool, reduction: str, as_tensor: bool
+    v: int, n: int, seed: int, detach: bool, reduction: str, as_tuple: bool
 ) -> None:
     views = [random_embeddings((n, 6), seed + i).float() for i in range(v)]
     got = cct_loss_multiview(
-        torch.stack(views) if as_tensor else views,
+        tuple(views) if as_tuple else views,
         t_neg=0.9,
         detach_weights=detach,
         reduction=reduction,
@@ -99,7 +99,7 @@ def test_paper_layout_reproduces_paper_setting() -> None:
 
 
 def test_paper_details_shapes_and_identity() -> None:
-    views = torch.randn(4, 6, 8)
+    views = list(torch.randn(4, 6, 8))
     out = cct_loss_multiview(views, layout="paper", return_details=True, alpha=2.0, beta=0.5)
     torch.testing.assert_close(out.loss, 2.0 * out.attraction + 0.5 * out.repulsion)
     assert out.pos_weights is not None and out.pos_weights.shape == (4, 6, 3)

@@ -86,12 +86,12 @@ def test_compiles_fullgraph_with_inductor() -> None:
 def test_multiview_and_module_compile_fullgraph() -> None:
     views = torch.randn(3, 6, 8)
     paper = torch.compile(
-        lambda v: cct_loss_multiview(v, layout="paper", detach_weights=False),
+        lambda v: cct_loss_multiview(list(v), layout="paper", detach_weights=False),
         fullgraph=True,
         backend="aot_eager",
     )
     torch.testing.assert_close(
-        paper(views), cct_loss_multiview(views, layout="paper", detach_weights=False)
+        paper(views), cct_loss_multiview(list(views), layout="paper", detach_weights=False)
     )
     module = CCTLoss(t_neg=0.9)
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")

@@ -8,11 +8,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cct_loss import cct_loss
+from cct_loss.dispatch import KERNELS
 
-from .helpers import Case, assert_close_rel, cases, cost_floor, float32_error, grads_of
-from .reference import reduce, reference_queries
+from .helpers import (
+    LABEL_PATTERNS,
+    Case,
+    assert_close_rel,
+    cases,
+    cost_floor,
+    float32_error,
+    grads_of,
+)
+from .reference import reduce, reduce_results, reference_queries
 
-IMPLS = ["dense", "chunked", "sdpa"]
+IMPLS = list(KERNELS)
 #: Relative agreement with the float64 reference. PyTorch's fused CPU attention kernel (sdpa)
 #: evaluates its softmax less exactly than a plain float32 softmax (about 1e-5 relative error
 #: in the attention output at logit scale 20, against 3e-6 for torch's math kernel), which
@@ -20,54 +29,91 @@ IMPLS = ["dense", "chunked", "sdpa"]
 RTOL = {"dense": 1e-5, "chunked": 1e-5, "sdpa": 1e-4}
 
 
+def present_mean(values: list[float], flags: list[bool]) -> float:
+    kept = [v for v, f in zip(values, flags, strict=True) if f]
+    return sum(kept) / len(kept) if kept else 0.0
+
+
 def check_against_reference(case: Case, impl: str, chunk_size: int | None = None) -> None:
     opts = dict(case.options)
     reduction = str(opts.pop("reduction"))
     q, p, n = case.leaves(torch.float32)
     out = cct_loss(
-        q, p, n, impl=impl, chunk_size=chunk_size, reduction=reduction, return_details=True, **opts
+        q,
+        p,
+        n,
+        impl=impl,
+        chunk_size=chunk_size,
+        reduction=reduction,
+        return_details=True,
+        **case.call_options,
+        **opts,
     )
     assert out.loss.dtype == torch.float32
 
     rq, rp, rn = case.leaves(torch.float64)
-    results = reference_queries(rq, rp, rn, **opts)
-    expected = reduce([r.loss for r in results], reduction)
+    results = reference_queries(rq, rp, rn, **case.call_options, **opts)
+    expected = reduce_results(results, reduction, opts)
 
     alpha, beta = float(opts["alpha"]), float(opts["beta"])
-    parts = reduce(
-        [abs(alpha) * r.attraction.abs() + abs(beta) * r.repulsion.abs() for r in results],
-        reduction,
-    )
+    if reduction == "mean":  # the size of the parts, averaged as the loss averages them
+        parts = abs(alpha) * present_mean(
+            [abs(float(r.attraction.detach())) for r in results], [r.has_positives for r in results]
+        ) + abs(beta) * present_mean(
+            [abs(float(r.repulsion.detach())) for r in results], [r.has_negatives for r in results]
+        )
+        scale = torch.tensor(parts, dtype=torch.float64)
+    else:
+        scale = reduce(
+            [abs(alpha) * r.attraction.abs() + abs(beta) * r.repulsion.abs() for r in results],
+            reduction,
+        )
     rtol = RTOL[impl]
     floor = cost_floor([case.query, case.positive, case.negatives], opts)
     weight = abs(alpha) + abs(beta)
-    assert_close_rel(out.loss, expected, rtol=rtol, what="loss", scale=parts, atol=weight * floor)
+    assert_close_rel(out.loss, expected, rtol=rtol, what="loss", scale=scale, atol=weight * floor)
+    unit = {**opts, "alpha": 1.0, "beta": 0.0}
     assert_close_rel(
         out.attraction,
-        reduce([r.attraction for r in results], reduction),
+        reduce_results(results, reduction, unit)
+        if reduction == "mean"
+        else reduce([r.attraction for r in results], reduction),
         rtol=rtol,
         what="attraction",
         atol=floor,
     )
+    unit = {**opts, "alpha": 0.0, "beta": 1.0}
     assert_close_rel(
         out.repulsion,
-        reduce([r.repulsion for r in results], reduction),
+        reduce_results(results, reduction, unit)
+        if reduction == "mean"
+        else reduce([r.repulsion for r in results], reduction),
         rtol=rtol,
         what="repulsion",
         atol=floor,
     )
 
-    def stat(xs: list[float]) -> torch.Tensor:
-        t = torch.tensor(xs, dtype=torch.float64)
-        return t if reduction == "none" else t.mean()
+    def stat(xs: list[float], flags: list[bool]) -> torch.Tensor:
+        if reduction == "none":
+            return torch.tensor(
+                [x if f else 0.0 for x, f in zip(xs, flags, strict=True)], dtype=torch.float64
+            )
+        return torch.tensor(present_mean(xs, flags), dtype=torch.float64)
 
+    has_pos = [r.has_positives for r in results]
+    has_neg = [r.has_negatives for r in results]
     # Entropies are diagnostics in nats: an absolute tolerance (near-one-hot weights have an
     # entropy close to 0 whose relative error float32 cannot bound).
     for got_h, want_h in (
-        (out.pos_entropy, stat([r.pos_entropy for r in results])),
-        (out.neg_entropy, stat([r.neg_entropy for r in results])),
+        (out.pos_entropy, stat([r.pos_entropy for r in results], has_pos)),
+        (out.neg_entropy, stat([r.neg_entropy for r in results], has_neg)),
     ):
         torch.testing.assert_close(got_h.double(), want_h, rtol=1e-4, atol=1e-5)
+    counts = (out.queries_with_positives, out.queries_with_negatives)
+    if reduction == "none":
+        assert counts[0].tolist() == has_pos and counts[1].tolist() == has_neg
+    else:
+        assert (int(counts[0]), int(counts[1])) == (sum(has_pos), sum(has_neg))
 
     got = grads_of(out.loss, [q, p, n])
     want = grads_of(expected, [rq, rp, rn])
@@ -82,8 +128,10 @@ def check_against_reference(case: Case, impl: str, chunk_size: int | None = None
         except AssertionError:
             # Ill-conditioned? Measure the same loops in float32 and allow a few times that.
             fq, fp, fn = case.leaves(torch.float32)
-            f32 = reference_queries(fq, fp, fn, compute_dtype=torch.float32, **opts)
-            f32_grad = grads_of(reduce([r.loss for r in f32], reduction), [fq, fp, fn])[index]
+            f32 = reference_queries(
+                fq, fp, fn, compute_dtype=torch.float32, **case.call_options, **opts
+            )
+            f32_grad = grads_of(reduce_results(f32, reduction, opts), [fq, fp, fn])[index]
             assert f32_grad is not None
             assert_close_rel(
                 g, w, rtol=rtol, what=f"grad {name}", conditioning=float32_error(w, f32_grad)
@@ -98,6 +146,22 @@ def test_matches_reference(impl: str, case: Case, chunk_size: int | None) -> Non
     ``chunk_size`` from 1 to 8 against K up to 6 (in-batch up to 24): blocks that divide K,
     blocks that do not, and blocks larger than K.
     """
+    check_against_reference(case, impl, chunk_size)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@given(
+    case=cases(
+        modes=("in_batch", "shared", "per_query"),
+        layouts=("all", "cross"),
+        label_patterns=LABEL_PATTERNS,
+    ),
+    chunk_size=st.one_of(st.none(), st.integers(1, 8)),
+)
+def test_layouts_and_labels_match_reference(impl: str, case: Case, chunk_size: int | None) -> None:
+    """The cross layout and labels (variable positives; queries without positives or
+    negatives; explicit-negative labels) on every implementation: values, gradients,
+    diagnostics."""
     check_against_reference(case, impl, chunk_size)
 
 

@@ -109,7 +109,7 @@ def test_chunked_saves_no_query_by_key_tensor(mode: str) -> None:
 def test_paper_layout_with_every_impl(impl: str) -> None:
     views = random_embeddings((4, 6, 5), 5).requires_grad_()
     got = cct_loss_multiview(
-        views, layout="paper", impl=impl, chunk_size=4, t_neg=0.9, detach_weights=False
+        list(views), layout="paper", impl=impl, chunk_size=4, t_neg=0.9, detach_weights=False
     )
     want = reference_paper(list(views), t_neg=0.9, detach_weights=False)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -97,7 +97,100 @@ def call(**overrides: Any) -> Any:
         ({"t_neg": math.inf}, ValueError, r"t_neg must be a finite number"),
         ({"t_pos": math.nan}, ValueError, r"t_pos must be a finite number"),
         ({"t_neg": "2"}, TypeError, r"t_neg must be a real number.*str"),
-        ({"t_neg": torch.tensor(2.0)}, TypeError, r"t_neg must be a real number.*Tensor"),
+        ({"t_neg": torch.tensor([2.0])}, TypeError, r"t_neg must be .*0-dim.*shape \(1\)"),
+        ({"t_pos": torch.tensor(2)}, TypeError, r"t_pos must be .*floating-point.*torch.int64"),
+        (
+            {"t_neg": torch.tensor(2.0, requires_grad=True)},
+            ValueError,
+            r"t_neg must not require grad.*collapses towards uniform weights",
+        ),
+        ({"alpha": torch.ones(2)}, TypeError, r"alpha must be a real number or a 0-dim"),
+        (
+            {"negatives": P},
+            ValueError,
+            r"negatives is the same tensor as positive.*use layout='cross'",
+        ),
+        (
+            {"negatives": P[1:]},
+            ValueError,
+            r"negatives is the same tensor as positive \(or a view of its memory\)",
+        ),
+        (
+            {"negatives": P.detach()},
+            ValueError,
+            r"negatives is the same tensor as positive",
+        ),
+        (
+            {"positive": torch.arange(4)},
+            TypeError,
+            r"positive must have a floating-point dtype.*int64; to pass class labels use labels=",
+        ),
+        ({"labels": torch.zeros(4)}, TypeError, r"labels must have an integer dtype.*float32"),
+        ({"labels": [0, 1, 2, 3]}, TypeError, r"labels must be a 1-D integer tensor.*list"),
+        (
+            {"labels": torch.zeros(5, dtype=torch.long)},
+            ValueError,
+            r"labels must have shape \(N,\) = \(4,\).*\(5\)",
+        ),
+        (
+            {"labels": torch.zeros(4, 1, dtype=torch.long)},
+            ValueError,
+            r"labels must have shape \(N,\)",
+        ),
+        (
+            {"labels": torch.zeros(4, dtype=torch.bool)},
+            TypeError,
+            r"labels must have an integer dtype",
+        ),
+        (
+            {"labels": torch.zeros(4, dtype=torch.long), "negatives": torch.randn(6, 8)},
+            ValueError,
+            r"labels with explicit negatives .* need negative_labels=",
+        ),
+        (
+            {"negative_labels": torch.zeros(6, dtype=torch.long), "negatives": torch.randn(6, 8)},
+            ValueError,
+            r"negative_labels needs labels=",
+        ),
+        (
+            {"negative_labels": torch.zeros(6, dtype=torch.long)},
+            ValueError,
+            r"negative_labels labels the rows of \(K, D\) negatives; got negatives=None",
+        ),
+        (
+            {
+                "labels": torch.zeros(4, dtype=torch.long),
+                "negative_labels": torch.zeros(5, dtype=torch.long),
+                "negatives": torch.randn(6, 8),
+            },
+            ValueError,
+            r"negative_labels must have shape \(K,\) = \(6,\)",
+        ),
+        (
+            {"layout": "cross", "negatives": torch.randn(4, 5, 8)},
+            ValueError,
+            r"layout='cross' takes shared negatives of shape \(K, D\)",
+        ),
+        (
+            {"labels": torch.zeros(4, dtype=torch.long), "negatives": torch.randn(4, 5, 8)},
+            ValueError,
+            r"labels takes shared negatives of shape \(K, D\)",
+        ),
+        (
+            {"layout": "cross", "query": torch.randn(1, 8), "positive": torch.randn(1, 8)},
+            ValueError,
+            r"layout='cross' needs at least 2 rows",
+        ),
+        (
+            {"layout": "paper"},
+            ValueError,
+            r"layout must be one of 'all', 'cross' for cct_loss; got 'paper' \(use cct_loss_multiview",
+        ),
+        (
+            {"layout": "both"},
+            ValueError,
+            r"layout must be one of 'all', 'cross', 'paper'; got 'both'",
+        ),
         ({"t_neg": True}, TypeError, r"t_neg must be a real number.*bool"),
         ({"alpha": math.nan}, ValueError, r"alpha must be finite"),
         ({"beta": None}, TypeError, r"beta must be a real number"),
@@ -146,8 +239,33 @@ def test_mixed_float_dtypes_are_promoted() -> None:
 @pytest.mark.parametrize(
     ("views", "kwargs", "error", "pattern"),
     [
-        ([torch.randn(4, 8)], {}, ValueError, r"views must hold at least 2 views, got 1"),
-        (torch.randn(1, 4, 8), {}, ValueError, r"views must hold at least 2 views"),
+        ([torch.randn(4, 8)], {}, ValueError, r"views must hold at least 2 views .*got 1"),
+        (
+            torch.randn(3, 4, 8),
+            {},
+            ValueError,
+            r"views must be a list of V tensors \(N, D\), got one tensor of shape \(3, 4, 8\).*"
+            r"list\(x.unbind\(1\)\) for \(N, V, D\)",
+        ),
+        ([torch.randn(4, 8)], {}, ValueError, r"at least 2 views \(or 1 view with labels=\)"),
+        (
+            [torch.randn(4, 8)] * 2,
+            {"layout": "paper", "labels": torch.zeros(4, dtype=torch.long)},
+            ValueError,
+            r"labels are not defined for layout='paper'",
+        ),
+        (
+            [torch.randn(4, 8)],
+            {"labels": torch.zeros(3, dtype=torch.long)},
+            ValueError,
+            r"labels must have shape \(N,\) = \(4,\)",
+        ),
+        (
+            [torch.randn(4, 8)] * 2,
+            {"layout": "cross"},
+            ValueError,
+            r"layout must be one of 'all', 'paper' for cct_loss_multiview; got 'cross'",
+        ),
         (
             [torch.randn(4, 8), torch.randn(5, 8)],
             {},
@@ -155,8 +273,8 @@ def test_mixed_float_dtypes_are_promoted() -> None:
             r"views\[1\] has shape \(5, 8\) but views\[0\] has \(4, 8\)",
         ),
         ([torch.randn(1, 8), torch.randn(1, 8)], {}, ValueError, r"N >= 2"),
-        (torch.randn(4, 8), {}, ValueError, r"views must have shape \(V, N, D\)"),
-        ("views", {}, TypeError, r"views must be a \(V, N, D\) tensor or a list"),
+        (torch.randn(4, 8), {}, ValueError, r"views must be a list of V tensors"),
+        ("views", {}, TypeError, r"views must be a list of V tensors \(N, D\), got str"),
         (
             [torch.randn(4, 8), torch.ones(4, 8, dtype=torch.long)],
             {},
@@ -167,7 +285,7 @@ def test_mixed_float_dtypes_are_promoted() -> None:
             [torch.randn(4, 8)] * 2,
             {"layout": "official"},
             ValueError,
-            r"layout must be one of 'all', 'paper'; got 'official'",
+            r"layout must be one of 'all', 'cross', 'paper'; got 'official'",
         ),
         ([torch.randn(4, 8)] * 2, {"t_neg": -2}, ValueError, r"t_neg must be a finite number >= 0"),
     ],
@@ -186,3 +304,21 @@ def test_modules_validate_at_construction() -> None:
         CCTMultiviewLoss(layout="nope")
     with pytest.raises(ValueError, match=re.escape("reduction must be one of")):
         CCTMultiviewLoss(reduction="max")
+
+
+def test_modules_reject_a_layout_they_do_not_serve() -> None:
+    with pytest.raises(ValueError, match="for CCTLoss; got 'paper'"):
+        CCTLoss(layout="paper")
+    with pytest.raises(ValueError, match="for CCTMultiviewLoss; got 'cross'"):
+        CCTMultiviewLoss(layout="cross")
+    crit = CCTLoss()
+    with pytest.raises(ValueError, match="for CCTLoss; got 'paper'"):
+        crit.layout = "paper"
+    assert crit.layout == "all"
+
+
+def test_negatives_from_the_same_buffer_without_overlap_are_fine() -> None:
+    """A positive and a queue that are disjoint slices of one buffer are not the same data."""
+    buffer = torch.randn(10, 8)
+    assert torch.isfinite(cct_loss(Q, buffer[:4], buffer[4:]))
+    assert torch.isfinite(cct_loss(Q, P, P.clone()))  # the documented way to mean it

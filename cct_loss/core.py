@@ -1,0 +1,312 @@
+"""The private core behind :func:`cct_loss.cct_loss`, :func:`cct_loss.cct_loss_multiview` and
+the modules: tensor checks, precision, the distributed gather, the layout, the reduction.
+
+Each entry point builds (or holds) one :class:`cct_loss.options.CCTOptions` and calls
+:func:`loss_of_pairs` or :func:`loss_of_views` with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import distributed
+from ._validation import (
+    check_float_tensor,
+    check_labels,
+    check_no_shared_memory,
+    check_same_device,
+    shape_str,
+)
+from .costs import prepare_embeddings
+from .details import CCTDetails, MeanScale, QueryTerms, reduce_terms, term_counts
+from .layouts import (
+    GlobalRows,
+    cross_terms,
+    explicit_negatives_terms,
+    in_batch_terms,
+    paper_terms,
+)
+from .options import CCTOptions
+
+#: The layouts each entry point takes.
+PAIR_LAYOUTS = ("all", "cross")
+VIEW_LAYOUTS = ("all", "paper")
+
+
+def check_layout(options: CCTOptions, allowed: tuple[str, ...], entry: str) -> None:
+    """Refuse a layout that this entry point does not serve, saying which one does."""
+    if options.layout in allowed:
+        return
+    elsewhere = {
+        "paper": "cct_loss_multiview(views, layout='paper')",
+        "cross": "cct_loss(query, positive, layout='cross')",
+    }
+    raise ValueError(
+        f"layout must be one of {', '.join(map(repr, allowed))} for {entry}; got "
+        f"{options.layout!r} (use {elsewhere[options.layout]})"
+    )
+
+
+def loss_of_pairs(
+    query: Tensor,
+    positive: Tensor,
+    negatives: Tensor | None,
+    labels: Tensor | None,
+    negative_labels: Tensor | None,
+    options: CCTOptions,
+) -> Tensor | CCTDetails:
+    """:func:`cct_loss.cct_loss` with its options in one object (see its docstring)."""
+    check_layout(options, PAIR_LAYOUTS, "cct_loss")
+    query = check_float_tensor("query", query, (2,), "(N, D)")
+    if isinstance(positive, Tensor) and not positive.is_floating_point():
+        raise TypeError(
+            f"positive must have a floating-point dtype (embeddings), got {positive.dtype}; "
+            "to pass class labels use labels="
+        )
+    positive = check_float_tensor("positive", positive, (2, 3), "(N, D) or (N, M, D)")
+    n, d = query.shape
+    if n == 0:
+        raise ValueError(f"query is an empty batch: got shape {shape_str(query)}, expected N >= 1")
+    if d == 0:
+        raise ValueError(f"query has embedding dim D = 0: got shape {shape_str(query)}")
+    if positive.shape[0] != n or positive.shape[-1] != d:
+        raise ValueError(
+            f"positive must have shape (N, D) = ({n}, {d}) or (N, M, D) = ({n}, M, {d}) to match "
+            f"query {shape_str(query)}, got {shape_str(positive)}"
+        )
+    if positive.dim() == 3 and positive.shape[1] == 0:
+        raise ValueError(
+            f"positive has M = 0 positives per query (shape {shape_str(positive)}); expected M >= 1"
+        )
+    tensors = {"query": query, "positive": positive}
+    if labels is not None:
+        tensors["labels"] = check_labels("labels", labels, n, "N")
+    gathering = options.gather_distributed and distributed.is_active()
+    cross = options.layout == "cross"
+    if negatives is not None:
+        negatives = _check_negatives(negatives, n, d)
+        check_no_shared_memory(negatives, positive)
+        tensors["negatives"] = negatives
+        if negatives.dim() == 3 and (cross or labels is not None):
+            what = "layout='cross'" if cross else "labels"
+            raise ValueError(
+                f"{what} takes shared negatives of shape (K, D), got per-query negatives "
+                f"{shape_str(negatives)}"
+            )
+        if options.gather_distributed and not cross:
+            raise ValueError(
+                "gather_distributed=True gathers in-batch negatives (negatives=None, or "
+                "layout='cross'); with explicit negatives, gather them yourself, e.g. with "
+                "NegativeQueue(..., gather_distributed=True)"
+            )
+        if labels is not None and negative_labels is None and not cross:
+            raise ValueError(
+                "labels with explicit negatives (the MoCo mode of layout='all') need "
+                "negative_labels= (K,) to leave out same-label negatives; to draw same-label "
+                "positives from the batch use layout='cross'"
+            )
+    if negative_labels is not None:
+        if negatives is None or negatives.dim() != 2:
+            raise ValueError(
+                "negative_labels labels the rows of (K, D) negatives; got negatives="
+                f"{None if negatives is None else shape_str(negatives)}"
+            )
+        if labels is None:
+            raise ValueError("negative_labels needs labels= (N,) for the queries' rows")
+        k = negatives.shape[0]
+        tensors["negative_labels"] = check_labels("negative_labels", negative_labels, k, "K")
+    if negatives is None and n < 2 and labels is None and not gathering:
+        mode = "layout='cross'" if cross else "in-batch mode (negatives=None)"
+        raise ValueError(
+            f"{mode} needs at least 2 rows so that each query has negatives; got query of "
+            f"shape {shape_str(query)}. Pass negatives, or a batch N >= 2"
+        )
+    device = check_same_device(tensors)
+
+    positives = positive if positive.dim() == 3 else positive.unsqueeze(1)
+    with _full_precision(device):
+        dtype = _compute_dtype(query, positive, *([] if negatives is None else [negatives]))
+
+        def prepare(x: Tensor) -> Tensor:
+            return prepare_embeddings(x.to(dtype), cost=options.cost, normalize=options.normalize)
+
+        q, p = prepare(query), prepare(positives)
+        if cross:
+            terms = cross_terms(
+                q,
+                p,
+                options,
+                negatives=None if negatives is None else prepare(negatives),
+                labels=labels,
+                negative_labels=negative_labels,
+                global_rows=_gather(p, labels, options),
+            )
+        elif negatives is None:
+            views = torch.cat([q.unsqueeze(0), p.transpose(0, 1)], dim=0)  # (M + 1, N, D)
+            terms = in_batch_terms(
+                views, options, labels=labels, global_rows=_gather_views(views, labels, options)
+            )
+        else:
+            terms = explicit_negatives_terms(
+                q, p, prepare(negatives), options, labels=labels, negative_labels=negative_labels
+            )
+        return _reduce(terms, options, gathered=gathering)
+
+
+def loss_of_views(
+    views: Sequence[Tensor], labels: Tensor | None, options: CCTOptions
+) -> Tensor | CCTDetails:
+    """:func:`cct_loss.cct_loss_multiview` with its options in one object."""
+    check_layout(options, VIEW_LAYOUTS, "cct_loss_multiview")
+    gathering = options.gather_distributed and distributed.is_active()
+    stacked = _stack_views(views, labels=labels is not None, allow_single_row=gathering)
+    if labels is not None:
+        if options.layout == "paper":
+            raise ValueError(
+                "labels are not defined for layout='paper' (the official objective has no "
+                "classes); use layout='all'"
+            )
+        labels = check_labels("labels", labels, stacked.shape[1], "N")
+        check_same_device({"views": stacked, "labels": labels})
+    with _full_precision(stacked.device):
+        dtype = _compute_dtype(stacked)
+        prepared = prepare_embeddings(
+            stacked.to(dtype), cost=options.cost, normalize=options.normalize
+        )
+        global_rows = _gather_views(prepared, labels, options)
+        if options.layout == "paper":
+            terms = paper_terms(prepared, options, global_rows=global_rows)
+        else:
+            terms = in_batch_terms(prepared, options, labels=labels, global_rows=global_rows)
+        return _reduce(terms, options, gathered=gathering)
+
+
+def _reduce(terms: QueryTerms, options: CCTOptions, *, gathered: bool) -> Tensor | CCTDetails:
+    """Reduce with the mean over the queries that have each term, global across processes."""
+    scale = MeanScale()
+    flagged = terms.has_positives is not None or terms.has_negatives is not None
+    if options.reduction == "mean" and (flagged or gathered):
+        counts = term_counts(terms)
+        world = 1
+        if gathered:
+            counts = distributed.all_reduce_sum(counts)
+            world = distributed.rank_and_world_size()[1]
+        per_query = world / counts.clamp_min(1.0)
+        scale = MeanScale(per_query[0], per_query[1])
+    return reduce_terms(
+        terms,
+        alpha=options.alpha,
+        beta=options.beta,
+        reduction=options.reduction,
+        return_details=options.return_details,
+        mean_scale=scale,
+    )
+
+
+def _gather(rows: Tensor, labels: Tensor | None, options: CCTOptions) -> GlobalRows | None:
+    """Every rank's ``rows`` (dim 0, rank order; gradients flow back to their rank) and
+    labels, or ``None`` unless ``gather_distributed`` applies."""
+    if not (options.gather_distributed and distributed.is_active()):
+        return None
+    rank, _ = distributed.rank_and_world_size()
+    gathered_labels = None if labels is None else distributed.all_gather_no_grad(labels)
+    return GlobalRows(distributed.all_gather_with_grad(rows), gathered_labels, rank * rows.shape[0])
+
+
+def _gather_views(views: Tensor, labels: Tensor | None, options: CCTOptions) -> GlobalRows | None:
+    """:func:`_gather` of ``(V, N, D)`` views along their rows."""
+    gathered = _gather(views.transpose(0, 1), labels, options)
+    if gathered is None:
+        return None
+    return gathered._replace(rows=gathered.rows.transpose(0, 1))
+
+
+def _check_negatives(negatives: Tensor, n: int, d: int) -> Tensor:
+    negatives = check_float_tensor("negatives", negatives, (2, 3), "(K, D) or (N, K, D)")
+    if negatives.dim() == 2:
+        rows, cols = negatives.shape
+        if cols != d:
+            hint = ""
+            if rows == d:
+                hint = (
+                    f"; this looks like a MoCo queue stored as (D, K) = ({rows}, {cols}): "
+                    "pass queue.T"
+                )
+            raise ValueError(
+                f"negatives must have shape (K, D) with D = {d} as in query, got "
+                f"{shape_str(negatives)}{hint}"
+            )
+        if rows == 0:
+            raise ValueError(
+                f"negatives has K = 0 rows (shape {shape_str(negatives)}); expected K >= 1"
+            )
+        return negatives
+    if negatives.shape[0] != n or negatives.shape[2] != d:
+        raise ValueError(
+            f"per-query negatives must have shape (N, K, D) = ({n}, K, {d}) to match query, got "
+            f"{shape_str(negatives)}"
+        )
+    if negatives.shape[1] == 0:
+        raise ValueError(
+            f"negatives has K = 0 per query (shape {shape_str(negatives)}); expected K >= 1"
+        )
+    return negatives
+
+
+def _stack_views(views: Sequence[Tensor], *, labels: bool, allow_single_row: bool) -> Tensor:
+    """``(V, N, D)`` from a list of ``V`` views ``(N, D)``."""
+    if isinstance(views, Tensor):
+        raise ValueError(
+            f"views must be a list of V tensors (N, D), got one tensor of shape "
+            f"{shape_str(views)}: a stacked (V, N, D) and SupCon's (N, V, D) cannot be told "
+            "apart. Pass list(x.unbind(0)) for (V, N, D) or list(x.unbind(1)) for (N, V, D)"
+        )
+    if not isinstance(views, Sequence) or isinstance(views, str):
+        raise TypeError(f"views must be a list of V tensors (N, D), got {type(views).__name__}")
+    checked = [check_float_tensor(f"views[{i}]", v, (2,), "(N, D)") for i, v in enumerate(views)]
+    least = 1 if labels else 2
+    if len(checked) < least:
+        hint = "" if labels else " (or 1 view with labels=)"
+        raise ValueError(f"views must hold at least {least} views{hint}, got {len(checked)}")
+    first = checked[0]
+    for i, v in enumerate(checked[1:], start=1):
+        if v.shape != first.shape:
+            raise ValueError(
+                f"views[{i}] has shape {shape_str(v)} but views[0] has {shape_str(first)}; "
+                "expected every view to be (N, D) with the same N and D"
+            )
+    check_same_device({f"views[{i}]": v for i, v in enumerate(checked)})
+    dtype = _compute_dtype(*checked)
+    stacked = torch.stack([view.to(dtype) for view in checked])
+    _, n, d = stacked.shape
+    if n < 2 and not (allow_single_row or labels):
+        raise ValueError(
+            f"multi-view in-batch negatives need N >= 2 rows per view, got shape {shape_str(stacked)}"
+        )
+    if n == 0:
+        raise ValueError(f"views are an empty batch: got shape {shape_str(stacked)}")
+    if d == 0:
+        raise ValueError(f"views have embedding dim D = 0: got shape {shape_str(stacked)}")
+    return stacked
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (half inputs are computed in float32)."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+def _full_precision(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Disable autocast on ``device`` so costs, softmax and sums run in float32 or better."""
+    if device.type in _AUTOCAST_DEVICES:
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
