@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_float_tensor, shape_str
+from ._validation import check_float_tensor, check_labels, shape_str
 from .distributed import all_gather_no_grad
 
 
@@ -28,9 +28,14 @@ class NegativeQueue(nn.Module):
         size: capacity ``K >= 1``.
         dim: key dimension ``D >= 1``.
         gather_distributed: under an initialised process group, :meth:`enqueue` first gathers
-            the keys of all ranks (in rank order), so every rank holds the same queue. Every
-            rank must then enqueue the same number of keys per call.
+            the keys (and labels) of all ranks (in rank order), so every rank holds the same
+            queue. Every rank must then enqueue the same number of keys per call.
         dtype: dtype of the stored keys (default float32).
+        with_labels: also keep each key's integer label (``enqueue(keys, labels=...)``,
+            :meth:`labels`), for ``cct_loss(q, k, queue.negatives(), labels=y,
+            negative_labels=queue.labels())``. The labels are a buffer too, so they are in the
+            ``state_dict`` only when ``with_labels=True`` (checkpoints of a queue without
+            labels load as before).
 
     Examples:
         >>> import torch
@@ -43,6 +48,7 @@ class NegativeQueue(nn.Module):
     """
 
     keys: Tensor
+    key_labels: Tensor
     write_position: Tensor
     fill_level: Tensor
 
@@ -53,6 +59,7 @@ class NegativeQueue(nn.Module):
         *,
         gather_distributed: bool = False,
         dtype: torch.dtype = torch.float32,
+        with_labels: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("size", size), ("dim", dim)):
@@ -60,16 +67,21 @@ class NegativeQueue(nn.Module):
                 raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__}")
             if value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value}")
-        if not isinstance(gather_distributed, bool):
-            raise TypeError(
-                f"gather_distributed must be a bool, got {type(gather_distributed).__name__}"
-            )
+        for name, flag in (
+            ("gather_distributed", gather_distributed),
+            ("with_labels", with_labels),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         self.size = size
         self.dim = dim
         self.gather_distributed = gather_distributed
+        self.with_labels = with_labels
         self.register_buffer("keys", torch.zeros(size, dim, dtype=dtype))
+        if with_labels:
+            self.register_buffer("key_labels", torch.zeros(size, dtype=torch.long))
         self.register_buffer("write_position", torch.zeros((), dtype=torch.long))
         self.register_buffer("fill_level", torch.zeros((), dtype=torch.long))
         # Host mirrors of the two counters: shapes depend on them, so reading them must not
@@ -87,7 +99,7 @@ class NegativeQueue(nn.Module):
         return self._filled == self.size
 
     @torch.no_grad()
-    def enqueue(self, keys: Tensor) -> None:
+    def enqueue(self, keys: Tensor, labels: Tensor | None = None) -> None:
         """Append ``keys`` (detached), overwriting the oldest once full.
 
         Args:
@@ -95,6 +107,8 @@ class NegativeQueue(nn.Module):
                 newest ``size`` keys are kept. With ``gather_distributed=True`` under an
                 initialised process group, the keys of all ranks are gathered first (rank
                 order) and all of them are enqueued on every rank.
+            labels: ``(B,)`` integer labels of the keys; required with ``with_labels=True``,
+                refused without.
         """
         keys = check_float_tensor("keys", keys, (2,), f"(B, dim) = (B, {self.dim})")
         if keys.shape[1] != self.dim:
@@ -106,9 +120,26 @@ class NegativeQueue(nn.Module):
                 f"keys is on device {keys.device} but the queue is on {self.keys.device}; "
                 "move the queue with .to(device)"
             )
+        if self.with_labels:
+            if labels is None:
+                raise ValueError(
+                    "this queue keeps labels (with_labels=True): call enqueue(keys, labels=...)"
+                )
+            labels = check_labels("labels", labels, keys.shape[0], "B")
+            if labels.device != self.keys.device:
+                raise ValueError(
+                    f"labels is on device {labels.device} but the queue is on {self.keys.device}"
+                )
+        elif labels is not None:
+            raise ValueError(
+                "labels given to a queue without labels: build it with "
+                "NegativeQueue(size, dim, with_labels=True)"
+            )
         keys = keys.detach()
         if self.gather_distributed:
             keys = all_gather_no_grad(keys)
+            if labels is not None:
+                labels = all_gather_no_grad(labels)
         batch = keys.shape[0]
         if batch == 0:
             return
@@ -116,8 +147,11 @@ class NegativeQueue(nn.Module):
             # Keep the newest `size`; they land where a sequential write would leave them.
             self._position = (self._position + batch - self.size) % self.size
             keys, batch = keys[-self.size :], self.size
+            labels = None if labels is None else labels[-self.size :]
         index = (torch.arange(batch, device=keys.device) + self._position) % self.size
         self.keys.index_copy_(0, index, keys.to(self.keys.dtype))
+        if labels is not None:
+            self.key_labels.index_copy_(0, index, labels.to(torch.long))
         self._position = (self._position + batch) % self.size
         self._filled = min(self._filled + batch, self.size)
         self.write_position.fill_(self._position)
@@ -137,10 +171,21 @@ class NegativeQueue(nn.Module):
             )
         return self.keys[: self._filled].clone()
 
+    def labels(self) -> Tensor:
+        """The labels of :meth:`negatives`, ``(len(self),)`` int64, in the same order (a copy).
+
+        Raises ``ValueError`` for a queue built without ``with_labels=True`` or while empty.
+        """
+        if not self.with_labels:
+            raise ValueError("this queue keeps no labels: build it with with_labels=True")
+        if self._filled == 0:
+            raise ValueError("the queue is empty: enqueue keys (and labels) before reading labels")
+        return self.key_labels[: self._filled].clone()
+
     def extra_repr(self) -> str:
         return (
             f"size={self.size}, dim={self.dim}, filled={self._filled}, "
-            f"gather_distributed={self.gather_distributed}"
+            f"gather_distributed={self.gather_distributed}, with_labels={self.with_labels}"
         )
 
 

@@ -19,11 +19,21 @@ DIM_IN, DIM_OUT = 6, 5
 STEPS = 3
 LR = 0.5
 SCENARIOS = {
-    # name: (loss on a (V, N, DIM_IN) batch of views, number of views)
+    # name: (loss on a (V, N, DIM_IN) batch of views, implementation, number of views)
     "nt_xent_dense": ("all", "dense", 2),
     "nt_xent_chunked": ("all", "chunked", 2),
     "multiview_sdpa": ("all", "sdpa", 3),
     "paper_dense": ("paper", "dense", 3),
+    # CLIP: both towers get gradients through the gathered positives
+    "clip_cross_dense": ("clip", "dense", 2),
+    "clip_cross_sdpa": ("clip", "sdpa", 2),
+    # MoCo v3: the keys carry no gradient (a momentum encoder's)
+    "mocov3_cross_chunked": ("mocov3", "chunked", 2),
+    # Supervised: labels gathered with the embeddings; per-rank counts differ
+    "labels_all_dense": ("labels_all", "dense", 2),
+    "labels_all_chunked": ("labels_all", "chunked", 3),
+    "labels_one_view_dense": ("labels_all", "dense", 1),  # singletons: no positives
+    "labels_cross_sdpa": ("labels_cross", "sdpa", 2),
 }
 
 
@@ -32,22 +42,45 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(DIM_IN, 8), nn.Tanh(), nn.Linear(8, DIM_OUT))
 
 
-def global_batches(num_views: int, world_size: int) -> list[torch.Tensor]:
-    """STEPS batches of views ``(V, world * N, DIM_IN)``, the same on every process."""
+def global_batches(num_views: int, world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """STEPS batches of views ``(V, world * N, DIM_IN)`` and labels ``(world * N,)`` (5 classes,
+    so ranks hold different numbers of same-label rows), the same on every process."""
     g = torch.Generator().manual_seed(1)
+    rows = world_size * N_PER_RANK
     return [
-        torch.randn(num_views, world_size * N_PER_RANK, DIM_IN, generator=g) for _ in range(STEPS)
+        (
+            torch.randn(num_views, rows, DIM_IN, generator=g),
+            torch.randint(0, 3, (rows,), generator=g),
+        )
+        for _ in range(STEPS)
     ]
 
 
-def loss_fn(model: nn.Module, views: torch.Tensor, scenario: str, gather: bool) -> torch.Tensor:
+def loss_fn(
+    model: nn.Module, views: torch.Tensor, labels: torch.Tensor, scenario: str, gather: bool
+) -> torch.Tensor:
     layout, impl, _ = SCENARIOS[scenario]
     z: torch.Tensor = model(views)  # (V, N, DIM_OUT)
     opts: dict[str, Any] = dict(
         t_neg=2.0, detach_weights=False, impl=impl, chunk_size=3, gather_distributed=gather
     )
+    loss: torch.Tensor
     if layout == "paper":
-        loss: torch.Tensor = cct_loss_multiview(list(z), layout="paper", **opts)
+        loss = cct_loss_multiview(list(z), layout="paper", **opts)
+    elif layout == "clip":
+        loss = (
+            cct_loss(z[0], z[1], layout="cross", **opts)
+            + cct_loss(z[1], z[0], layout="cross", **opts)
+        ) / 2
+    elif layout == "mocov3":
+        k = z.detach()
+        loss = cct_loss(z[0], k[1], layout="cross", **opts) + cct_loss(
+            z[1], k[0], layout="cross", **opts
+        )
+    elif layout == "labels_all":
+        loss = cct_loss_multiview(list(z), labels=labels, **opts)
+    elif layout == "labels_cross":
+        loss = cct_loss(z[0], z[1], layout="cross", labels=labels, **opts)
     else:
         loss = cct_loss(z[0], z[1:].transpose(0, 1), **opts)
     return loss
@@ -55,10 +88,11 @@ def loss_fn(model: nn.Module, views: torch.Tensor, scenario: str, gather: bool) 
 
 def train(model: nn.Module, scenario: str, rank: int, world_size: int, gather: bool) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    for views in global_batches(SCENARIOS[scenario][2], world_size):
-        local = views[:, rank * N_PER_RANK : (rank + 1) * N_PER_RANK] if gather else views
+    for views, labels in global_batches(SCENARIOS[scenario][2], world_size):
+        rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+        local, local_labels = (views[:, rows], labels[rows]) if gather else (views, labels)
         opt.zero_grad()
-        loss_fn(model, local, scenario, gather).backward()
+        loss_fn(model, local, local_labels, scenario, gather).backward()
         opt.step()
 
 
@@ -86,6 +120,14 @@ def run(rank: int, world_size: int, port: int, out_dir: str) -> None:
         for batch in (2, 3, 1, 2):  # 2 ranks x 16 keys: wraps around a queue of 7 twice
             queue.enqueue(torch.randn(batch, 3, generator=g) + 10 * rank)
         results["queue"] = queue.state_dict()
+
+        labelled = NegativeQueue(5, 2, gather_distributed=True, with_labels=True)
+        for step in range(2):  # 2 ranks x 2 steps x 2 keys: wraps around a queue of 5
+            labelled.enqueue(
+                torch.full((2, 2), float(10 * rank + step)),
+                labels=torch.tensor([10 * rank + step, 10 * rank + step]),
+            )
+        results["labelled_queue"] = labelled.state_dict()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

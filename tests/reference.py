@@ -205,7 +205,11 @@ def reference_multiview(
     prep = unit if normalize else (lambda x: x)
     emb = [[prep(r) for r in v.double()] for v in views]
     lab = None if labels is None else [int(x) for x in labels]
-    return reduce_results(reference_views(emb, labels=lab, **opts), reduction, opts)
+    full: dict[str, Any] = dict(
+        t_pos=1.0, t_neg=1.0, alpha=1.0, beta=1.0, cost="sqeuclidean", detach_weights=True
+    )
+    full.update(opts)
+    return reduce_results(reference_views(emb, labels=lab, **full), reduction, full)
 
 
 def reduce_results(results: list[QueryResult], reduction: str, opts: dict[str, Any]) -> Tensor:

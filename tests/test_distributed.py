@@ -90,3 +90,11 @@ def test_helpers_are_no_ops_without_process_group() -> None:
 def test_gather_with_explicit_negatives_is_an_error() -> None:
     with pytest.raises(ValueError, match="gather_distributed=True gathers in-batch negatives"):
         cct_loss(torch.randn(4, 3), torch.randn(4, 3), torch.randn(5, 3), gather_distributed=True)
+
+
+def test_labelled_queues_agree_and_labels_follow_keys(results: list[dict[str, Any]]) -> None:
+    states = [r["labelled_queue"] for r in results]
+    for key in states[0]:
+        torch.testing.assert_close(states[1][key], states[0][key], rtol=0, atol=0)
+    keys, labels = states[0]["keys"], states[0]["key_labels"]
+    torch.testing.assert_close(keys[:, 0].long(), labels)

@@ -203,3 +203,65 @@ def test_bad_construction(
 def test_bad_enqueue(keys: object, error: type[Exception], pattern: str) -> None:
     with pytest.raises(error, match=pattern):
         NegativeQueue(8, 4).enqueue(keys)  # type: ignore[arg-type]
+
+
+@given(
+    size=st.integers(1, 9),
+    batches=st.lists(st.integers(0, 12), min_size=1, max_size=6),
+    seed=st.integers(0, 1000),
+)
+def test_labels_follow_their_keys(size: int, batches: list[int], seed: int) -> None:
+    """A labelled queue keeps each key's label beside it, through wrap-around and big batches."""
+    queue = NegativeQueue(size, 3, with_labels=True)
+    g = torch.Generator().manual_seed(seed)
+    for b in batches:
+        labels = torch.randint(0, 1000, (b,), generator=g)
+        keys = labels[:, None].float().expand(b, 3)  # each key encodes its own label
+        queue.enqueue(keys, labels=labels)
+    if len(queue) == 0:
+        return
+    torch.testing.assert_close(queue.labels(), queue.negatives()[:, 0].long())
+    assert queue.labels().shape == (len(queue),)
+
+
+def test_labelled_queue_state_dict_and_plain_checkpoints() -> None:
+    queue = NegativeQueue(4, 2, with_labels=True)
+    queue.enqueue(torch.randn(3, 2), labels=torch.tensor([5, 6, 7]))
+    restored = NegativeQueue(4, 2, with_labels=True)
+    restored.load_state_dict(queue.state_dict())
+    torch.testing.assert_close(restored.labels(), torch.tensor([5, 6, 7]))
+    assert "key_labels" not in NegativeQueue(4, 2).state_dict()
+    # A checkpoint of a queue without labels still loads into a queue without labels.
+    plain = NegativeQueue(4, 2)
+    plain.enqueue(torch.randn(2, 2))
+    NegativeQueue(4, 2).load_state_dict(plain.state_dict())
+
+
+def test_labels_are_required_exactly_when_kept() -> None:
+    with pytest.raises(ValueError, match=r"enqueue\(keys, labels=\.\.\.\)"):
+        NegativeQueue(4, 2, with_labels=True).enqueue(torch.randn(2, 2))
+    with pytest.raises(ValueError, match="with_labels=True"):
+        NegativeQueue(4, 2).enqueue(torch.randn(2, 2), labels=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="keeps no labels"):
+        NegativeQueue(4, 2).labels()
+    with pytest.raises(ValueError, match=r"labels must have shape \(B,\) = \(2,\)"):
+        NegativeQueue(4, 2, with_labels=True).enqueue(
+            torch.randn(2, 2), labels=torch.zeros(3).long()
+        )
+    with pytest.raises(TypeError, match="labels must have an integer dtype"):
+        NegativeQueue(4, 2, with_labels=True).enqueue(torch.randn(2, 2), labels=torch.zeros(2))
+    with pytest.raises(TypeError, match="with_labels must be a bool"):
+        NegativeQueue(4, 2, with_labels=1)  # type: ignore[arg-type]
+
+
+def test_labelled_queue_feeds_negative_labels() -> None:
+    """The MoCo call with a labelled queue: same-label keys are left out of the negatives."""
+    queue = NegativeQueue(16, 8, with_labels=True)
+    queue.enqueue(torch.randn(16, 8), labels=torch.arange(16) % 4)
+    q, k, y = torch.randn(6, 8), torch.randn(6, 8), torch.arange(6) % 4
+    out = cct_loss(
+        q, k, queue.negatives(), labels=y, negative_labels=queue.labels(), return_details=True
+    )
+    assert out.neg_weights is not None
+    same = y[:, None] == queue.labels()[None, :]
+    assert bool((out.neg_weights[same] == 0).all()) and bool((out.neg_weights[~same] > 0).all())
