@@ -23,7 +23,7 @@ class LargestTensor(TorchDispatchMode):
     """Records the number of elements of the largest tensor any operator produces."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.largest = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -148,8 +148,8 @@ def test_terms_no_query_has_are_zero_not_nan(impl: str) -> None:
 @pytest.mark.parametrize("layout", ["all", "cross"])
 def test_tensor_options_equal_numbers(impl: str, layout: str) -> None:
     q, k = random_embeddings((6, 5), 6).float(), random_embeddings((6, 2, 5), 7).float()
-    numbers = dict(t_pos=1.5, t_neg=3.0, alpha=0.7, beta=1.3)
-    tensors = {name: torch.tensor(value) for name, value in numbers.items()}
+    numbers: dict[str, Any] = dict(t_pos=1.5, t_neg=3.0, alpha=0.7, beta=1.3)
+    tensors: dict[str, Any] = {name: torch.tensor(value) for name, value in numbers.items()}
     for detach in (True, False):
         a = cct_loss(q, k, layout=layout, impl=impl, detach_weights=detach, **numbers)
         b = cct_loss(q, k, layout=layout, impl=impl, detach_weights=detach, **tensors)
