@@ -96,7 +96,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--queue-size", type=int, default=2048)
-    parser.add_argument("--t-neg", type=float, default=2.0, help="CCT negative sharpness")
+    parser.add_argument(
+        "--t-neg",
+        type=float,
+        default=2.0,
+        help="CCT negative sharpness (an InfoNCE temperature tau corresponds to 1 / (2 tau))",
+    )
     parser.add_argument("--temperature", type=float, default=0.2, help="InfoNCE temperature")
     parser.add_argument("--dataset", choices=["mnist", "digits"], default="mnist")
     parser.add_argument(

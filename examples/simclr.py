@@ -2,10 +2,14 @@
 
     python examples/simclr.py --loss cct --views 5 --epochs 10
     python examples/simclr.py --loss infonce --views 2
+    python examples/simclr.py --loss cct --supervised --views 2   # supervised CCT (labels)
 
 Each image gets ``--views`` augmentations; a small CNN and an MLP head embed them; the loss
 treats the other views of an image as its positives and every view of every other image as
-its negatives. The frozen encoder is then evaluated on a fixed held-out split: kNN accuracy,
+its negatives. With ``--supervised`` (CCT only) the batch's class labels are passed too
+(``cct_loss_multiview(views, labels=y)``, the SupCon setting): every view of every same-class
+image is a positive and every view of every other-class image a negative; ``--views 1`` then
+is the plain metric-learning call. The frozen encoder is then evaluated on a fixed held-out split: kNN accuracy,
 linear-probe accuracy, and a linear probe trained on 10 labels per class.
 """
 
@@ -39,6 +43,7 @@ class Config:
     max_steps: int | None = None
     progress: bool = True
     track_knn: bool = True  # kNN accuracy after every epoch (the learning curve)
+    supervised: bool = False  # pass the batch's class labels (CCT only)
 
 
 @dataclass
@@ -52,8 +57,10 @@ class Result:
     head: torch.nn.Module | None = None
 
 
-def contrastive_loss(z: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """``z``: ``(V, B, D)`` embeddings of V views of B images."""
+def contrastive_loss(z: torch.Tensor, cfg: Config, labels: torch.Tensor) -> torch.Tensor:
+    """``z``: ``(V, B, D)`` embeddings of V views of B images with class ``labels`` ``(B,)``."""
+    if cfg.supervised:  # supervised CCT: positives are the same-class images' views
+        return cct_loss_multiview(list(z), labels=labels, t_pos=cfg.t_pos, t_neg=cfg.t_neg)
     if cfg.loss == "cct":
         # CCT (with 2 views this is exactly cct_loss(z[0], z[1])): V - 1 positives per query
         return cct_loss_multiview(list(z), t_pos=cfg.t_pos, t_neg=cfg.t_neg)
@@ -82,10 +89,11 @@ def train(cfg: Config, split: Split | None = None) -> Result:
         order = torch.randperm(n, generator=gen)
         epoch_losses = []
         for i in range(0, n - cfg.batch_size + 1, cfg.batch_size):
-            x = split.train_x[order[i : i + cfg.batch_size]]
+            batch = order[i : i + cfg.batch_size]
+            x = split.train_x[batch]
             views = torch.cat([augment(x, gen) for _ in range(cfg.views)])  # (V * B, 1, H, W)
             z = head(encoder(views)).view(cfg.views, len(x), -1)
-            loss = contrastive_loss(z, cfg)
+            loss = contrastive_loss(z, cfg, split.train_y[batch])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -110,11 +118,19 @@ def main() -> None:
     )
     parser.add_argument("--loss", choices=["infonce", "cct"], default="cct")
     parser.add_argument("--views", type=int, default=2)
+    parser.add_argument(
+        "--supervised", action="store_true", help="CCT with the batch's class labels"
+    )
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--t-neg", type=float, default=2.0, help="CCT negative sharpness")
+    parser.add_argument(
+        "--t-neg",
+        type=float,
+        default=2.0,
+        help="CCT negative sharpness (an InfoNCE temperature tau corresponds to 1 / (2 tau))",
+    )
     parser.add_argument("--temperature", type=float, default=0.2, help="InfoNCE temperature")
     parser.add_argument("--dataset", choices=["mnist", "digits"], default="mnist")
     parser.add_argument(
@@ -122,6 +138,10 @@ def main() -> None:
     )
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     args = parser.parse_args()
+    if args.supervised and args.loss != "cct":
+        parser.error("--supervised is for --loss cct")
+    if args.views < (1 if args.supervised else 2):
+        parser.error("--views must be at least 2 (1 with --supervised)")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     cfg = Config(
         loss=args.loss,
@@ -135,11 +155,12 @@ def main() -> None:
         dataset=args.dataset,
         limit=args.limit,
         max_steps=args.max_steps,
+        supervised=args.supervised,
     )
     result = train(cfg)
     m = result.metrics
     print(
-        f"{cfg.loss} views={cfg.views} seed={cfg.seed}: kNN {m['knn']:.3f}  linear {m['linear']:.3f}  "
+        f"{cfg.loss}{' supervised' if cfg.supervised else ''} views={cfg.views} seed={cfg.seed}: kNN {m['knn']:.3f}  linear {m['linear']:.3f}  "
         f"10-shot {m['few_shot']:.3f}  ({result.seconds:.0f} s)"
     )
 

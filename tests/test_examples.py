@@ -58,6 +58,39 @@ def test_simclr_learns(digits: Split, random_knn: float) -> None:
     assert result.losses[-1] < result.losses[0]
 
 
+def test_supervised_cct_learns(digits: Split, random_knn: float) -> None:
+    """Labels passed to the loss: one view (the metric-learning call) learns the classes."""
+    cfg = Config(
+        loss="cct",
+        views=1,
+        supervised=True,
+        epochs=10**6,
+        max_steps=STEPS,
+        lr=1e-2,
+        t_neg=1.0,
+        dataset="digits",
+        progress=False,
+        track_knn=False,
+    )
+    result = train(cfg, digits)
+    assert result.metrics["knn"] >= random_knn + MARGIN, (result.metrics, random_knn)
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_supervised_run_on_mnist_command_line() -> None:
+    """The README's supervised command on MNIST-5k (a few steps)."""
+    args = ["--loss", "cct", "--supervised", "--views", "2", "--epochs", "1", "--max-steps", "3"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "simclr.py"), *args, "--batch-size", "64"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "cct supervised views=2" in result.stdout and "kNN" in result.stdout
+
+
 def test_moco_learns(digits: Split, random_knn: float) -> None:
     metrics, losses = moco.train(
         "cct",
