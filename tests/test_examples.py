@@ -41,29 +41,14 @@ def random_knn(digits: Split) -> float:
     return statistics.fmean(scores)
 
 
-def test_simclr_learns(digits: Split, random_knn: float) -> None:
+@pytest.mark.parametrize(("views", "supervised"), [(2, False), (1, True)])
+def test_simclr_learns(digits: Split, random_knn: float, views: int, supervised: bool) -> None:
+    """Self-supervised with 2 views, and supervised with labels in one view (the
+    metric-learning call): both learn."""
     cfg = Config(
         loss="cct",
-        views=2,
-        epochs=10**6,
-        max_steps=STEPS,
-        lr=1e-2,
-        t_neg=1.0,
-        dataset="digits",
-        progress=False,
-        track_knn=False,
-    )
-    result = train(cfg, digits)
-    assert result.metrics["knn"] >= random_knn + MARGIN, (result.metrics, random_knn)
-    assert result.losses[-1] < result.losses[0]
-
-
-def test_supervised_cct_learns(digits: Split, random_knn: float) -> None:
-    """Labels passed to the loss: one view (the metric-learning call) learns the classes."""
-    cfg = Config(
-        loss="cct",
-        views=1,
-        supervised=True,
+        views=views,
+        supervised=supervised,
         epochs=10**6,
         max_steps=STEPS,
         lr=1e-2,
