@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .costs import cost_block, cost_vjp
-from .transport import ConditionalExpectation, Membership, signed_sharpness
+from .transport import ConditionalExpectation, Membership, logit_scale
 
 if TYPE_CHECKING:
     from .options import CCTOptions, Side
@@ -70,7 +70,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
         signed_t: float | Tensor,
         detach_weights: bool,
         chunk_size: int,
-        with_stats: bool,
+        return_details: bool,
         farther: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         ids = (query_groups, key_groups, query_self, key_self)
@@ -82,7 +82,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
         normaliser = query.new_zeros(shape)
         weighted = query.new_zeros(shape)
         fill = float("-inf") if farther else float("inf")
-        extreme = query.new_full(shape, fill if with_stats else float("nan"))
+        extreme = query.new_full(shape, fill if return_details else float("nan"))
         for start in range(0, num_keys, chunk_size):
             stop = min(start + chunk_size, num_keys)
             costs = cost_block(query, query_sq, keys[..., start:stop, :], cost)
@@ -90,7 +90,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
             mask = _block_mask(ids, same_group, start, stop)
             if mask is not None:
                 logits.masked_fill_(~mask, float("-inf"))
-            if with_stats:
+            if return_details:
                 masked = costs if mask is None else costs.masked_fill(~mask, fill)
                 if farther:
                     extreme = torch.maximum(extreme, masked.amax(-1))
@@ -171,7 +171,7 @@ def chunked_expected_cost(
         ``log Z - s E`` and the extreme cost come from the running statistics.
     """
     chunk = options.chunk_size or default_chunk_size(query.shape[0], keys.shape[-2])
-    signed_t = signed_sharpness(options, side)
+    signed_t = logit_scale(options, side)
     ids: tuple[Tensor | None, ...] = (None, None, None, None)
     if members is not None:
         ids = (members.query_groups, members.key_groups, members.query_self, members.key_self)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .costs import cost_block, cost_vjp
-from .transport import ConditionalExpectation, Membership, signed_sharpness, weight_statistics
+from .transport import ConditionalExpectation, Membership, logit_scale, weight_statistics
 
 if TYPE_CHECKING:
     from .options import CCTOptions, Side
@@ -104,12 +104,12 @@ def dense_expected_cost(
         keys,
         mask,
         options.cost,
-        signed_sharpness(options, side),
+        logit_scale(options, side),
         options.detach_weights,
         may_be_empty,
     )
     entropy, extreme = weight_statistics(
-        weights, costs, mask, side=side, enabled=options.return_details
+        weights, costs, mask, side=side, return_details=options.return_details
     )
     present = mask.any(-1) if may_be_empty and mask is not None else None
     return ConditionalExpectation(expected, entropy, extreme, weights, present)

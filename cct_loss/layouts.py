@@ -62,16 +62,16 @@ def _both(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 def combine(attract: ConditionalExpectation, repel: ConditionalExpectation) -> QueryTerms:
     """Per-query terms from the two expectations (repulsion is minus the expected cost)."""
-    correct = attract.extreme < repel.extreme
+    accuracy = attract.extreme < repel.extreme
     both = _both(attract.present, repel.present)
     if both is not None:
-        correct = correct & both
+        accuracy = accuracy & both
     return QueryTerms(
         attraction=attract.value,
         repulsion=-repel.value,
         pos_entropy=attract.entropy,
         neg_entropy=repel.entropy,
-        accuracy=correct.to(attract.value.dtype),
+        accuracy=accuracy.to(attract.value.dtype),
         pos_weights=attract.weights,
         neg_weights=repel.weights,
         has_positives=attract.present,
@@ -294,9 +294,9 @@ def paper_terms(
             own = torch.stack(
                 [rowwise_cost(views[x], views[y].unsqueeze(1), options.cost) for x, y in pairs]
             ).squeeze(-1)
-            correct = (own < torch.stack([r.extreme for r in repels])).to(views.dtype)
+            accuracy = (own < torch.stack([r.extreme for r in repels])).to(views.dtype)
         else:
-            correct = torch.full(
+            accuracy = torch.full(
                 (len(pairs), n), float("nan"), dtype=views.dtype, device=views.device
             )
 
@@ -309,7 +309,7 @@ def paper_terms(
         repulsion=-torch.stack([r.value for r in repels]).mean(0),
         pos_entropy=per_row(attract.entropy),
         neg_entropy=torch.stack([r.entropy for r in repels]).mean(0),
-        accuracy=correct.mean(0),
+        accuracy=accuracy.mean(0),
         pos_weights=None
         if attract.weights is None
         else attract.weights.reshape(num_views, n, num_views - 1),

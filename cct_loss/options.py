@@ -69,7 +69,7 @@ class CCTOptions:
         check_flag("return_details", self.return_details)
         check_flag("gather_distributed", self.gather_distributed)
 
-    def sharpness(self, side: Side) -> float | Tensor:
+    def t_for(self, side: Side) -> float | Tensor:
         """``t_pos`` for the positives, ``t_neg`` for the negatives."""
         return self.t_pos if side == "positives" else self.t_neg
 

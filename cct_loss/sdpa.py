@@ -67,7 +67,7 @@ def sdpa_expected_cost(
     Returns:
         :class:`ConditionalExpectation` without weights.
     """
-    t = options.sharpness(side)
+    t = options.t_for(side)
     direction = -1.0 if side == "positives" else 1.0  # +t d = -t (-d): flip the keys' sign
     if options.cost == "cosine":
         q_att, k_att, values = query, direction * keys, keys

@@ -107,10 +107,10 @@ class ExpectedCostKernel(Protocol):
     ) -> ConditionalExpectation: ...
 
 
-def signed_sharpness(options: CCTOptions, side: Side) -> float | Tensor:
+def logit_scale(options: CCTOptions, side: Side) -> float | Tensor:
     """``+t_pos`` for the positives, ``-t_neg`` for the negatives: the logits are this times
     the cost."""
-    t = options.sharpness(side)
+    t = options.t_for(side)
     return t if side == "positives" else -t
 
 
@@ -120,12 +120,12 @@ def weight_statistics(
     mask: Tensor | None,
     *,
     side: Side,
-    enabled: bool,
+    return_details: bool,
 ) -> tuple[Tensor, Tensor]:
     """Entropy of each row of ``weights`` and the extreme cost (max for positives, min for
-    negatives) over the entries that take part; NaN placeholders when not ``enabled``."""
+    negatives) over the entries that take part; NaN placeholders unless ``return_details``."""
     with torch.no_grad():
-        if not enabled:
+        if not return_details:
             nan = torch.full_like(costs[..., 0], float("nan"))
             return nan, nan
         entropy = -torch.special.xlogy(weights, weights).sum(-1)
@@ -151,9 +151,9 @@ def conditional_expectation(
         A :class:`ConditionalExpectation` with the ``(Q, M)`` weights.
     """
     source = cost.detach() if options.detach_weights else cost
-    weights = torch.softmax(source * signed_sharpness(options, side), dim=-1)
+    weights = torch.softmax(source * logit_scale(options, side), dim=-1)
     value = (weights * cost).sum(-1)
     entropy, extreme = weight_statistics(
-        weights.detach(), cost.detach(), None, side=side, enabled=options.return_details
+        weights.detach(), cost.detach(), None, side=side, return_details=options.return_details
     )
     return ConditionalExpectation(value, entropy, extreme, weights)
