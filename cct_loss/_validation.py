@@ -152,7 +152,12 @@ def check_no_shared_memory(negatives: Tensor, positive: Tensor) -> None:
     """
     if negatives is positive:
         overlap = True
-    elif torch.compiler.is_compiling() or negatives.device != positive.device:
+    elif (
+        torch.compiler.is_compiling()
+        or negatives.device != positive.device
+        or is_functorch_wrapped(negatives)
+        or is_functorch_wrapped(positive)
+    ):
         return
     else:
         overlap = _byte_range(negatives, 0) < _byte_range(positive, 1) and _byte_range(
@@ -179,3 +184,10 @@ def _byte_range(x: Tensor, end: int) -> int:
         return start
     span = sum((size - 1) * abs(stride) for size, stride in zip(x.shape, x.stride(), strict=True))
     return start + (span + 1) * x.element_size()
+
+
+def is_functorch_wrapped(x: Tensor) -> bool:
+    """True for a tensor wrapped by a torch.func transform: it has no storage of its own, and
+    its backward runs with grad mode on without being a ``create_graph=True`` backward."""
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check(x)) if check is not None else False

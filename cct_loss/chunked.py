@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .costs import cost_block, cost_vjp
-from .transport import ConditionalExpectation, Membership, logit_scale
+from .transport import ConditionalExpectation, Membership, differentiable_backward, logit_scale
 
 if TYPE_CHECKING:
     from .options import CCTOptions, Side
@@ -54,11 +54,18 @@ def _block_mask(
 
 
 class _StreamingExpectedCost(torch.autograd.Function):
-    """``E_q = sum_k softmax_k(s d_qk) d_qk`` streamed over key blocks (see module docs)."""
+    """``E_q = sum_k softmax_k(s d_qk) d_qk`` streamed over key blocks (see module docs).
+
+    ``setup_context`` and ``generate_vmap_rule`` make it work under ``torch.func``. When
+    autograd records the backward itself (``create_graph=True``) the backward is
+    :func:`cct_loss.transport.differentiable_backward`, exact to any order but holding the
+    ``(Q, K)`` graph of the formula: streaming and higher-order derivatives do not mix.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(
-        ctx: Any,
         query: Tensor,
         keys: Tensor,
         query_groups: Tensor | None,
@@ -67,17 +74,16 @@ class _StreamingExpectedCost(torch.autograd.Function):
         key_self: Tensor | None,
         same_group: bool,
         cost: str,
-        signed_t: float | Tensor,
+        scale: float | Tensor,
         detach_weights: bool,
         chunk_size: int,
         return_details: bool,
         farther: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         ids = (query_groups, key_groups, query_self, key_self)
-        num_queries = query.shape[0]
         num_keys = keys.shape[-2]
         query_sq = query.pow(2).sum(-1, keepdim=True)
-        shape = (num_queries,)
+        shape = query.shape[:-1]
         running_max = query.new_full(shape, float("-inf"))
         normaliser = query.new_zeros(shape)
         weighted = query.new_zeros(shape)
@@ -86,10 +92,10 @@ class _StreamingExpectedCost(torch.autograd.Function):
         for start in range(0, num_keys, chunk_size):
             stop = min(start + chunk_size, num_keys)
             costs = cost_block(query, query_sq, keys[..., start:stop, :], cost)
-            logits = costs * signed_t
+            logits = costs * scale
             mask = _block_mask(ids, same_group, start, stop)
             if mask is not None:
-                logits.masked_fill_(~mask, float("-inf"))
+                logits = logits.masked_fill(~mask, float("-inf"))
             if return_details:
                 masked = costs if mask is None else costs.masked_fill(~mask, fill)
                 if farther:
@@ -100,7 +106,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
             # A row whose keys so far all sit out keeps max -inf: shift by 0 instead.
             shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
             rescale = torch.exp(running_max - shift)
-            exp_logits = logits.sub_(shift[:, None]).exp_()
+            exp_logits = (logits - shift[..., None]).exp_()
             normaliser = normaliser * rescale + exp_logits.sum(-1)
             weighted = weighted * rescale + torch.linalg.vecdot(exp_logits, costs)
             running_max = new_max
@@ -108,10 +114,16 @@ class _StreamingExpectedCost(torch.autograd.Function):
         # E = 0 where none did.
         expected = weighted / normaliser.clamp_min(1.0)
         log_normaliser = running_max + torch.log(normaliser)
-        ctx.save_for_backward(query, keys, *ids, expected, log_normaliser)
-        ctx.options = (cost, signed_t, detach_weights, chunk_size, same_group)
-        ctx.mark_non_differentiable(log_normaliser, extreme)
         return expected, log_normaliser, extreme
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        query, keys, *ids = inputs[:6]
+        same_group, cost, scale, detach_weights, chunk_size = inputs[6:11]
+        expected, log_normaliser, extreme = output
+        ctx.save_for_backward(query, keys, *ids, expected, log_normaliser)
+        ctx.options = (cost, scale, detach_weights, chunk_size, same_group)
+        ctx.mark_non_differentiable(log_normaliser, extreme)
 
     @staticmethod
     def backward(
@@ -119,33 +131,47 @@ class _StreamingExpectedCost(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         query, keys, *saved_ids, expected, log_normaliser = ctx.saved_tensors
         ids = (saved_ids[0], saved_ids[1], saved_ids[2], saved_ids[3])
-        cost, signed_t, detach_weights, chunk_size, same_group = ctx.options
+        cost, scale, detach_weights, chunk_size, same_group = ctx.options
         need_query, need_keys = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        nones = [None] * 11
+        num_keys = keys.shape[-2]
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+            grads = differentiable_backward(
+                grad_expected,
+                query,
+                keys,
+                _block_mask(ids, same_group, 0, num_keys),
+                ctx.needs_input_grad,
+                cost=cost,
+                scale=scale,
+                detach_weights=detach_weights,
+            )
+            return *grads, *nones
         grad_query = torch.zeros_like(query)
-        grad_keys = torch.zeros_like(keys) if need_keys else None
+        key_blocks: list[Tensor] = []
         query_sq = query.pow(2).sum(-1, keepdim=True)
         # A query without keys has log Z = -inf; shifting its (all -inf) logits by 0 gives 0.
         lse = torch.where(torch.isinf(log_normaliser), 0.0, log_normaliser)
-        num_keys = keys.shape[-2]
         for start in range(0, num_keys, chunk_size):
             stop = min(start + chunk_size, num_keys)
             block = keys[..., start:stop, :]
             costs = cost_block(query, query_sq, block, cost)
-            weights = costs * signed_t
+            logits = costs * scale
             mask = _block_mask(ids, same_group, start, stop)
             if mask is not None:
-                weights.masked_fill_(~mask, float("-inf"))
-            weights.sub_(lse[:, None]).exp_()  # pi, recomputed
+                logits = logits.masked_fill(~mask, float("-inf"))
+            weights = (logits - lse[..., None]).exp_()  # pi, recomputed
             if detach_weights:
-                grad_cost = weights.mul_(grad_expected[:, None])
+                grad_cost = weights.mul_(grad_expected[..., None])
             else:
-                grad_cost = (costs - expected[:, None]).mul_(signed_t).add_(1.0)
-                grad_cost.mul_(weights).mul_(grad_expected[:, None])
+                grad_cost = (costs - expected[..., None]).mul_(scale).add_(1.0)
+                grad_cost.mul_(weights).mul_(grad_expected[..., None])
             block_query, block_keys = cost_vjp(grad_cost, query, block, cost, need_keys=need_keys)
-            grad_query += block_query
-            if grad_keys is not None and block_keys is not None:
-                grad_keys[..., start:stop, :] += block_keys
-        return (grad_query if need_query else None), grad_keys, *([None] * 11)
+            grad_query = grad_query + block_query  # out of place: vmap may batch either side
+            if block_keys is not None:
+                key_blocks.append(block_keys)
+        grad_keys = torch.cat(key_blocks, dim=-2) if need_keys else None
+        return (grad_query if need_query else None), grad_keys, *nones
 
 
 def chunked_expected_cost(

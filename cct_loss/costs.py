@@ -57,6 +57,23 @@ def rowwise_cost(a: Tensor, b: Tensor, cost: str) -> Tensor:
     return raw + (raw.clamp_min(0.0) - raw).detach()
 
 
+def cost_matrix(query: Tensor, keys: Tensor, cost: str) -> Tensor:
+    """Costs of every query against shared ``(K, D)`` or per-query ``(Q, K, D)`` keys in plain,
+    twice-differentiable autograd (value clamped at 0, the formula's gradient everywhere).
+
+    The kernels use it to recompute a block when a backward pass itself must be differentiable
+    (``create_graph=True``: gradient penalties, Hessian-vector products).
+    """
+    if keys.dim() == 3:
+        return rowwise_cost(query, keys, cost)
+    gram = query @ keys.T
+    if cost == "cosine":
+        raw = 1.0 - gram
+    else:
+        raw = query.pow(2).sum(-1, keepdim=True) + keys.pow(2).sum(-1) - 2.0 * gram
+    return raw + (raw.clamp_min(0.0) - raw).detach()
+
+
 def cost_block(query: Tensor, query_sq: Tensor, keys: Tensor, cost: str) -> Tensor:
     """Clamped costs of every query against a block of keys (no autograd graph needed).
 

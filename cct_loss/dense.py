@@ -22,53 +22,85 @@ import torch
 from torch import Tensor
 
 from .costs import cost_block, cost_vjp
-from .transport import ConditionalExpectation, Membership, logit_scale, weight_statistics
+from .transport import (
+    ConditionalExpectation,
+    Membership,
+    differentiable_backward,
+    logit_scale,
+    weight_statistics,
+)
 
 if TYPE_CHECKING:
     from .options import CCTOptions, Side
 
 
 class _DenseExpectedCost(torch.autograd.Function):
-    """``E_q = sum_k softmax_k(s d_qk) d_qk`` over the full cost matrix (``s`` signed)."""
+    """``E_q = sum_k softmax_k(s d_qk) d_qk`` over the full cost matrix (``s`` signed).
+
+    ``setup_context`` and ``generate_vmap_rule`` make it work under ``torch.func`` (``grad``,
+    ``vmap``). Its backward pass is the closed form above; when autograd records the backward
+    itself (``create_graph=True``), it is :func:`cct_loss.transport.differentiable_backward`
+    instead, so that higher-order derivatives are exact.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(
-        ctx: Any,
         query: Tensor,
         keys: Tensor,
         mask: Tensor | None,
         cost: str,
-        signed_t: float | Tensor,
+        scale: float | Tensor,
         detach_weights: bool,
         may_be_empty: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         costs = cost_block(query, query.pow(2).sum(-1, keepdim=True), keys, cost)
-        logits = costs * signed_t
+        logits = costs * scale
         if mask is not None:
-            logits.masked_fill_(~mask, float("-inf"))
+            logits = logits.masked_fill(~mask, float("-inf"))
         weights = torch.softmax(logits, dim=-1)
         del logits
         if may_be_empty:  # a row with no key taking part: all -inf gave NaN; it weighs nothing
-            weights = weights.nan_to_num_(0.0)
+            weights = weights.nan_to_num(0.0)
         expected = torch.linalg.vecdot(weights, costs)
-        # Detached weights need only the weights for the backward pass; through the weights it
-        # also needs the costs.
-        ctx.save_for_backward(query, keys, weights, expected, None if detach_weights else costs)
-        ctx.options = (cost, signed_t, detach_weights)
-        ctx.mark_non_differentiable(weights, costs)
         return expected, weights, costs
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        query, keys, mask, cost, scale, detach_weights, _ = inputs
+        expected, weights, costs = output
+        # Detached weights need only the weights for the closed-form backward; through the
+        # weights it also needs the costs.
+        ctx.save_for_backward(
+            query, keys, mask, weights, expected, None if detach_weights else costs
+        )
+        ctx.options = (cost, scale, detach_weights)
+        ctx.mark_non_differentiable(weights, costs)
 
     @staticmethod
     def backward(
         ctx: Any, grad_expected: Tensor, _grad_weights: Tensor | None, _grad_costs: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        query, keys, weights, expected, costs = ctx.saved_tensors
-        cost, signed_t, detach_weights = ctx.options
+        query, keys, mask, weights, expected, costs = ctx.saved_tensors
+        cost, scale, detach_weights = ctx.options
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+            grads = differentiable_backward(
+                grad_expected,
+                query,
+                keys,
+                mask,
+                ctx.needs_input_grad,
+                cost=cost,
+                scale=scale,
+                detach_weights=detach_weights,
+            )
+            return *grads, *([None] * 5)
         if detach_weights:
             grad_cost = weights * grad_expected[:, None]
         else:
             # pi (1 + s (d - E)) g, in place on one fresh tensor
-            grad_cost = (costs - expected[:, None]).mul_(signed_t).add_(1.0)
+            grad_cost = (costs - expected[:, None]).mul_(scale).add_(1.0)
             grad_cost.mul_(weights).mul_(grad_expected[:, None])
         grad_query, grad_keys = cost_vjp(
             grad_cost, query, keys, cost, need_keys=ctx.needs_input_grad[1]

@@ -13,6 +13,9 @@ and this is the familiar ``softmax_k(2t q.n_k)``; the augmentation makes it exac
 (zero vectors and ``normalize=False`` included). For the cosine cost (unit vectors),
 ``softmax_k(-s q.n_k)`` and ``E = 1 - q.O``. Which keys take part becomes a boolean attention
 mask. The sharpness multiplies ``q'`` (``scale=1``), so a 0-dim tensor sharpness works too.
+With gradients through the weights the fused kernels lose accuracy at large sharpness: above
+:data:`SDPA_MAX_SHARPNESS` (or for a tensor sharpness, whose value is not read) ``chunked``
+serves the call. Higher-order derivatives raise a clear error.
 
 That hands forward and backward to PyTorch's fused attention kernels (FlashAttention-style on
 CUDA, a memory-lean flash kernel on the CPU). ``detach_weights=True`` detaches the query and
@@ -24,12 +27,13 @@ kernel; when diagnostics are asked for they come from one extra no-grad streamin
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._validation import is_functorch_wrapped
 from .chunked import chunked_expected_cost
 from .transport import ConditionalExpectation, Membership
 
@@ -38,6 +42,38 @@ if TYPE_CHECKING:
 
 #: Head dims are padded to a multiple of this so the fused CUDA kernels accept them.
 HEAD_DIM_MULTIPLE = 8
+
+#: With gradients through the weights (``detach_weights=False``), the fused kernels' gradient
+#: error grows like ``1.2e-7 * t`` (measured on the CPU flash kernel: 1.1e-5 at t = 50, 3.6e-5 at
+#: 300, 1.2e-4 at 1000, 1.2e-3 at 1e4). Above this sharpness, or for a 0-dim tensor sharpness
+#: (whose value is not read: that would synchronise), such calls are served by ``chunked``.
+#: Detached weights are exact at any sharpness.
+SDPA_MAX_SHARPNESS = 500.0
+
+
+class _NoHigherOrder(torch.autograd.Function):
+    """Identity whose backward refuses to be differentiated (``create_graph=True``): the fused
+    attention kernels have no exact second derivative."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and not is_functorch_wrapped(grad):
+            raise RuntimeError(
+                "impl='sdpa' has no higher-order derivatives (a backward pass with "
+                "create_graph=True): PyTorch's fused attention kernels are not twice "
+                "differentiable. Use impl='dense' or impl='chunked', which are exact to any order"
+            )
+        return grad
 
 
 def _pad_last(x: Tensor, multiple: int) -> Tensor:
@@ -68,6 +104,8 @@ def sdpa_expected_cost(
         :class:`ConditionalExpectation` without weights.
     """
     t = options.t_for(side)
+    if not options.detach_weights and (isinstance(t, Tensor) or t > SDPA_MAX_SHARPNESS):
+        return chunked_expected_cost(query, keys, members, side=side, options=options)
     direction = -1.0 if side == "positives" else 1.0  # +t d = -t (-d): flip the keys' sign
     if options.cost == "cosine":
         q_att, k_att, values = query, direction * keys, keys
@@ -110,6 +148,7 @@ def sdpa_expected_cost(
         expected = query.pow(2).sum(-1) + out[..., d] - 2.0 * (query * out[..., :d]).sum(-1)
     if present is not None:
         expected = torch.where(present, expected, 0.0)
+    expected = _NoHigherOrder.apply(expected)  # type: ignore[no-untyped-call]
 
     if options.return_details:
         with torch.no_grad():

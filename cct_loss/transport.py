@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from .costs import cost_matrix
+
 if TYPE_CHECKING:
     from .options import CCTOptions, Side
 
@@ -157,3 +159,69 @@ def conditional_expectation(
         weights.detach(), cost.detach(), None, side=side, return_details=options.return_details
     )
     return ConditionalExpectation(value, entropy, extreme, weights)
+
+
+def expected_cost_autograd(
+    query: Tensor,
+    keys: Tensor,
+    mask: Tensor | None,
+    *,
+    cost: str,
+    scale: float | Tensor,
+    detach_weights: bool,
+) -> Tensor:
+    """``(Q,)`` expected cost over the keys that take part, in plain autograd.
+
+    Every operation is differentiable to any order (no in-place update, no clamp mask in the
+    gradient, no 0/0 for a query without keys), so this is the formula the kernels' closed-form
+    backward passes stand for, and what they differentiate when a backward pass must itself be
+    differentiable.
+
+    Args:
+        query: ``(Q, D)``; keys: ``(K, D)`` shared or ``(Q, K, D)`` per query.
+        mask: ``(Q, K)`` bool, True where a key takes part, or ``None`` (all).
+        cost: ``"sqeuclidean"`` or ``"cosine"``.
+        scale: ``+t_pos`` or ``-t_neg`` (see :func:`logit_scale`).
+        detach_weights: treat the weights as constants.
+    """
+    costs = cost_matrix(query, keys, cost)
+    logits = (costs.detach() if detach_weights else costs) * scale
+    if mask is not None:
+        present = mask.any(-1, keepdim=True)
+        logits = torch.where(mask, logits, float("-inf"))
+        logits = torch.where(present, logits, 0.0)  # a query without keys: no 0/0
+        weights = torch.where(present, torch.softmax(logits, dim=-1), 0.0)
+    else:
+        weights = torch.softmax(logits, dim=-1)
+    return (weights * costs).sum(-1)
+
+
+def differentiable_backward(
+    grad_expected: Tensor,
+    query: Tensor,
+    keys: Tensor,
+    mask: Tensor | None,
+    needs_input_grad: tuple[bool, ...],
+    *,
+    cost: str,
+    scale: float | Tensor,
+    detach_weights: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The kernels' backward pass when it runs with ``create_graph=True``: the vector-Jacobian
+    product of :func:`expected_cost_autograd`, itself recorded by autograd so that
+    second (and higher) derivatives are exact. It holds the ``(Q, K)`` graph of the formula.
+    """
+    if not (needs_input_grad[0] or needs_input_grad[1]):
+        return None, None
+    with torch.enable_grad():
+        # Fresh nodes: the keys may be computed from the queries (in-batch, a view of them), and
+        # the partial derivatives must not follow that path.
+        query, keys = query.clone(), keys.clone()
+        wanted = [x for x, need in zip((query, keys), needs_input_grad[:2], strict=True) if need]
+        expected = expected_cost_autograd(
+            query, keys, mask, cost=cost, scale=scale, detach_weights=detach_weights
+        )
+        grads = iter(torch.autograd.grad(expected, wanted, grad_expected, create_graph=True))
+    grad_query = next(grads) if needs_input_grad[0] else None
+    grad_keys = next(grads) if needs_input_grad[1] else None
+    return grad_query, grad_keys
