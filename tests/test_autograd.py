@@ -3,6 +3,7 @@ torch.func transforms work, and sdpa keeps its accuracy at every accepted sharpn
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -20,6 +21,17 @@ IMPLS = list(KERNELS)
 #: Call shapes: (layout, negatives, labels) on (N=4, D=3) queries and (N, 2, D) positives.
 CALLS = ["in_batch", "shared", "per_query", "cross", "cross_queue", "labels", "cross_labels"]
 EXACT_TO_ANY_ORDER = {"dense", "chunked"}
+
+
+def ours(xs: Sequence[torch.Tensor], **kwargs: Any) -> torch.Tensor:
+    """``cct_loss`` on (query, positive[, negatives])."""
+    out = cct_loss(xs[0], xs[1], xs[2] if len(xs) > 2 else None, **kwargs)
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+def reference(xs: Sequence[torch.Tensor], **kwargs: Any) -> torch.Tensor:
+    return reference_loss(xs[0], xs[1], xs[2] if len(xs) > 2 else None, **kwargs)
 
 
 def call_inputs(call: str) -> tuple[list[torch.Tensor], dict[str, Any]]:
@@ -62,18 +74,18 @@ def test_second_derivatives_are_exact_or_refused(impl: str, call: str, detach: b
     leaves, kwargs = call_inputs(call)
     opts: dict[str, Any] = dict(t_pos=1.3, t_neg=2.1, detach_weights=detach, reduction="none")
 
-    def ours(*xs: torch.Tensor) -> torch.Tensor:
-        return cct_loss(*xs, impl=impl, chunk_size=2, **kwargs, **opts)
+    def fast(*xs: torch.Tensor) -> torch.Tensor:
+        return ours(xs, impl=impl, chunk_size=2, **kwargs, **opts)
 
-    def reference(*xs: torch.Tensor) -> torch.Tensor:
-        return reference_loss(*xs, **kwargs, **opts)
+    def slow(*xs: torch.Tensor) -> torch.Tensor:
+        return reference(xs, **kwargs, **opts)
 
     if impl not in EXACT_TO_ANY_ORDER:
         with pytest.raises(RuntimeError, match=r"impl='sdpa' has no higher-order.*impl='dense'"):
-            hessian_vector_products(ours, leaves)
+            hessian_vector_products(fast, leaves)
         return
-    got = hessian_vector_products(ours, leaves)
-    want = hessian_vector_products(reference, [x.detach().requires_grad_() for x in leaves])
+    got = hessian_vector_products(fast, leaves)
+    want = hessian_vector_products(slow, [x.detach().requires_grad_() for x in leaves])
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
 
@@ -84,8 +96,8 @@ def test_gradgradcheck_through_the_weights(impl: str, call: str) -> None:
     leaves, kwargs = call_inputs(call)
 
     def fn(*xs: torch.Tensor) -> torch.Tensor:
-        return cct_loss(
-            *xs,
+        return ours(
+            xs,
             impl=impl,
             chunk_size=2,
             t_pos=1.3,
@@ -103,10 +115,11 @@ def test_gradgradcheck_through_the_weights(impl: str, call: str) -> None:
 def test_torch_func_grad_and_vmap_match_eager(impl: str, call: str) -> None:
     leaves, kwargs = call_inputs(call)
     q, p, *rest = (x.detach().float() for x in leaves)
+    neg = rest[0] if rest else None
     opts: dict[str, Any] = dict(impl=impl, chunk_size=2, t_neg=2.0, detach_weights=False)
 
     def loss_of_query(query: torch.Tensor) -> torch.Tensor:
-        return cct_loss(query, p, *rest, **kwargs, **opts)
+        return ours([query, p, *rest], **kwargs, **opts)
 
     eager_q = q.clone().requires_grad_()
     (eager,) = torch.autograd.grad(loss_of_query(eager_q), eager_q)
@@ -115,9 +128,9 @@ def test_torch_func_grad_and_vmap_match_eager(impl: str, call: str) -> None:
     batch = torch.stack([q, q.flip(0), 2 * q])  # a leading batch of independent problems
     positives = torch.stack([p, p.flip(0), p])
     per_problem = torch.stack(
-        [cct_loss(a, b, *rest, **kwargs, **opts) for a, b in zip(batch, positives, strict=True)]
+        [ours([a, b, *rest], **kwargs, **opts) for a, b in zip(batch, positives, strict=True)]
     )
-    mapped = vmap(lambda a, b: cct_loss(a, b, *rest, **kwargs, **opts))(batch, positives)
+    mapped = vmap(lambda a, b: cct_loss(a, b, neg, **kwargs, **opts))(batch, positives)
     torch.testing.assert_close(mapped, per_problem)
 
 
