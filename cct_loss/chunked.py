@@ -53,6 +53,13 @@ def _block_mask(
     return members.block_mask(start, stop)
 
 
+def _blocks(num_keys: int, chunk_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each block. Under ``torch.compile`` with dynamic shapes the loop
+    depends on the number of blocks only (not on ``num_keys`` itself)."""
+    num_blocks = (num_keys + chunk_size - 1) // chunk_size
+    return [(b * chunk_size, min((b + 1) * chunk_size, num_keys)) for b in range(num_blocks)]
+
+
 class _StreamingExpectedCost(torch.autograd.Function):
     """``E_q = sum_k softmax_k(s d_qk) d_qk`` streamed over key blocks (see module docs).
 
@@ -89,8 +96,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
         weighted = query.new_zeros(shape)
         fill = float("-inf") if farther else float("inf")
         extreme = query.new_full(shape, fill if return_details else float("nan"))
-        for start in range(0, num_keys, chunk_size):
-            stop = min(start + chunk_size, num_keys)
+        for start, stop in _blocks(num_keys, chunk_size):
             costs = cost_block(query, query_sq, keys[..., start:stop, :], cost)
             logits = costs * scale
             mask = _block_mask(ids, same_group, start, stop)
@@ -152,8 +158,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
         query_sq = query.pow(2).sum(-1, keepdim=True)
         # A query without keys has log Z = -inf; shifting its (all -inf) logits by 0 gives 0.
         lse = torch.where(torch.isinf(log_normaliser), 0.0, log_normaliser)
-        for start in range(0, num_keys, chunk_size):
-            stop = min(start + chunk_size, num_keys)
+        for start, stop in _blocks(num_keys, chunk_size):
             block = keys[..., start:stop, :]
             costs = cost_block(query, query_sq, block, cost)
             logits = costs * scale

@@ -86,7 +86,9 @@ class NegativeQueue(nn.Module):
         self.register_buffer("fill_level", torch.zeros((), dtype=torch.long))
         # Host mirrors of the two counters: shapes depend on them, so reading them must not
         # synchronise with the device. They are restored from the buffers on load.
-        self._position = 0
+        # The write position lives on the device only (``write_position``), so a compiled step
+        # that enqueues does not guard on it; the fill level is mirrored on the host because
+        # the shape of negatives() depends on it (constant once the queue is full).
         self._filled = 0
         self.register_load_state_dict_post_hook(_sync_host_counters)  # type: ignore[no-untyped-call]
 
@@ -99,7 +101,9 @@ class NegativeQueue(nn.Module):
         return self._filled == self.size
 
     @torch.no_grad()
-    def enqueue(self, keys: Tensor, labels: Tensor | None = None) -> None:
+    def enqueue(
+        self, keys: Tensor, labels: Tensor | None = None, *, check_finite: bool = True
+    ) -> None:
         """Append ``keys`` (detached), overwriting the oldest once full.
 
         Args:
@@ -109,6 +113,14 @@ class NegativeQueue(nn.Module):
                 order) and all of them are enqueued on every rank.
             labels: ``(B,)`` integer labels of the keys; required with ``with_labels=True``,
                 refused without.
+            check_finite: refuse keys with a NaN or infinite value (``ValueError``; the queue is
+                left unchanged), so that one bad batch cannot poison the next ``size / B``
+                steps. It costs one device synchronisation per call (and a graph break under
+                ``torch.compile``); ``check_finite=False`` skips it.
+
+        Raises:
+            ValueError: keys or labels of the wrong shape or device, labels missing or
+                unexpected, or non-finite keys (with ``check_finite``).
         """
         keys = check_float_tensor("keys", keys, (2,), f"(B, dim) = (B, {self.dim})")
         if keys.shape[1] != self.dim:
@@ -143,19 +155,35 @@ class NegativeQueue(nn.Module):
         batch = keys.shape[0]
         if batch == 0:
             return
+        if check_finite and not bool(torch.isfinite(keys).all()):  # one synchronisation
+            raise ValueError(
+                f"keys hold a NaN or infinite value (shape {shape_str(keys)}); the queue is left "
+                "unchanged (a diverged step? pass check_finite=False to skip this check)"
+            )
+        start = self.write_position
         if batch > self.size:
             # Keep the newest `size`; they land where a sequential write would leave them.
-            self._position = (self._position + batch - self.size) % self.size
+            start = (start + (batch - self.size)) % self.size
             keys, batch = keys[-self.size :], self.size
             labels = None if labels is None else labels[-self.size :]
-        index = (torch.arange(batch, device=keys.device) + self._position) % self.size
+        index = (torch.arange(batch, device=keys.device) + start) % self.size
         self.keys.index_copy_(0, index, keys.to(self.keys.dtype))
         if labels is not None:
             self.key_labels.index_copy_(0, index, labels.to(torch.long))
-        self._position = (self._position + batch) % self.size
+        self.write_position.copy_((start + batch) % self.size)
         self._filled = min(self._filled + batch, self.size)
-        self.write_position.fill_(self._position)
         self.fill_level.fill_(self._filled)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Empty the queue (keys zeroed, write position 0); :meth:`negatives` then refuses to be
+        read until keys are enqueued again."""
+        self.keys.zero_()
+        if self.with_labels:
+            self.key_labels.zero_()
+        self.write_position.zero_()
+        self.fill_level.zero_()
+        self._filled = 0
 
     def negatives(self) -> Tensor:
         """The keys held, ``(len(self), dim)``, ready for ``cct_loss(q, k, queue.negatives())``.
@@ -197,4 +225,4 @@ def _sync_host_counters(module: nn.Module, _incompatible: Any) -> None:
             f"loaded queue counters out of range for size {module.size}: "
             f"write_position={position}, fill_level={filled}"
         )
-    module._position, module._filled = position, filled
+    module._filled = filled

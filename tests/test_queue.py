@@ -265,3 +265,31 @@ def test_labelled_queue_feeds_negative_labels() -> None:
     assert out.neg_weights is not None
     same = y[:, None] == queue.labels()[None, :]
     assert bool((out.neg_weights[same] == 0).all()) and bool((out.neg_weights[~same] > 0).all())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_keys_are_refused_and_leave_the_queue_unchanged(bad: float) -> None:
+    queue = NegativeQueue(6, 2, with_labels=True)
+    queue.enqueue(torch.randn(4, 2), labels=torch.arange(4))
+    before = {k: v.clone() for k, v in queue.state_dict().items()}
+    keys = torch.randn(3, 2)
+    keys[1, 0] = bad
+    with pytest.raises(ValueError, match=r"NaN or infinite.*left unchanged.*check_finite=False"):
+        queue.enqueue(keys, labels=torch.arange(3))
+    for name, value in queue.state_dict().items():
+        torch.testing.assert_close(value, before[name], equal_nan=True, msg=name)
+    assert len(queue) == 4
+    queue.enqueue(keys, labels=torch.arange(3), check_finite=False)  # the documented opt-out
+    assert len(queue) == 6
+
+
+def test_reset_empties_the_queue() -> None:
+    queue = NegativeQueue(5, 3)
+    queue.enqueue(torch.randn(7, 3))
+    queue.reset()
+    assert len(queue) == 0 and not queue.is_full
+    with pytest.raises(ValueError, match="the queue is empty"):
+        queue.negatives()
+    queue.enqueue(torch.ones(2, 3))
+    torch.testing.assert_close(queue.negatives(), torch.ones(2, 3))
+    assert int(queue.write_position) == 2
