@@ -69,7 +69,8 @@ def loss_of_pairs(
         )
     positive = check_float_tensor("positive", positive, (2, 3), "(N, D) or (N, M, D)")
     n, d = query.shape
-    if n == 0:
+    gathering = options.gather_distributed and distributed.is_active()
+    if n == 0 and not gathering:  # across processes every rank raises, in row_counts
         raise ValueError(f"query is an empty batch: got shape {shape_str(query)}, expected N >= 1")
     if d == 0:
         raise ValueError(f"query has embedding dim D = 0: got shape {shape_str(query)}")
@@ -85,7 +86,6 @@ def loss_of_pairs(
     tensors = {"query": query, "positive": positive}
     if labels is not None:
         tensors["labels"] = check_labels("labels", labels, n, "N")
-    gathering = options.gather_distributed and distributed.is_active()
     cross = options.layout == "cross"
     if negatives is not None:
         negatives = _check_negatives(negatives, n, d)
@@ -126,6 +126,7 @@ def loss_of_pairs(
             f"shape {shape_str(query)}. Pass negatives, or a batch N >= 2"
         )
     device = check_same_device(tensors)
+    counts = distributed.row_counts(n, device) if gathering else None
 
     positives = positive if positive.dim() == 3 else positive.unsqueeze(1)
     with _full_precision(device):
@@ -143,12 +144,12 @@ def loss_of_pairs(
                 negatives=None if negatives is None else prepare(negatives),
                 labels=labels,
                 negative_labels=negative_labels,
-                global_rows=_gather(p, labels, options),
+                global_rows=_gather(p, labels, counts),
             )
         elif negatives is None:
             views = torch.cat([q.unsqueeze(0), p.transpose(0, 1)], dim=0)  # (M + 1, N, D)
             terms = in_batch_terms(
-                views, options, labels=labels, global_rows=_gather_views(views, labels, options)
+                views, options, labels=labels, global_rows=_gather_views(views, labels, counts)
             )
         else:
             terms = explicit_negatives_terms(
@@ -163,7 +164,7 @@ def loss_of_views(
     """:func:`cct_loss.cct_loss_multiview` with its options in one object."""
     check_layout(options, VIEW_LAYOUTS, "cct_loss_multiview")
     gathering = options.gather_distributed and distributed.is_active()
-    stacked = _stack_views(views, labels=labels is not None, allow_single_row=gathering)
+    stacked = _stack_views(views, labels=labels is not None, gathering=gathering)
     if labels is not None:
         if options.layout == "paper":
             raise ValueError(
@@ -177,7 +178,8 @@ def loss_of_views(
         prepared = prepare_embeddings(
             stacked.to(dtype), cost=options.cost, normalize=options.normalize
         )
-        global_rows = _gather_views(prepared, labels, options)
+        counts = distributed.row_counts(stacked.shape[1], stacked.device) if gathering else None
+        global_rows = _gather_views(prepared, labels, counts)
         if options.layout == "paper":
             terms = paper_terms(prepared, options, global_rows=global_rows)
         else:
@@ -207,19 +209,23 @@ def _reduce(terms: QueryTerms, options: CCTOptions, *, gathered: bool) -> Tensor
     )
 
 
-def _gather(rows: Tensor, labels: Tensor | None, options: CCTOptions) -> GlobalRows | None:
+def _gather(rows: Tensor, labels: Tensor | None, counts: list[int] | None) -> GlobalRows | None:
     """Every rank's ``rows`` (dim 0, rank order; gradients flow back to their rank) and
-    labels, or ``None`` unless ``gather_distributed`` applies."""
-    if not (options.gather_distributed and distributed.is_active()):
+    labels, given every rank's row count, or ``None`` when not gathering."""
+    if counts is None:
         return None
-    rank, _ = distributed.rank_and_world_size()
-    gathered_labels = None if labels is None else distributed.all_gather_no_grad(labels)
-    return GlobalRows(distributed.all_gather_with_grad(rows), gathered_labels, rank * rows.shape[0])
+    gathered, offset = distributed.gather_rows(rows, counts)
+    gathered_labels = (
+        None if labels is None else distributed.all_gather_no_grad(labels, counts=counts)
+    )
+    return GlobalRows(gathered, gathered_labels, offset)
 
 
-def _gather_views(views: Tensor, labels: Tensor | None, options: CCTOptions) -> GlobalRows | None:
+def _gather_views(
+    views: Tensor, labels: Tensor | None, counts: list[int] | None
+) -> GlobalRows | None:
     """:func:`_gather` of ``(V, N, D)`` views along their rows."""
-    gathered = _gather(views.transpose(0, 1), labels, options)
+    gathered = _gather(views.transpose(0, 1), labels, counts)
     if gathered is None:
         return None
     return gathered._replace(rows=gathered.rows.transpose(0, 1))
@@ -257,7 +263,7 @@ def _check_negatives(negatives: Tensor, n: int, d: int) -> Tensor:
     return negatives
 
 
-def _stack_views(views: Sequence[Tensor], *, labels: bool, allow_single_row: bool) -> Tensor:
+def _stack_views(views: Sequence[Tensor], *, labels: bool, gathering: bool) -> Tensor:
     """``(V, N, D)`` from a list of ``V`` views ``(N, D)``."""
     if isinstance(views, Tensor):
         raise ValueError(
@@ -283,11 +289,11 @@ def _stack_views(views: Sequence[Tensor], *, labels: bool, allow_single_row: boo
     dtype = _compute_dtype(*checked)
     stacked = torch.stack([view.to(dtype) for view in checked])
     _, n, d = stacked.shape
-    if n < 2 and not (allow_single_row or labels):
+    if n < 2 and not (gathering or labels):
         raise ValueError(
             f"multi-view in-batch negatives need N >= 2 rows per view, got shape {shape_str(stacked)}"
         )
-    if n == 0:
+    if n == 0 and not gathering:  # across processes every rank raises, in row_counts
         raise ValueError(f"views are an empty batch: got shape {shape_str(stacked)}")
     if d == 0:
         raise ValueError(f"views have embedding dim D = 0: got shape {shape_str(stacked)}")

@@ -3,11 +3,13 @@
 Without an initialised ``torch.distributed`` process group (or with a world of one) every
 helper is a no-op, so the same trainer runs on one device.
 
-Gradient convention: :func:`all_gather_with_grad` sums, in its backward pass, the gradients
-that every rank computed for the gathered tensor and hands each rank the slice of its own rows.
-With each rank's loss the mean over its local queries and DDP averaging parameter gradients
-over ranks, the gradient every rank applies equals the single-process gradient of the mean
-loss over the concatenated global batch.
+Gradient convention: :func:`gather_rows` sums, in its backward pass, the gradients that every
+rank computed for the gathered tensor and hands each rank the slice of its own rows. With each
+rank's loss its share of the global mean (scaled by the world size, see
+:func:`cct_loss.cct_loss`) and DDP averaging parameter gradients over ranks, the gradient every
+rank applies equals the single-process gradient of the mean loss over the concatenated global
+batch. Ranks may hold different numbers of rows: the counts are exchanged first (one small
+all-gather and a host synchronisation per call) and the rows padded to the largest.
 """
 
 from __future__ import annotations
@@ -31,52 +33,109 @@ def rank_and_world_size(group: Any = None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def row_counts(rows: int, device: torch.device, group: Any = None) -> list[int]:
+    """Every rank's number of rows, in rank order (one small all-gather and a host sync).
+
+    Raises ``ValueError`` on every rank (so that none hangs in a later collective) when a rank
+    has no rows: a query set needs at least one row per rank.
+    """
+    counts = _gather_counts(rows, device, group)
+    if min(counts) == 0:
+        raise ValueError(
+            f"gather_distributed=True: every rank needs at least one row per call, got rows per "
+            f"rank {counts} (rank {counts.index(0)} is empty); drop the empty batch on every "
+            "rank or use drop_last=True"
+        )
+    return counts
+
+
+def gathered_counts(x: Tensor, group: Any = None) -> list[int]:
+    """Every rank's ``x.shape[0]`` in rank order (zeros allowed); ``[rows]`` without a group."""
+    if not is_active(group):
+        return [x.shape[0]]
+    return _gather_counts(x.shape[0], x.device, group)
+
+
+def _gather_counts(rows: int, device: torch.device, group: Any) -> list[int]:
+    _, world = rank_and_world_size(group)
+    mine = torch.tensor([rows], dtype=torch.long, device=device)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine, group=group)
+    return [int(p) for p in torch.cat(parts).tolist()]
+
+
+def _all_gather_rows(x: Tensor, counts: list[int], group: Any) -> Tensor:
+    """Concatenate every rank's rows (``counts[r]`` of them) in rank order; ranks may differ."""
+    biggest = max(counts)
+    padded = x.contiguous()
+    if x.shape[0] < biggest:
+        padded = torch.cat([padded, padded.new_zeros(biggest - x.shape[0], *x.shape[1:])])
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """Concatenate every rank's ``x`` along dim 0; backward sums gradients over ranks."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, group: Any) -> Tensor:
-        rank, world = rank_and_world_size(group)
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        ctx.rank, ctx.rows, ctx.group = rank, x.shape[0], group
-        return torch.cat(parts, dim=0)
+    def forward(ctx: Any, x: Tensor, counts: list[int], group: Any) -> Tensor:
+        rank, _ = rank_and_world_size(group)
+        ctx.start, ctx.rows, ctx.group = sum(counts[:rank]), x.shape[0], group
+        return _all_gather_rows(x, counts, group)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        # Every rank holds the same global shape: sum the gradients all ranks computed for each
+        # row, then keep this rank's rows.
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        start = ctx.rank * ctx.rows
-        return grad[start : start + ctx.rows], None
+        return grad[ctx.start : ctx.start + ctx.rows], None, None
+
+
+def gather_rows(x: Tensor, counts: list[int], group: Any = None) -> tuple[Tensor, int]:
+    """Every rank's ``x`` concatenated along dim 0 in rank order, and this rank's offset in it.
+
+    Ranks may hold different numbers of rows (``counts``, from :func:`row_counts`). Gradients
+    flow back to the rank that produced each row (summed over the ranks that used it).
+    Without an active process group, returns ``(x, 0)``.
+    """
+    if not is_active(group):
+        return x, 0
+    rank, _ = rank_and_world_size(group)
+    gathered = _AllGatherWithGrad.apply(x, counts, group)  # type: ignore[no-untyped-call]
+    return gathered, sum(counts[:rank])
 
 
 def all_gather_with_grad(x: Tensor, group: Any = None) -> Tensor:
-    """Every rank's ``x`` (same shape on all ranks) concatenated along dim 0, in rank order.
+    """Every rank's ``x`` concatenated along dim 0, in rank order (ranks may hold different
+    numbers of rows, at least one each).
 
     Gradients flow back to the rank that produced each row (summed over the ranks that used
     it). Without an active process group, returns ``x``.
 
     Args:
-        x: ``(B, ...)`` tensor, the same shape on every rank.
+        x: ``(B, ...)`` tensor; the trailing dims must agree across ranks.
         group: process group (default: the world).
 
     Returns:
-        ``(world_size * B, ...)`` tensor.
+        ``(sum of B over ranks, ...)`` tensor.
     """
     if not is_active(group):
         return x
-    return _AllGatherWithGrad.apply(x, group)  # type: ignore[no-untyped-call, no-any-return]
+    return gather_rows(x, row_counts(x.shape[0], x.device, group), group)[0]
 
 
 @torch.no_grad()
-def all_gather_no_grad(x: Tensor, group: Any = None) -> Tensor:
-    """Like :func:`all_gather_with_grad` for tensors that need no gradient (queue keys)."""
+def all_gather_no_grad(x: Tensor, group: Any = None, counts: list[int] | None = None) -> Tensor:
+    """Like :func:`all_gather_with_grad` for tensors that need no gradient (queue keys and
+    labels); a rank may contribute no rows. ``counts`` (every rank's rows) saves the exchange
+    when the caller knows them."""
     if not is_active(group):
         return x
-    _, world = rank_and_world_size(group)
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=0)
+    if counts is None:
+        counts = _gather_counts(x.shape[0], x.device, group)
+    return _all_gather_rows(x, counts, group)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ._validation import check_float_tensor, check_labels, shape_str
-from .distributed import all_gather_no_grad
+from .distributed import all_gather_no_grad, gathered_counts
 
 
 class NegativeQueue(nn.Module):
@@ -149,9 +149,10 @@ class NegativeQueue(nn.Module):
             )
         keys = keys.detach()
         if self.gather_distributed:
-            keys = all_gather_no_grad(keys)
+            counts = None if labels is None else gathered_counts(keys)
+            keys = all_gather_no_grad(keys, counts=counts)
             if labels is not None:
-                labels = all_gather_no_grad(labels)
+                labels = all_gather_no_grad(labels, counts=counts)
         batch = keys.shape[0]
         if batch == 0:
             return

@@ -42,11 +42,21 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(DIM_IN, 8), nn.Tanh(), nn.Linear(8, DIM_OUT))
 
 
-def global_batches(num_views: int, world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """STEPS batches of views ``(V, world * N, DIM_IN)`` and labels ``(world * N,)`` (5 classes,
-    so ranks hold different numbers of same-label rows), the same on every process."""
+#: Rows per rank in the uneven run (the last batch of an epoch with drop_last=False).
+UNEVEN_ROWS = (4, 3, 1)
+UNEVEN_SCENARIOS = (
+    "nt_xent_dense",
+    "nt_xent_chunked",
+    "clip_cross_sdpa",
+    "paper_dense",
+    "labels_one_view_dense",
+)
+
+
+def global_batches(num_views: int, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """STEPS batches of views ``(V, rows, DIM_IN)`` and labels ``(rows,)`` (5 classes, so ranks
+    hold different numbers of same-label rows), the same on every process."""
     g = torch.Generator().manual_seed(1)
-    rows = world_size * N_PER_RANK
     return [
         (
             torch.randn(num_views, rows, DIM_IN, generator=g),
@@ -86,17 +96,21 @@ def loss_fn(
     return loss
 
 
-def train(model: nn.Module, scenario: str, rank: int, world_size: int, gather: bool) -> None:
+def train(
+    model: nn.Module, scenario: str, rank: int, rows_per_rank: tuple[int, ...], gather: bool
+) -> None:
+    """SGD steps on this rank's rows of each global batch (``gather``) or on all of them."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    for views, labels in global_batches(SCENARIOS[scenario][2], world_size):
-        rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+    start = sum(rows_per_rank[:rank])
+    for views, labels in global_batches(SCENARIOS[scenario][2], sum(rows_per_rank)):
+        rows = slice(start, start + rows_per_rank[rank])
         local, local_labels = (views[:, rows], labels[rows]) if gather else (views, labels)
         opt.zero_grad()
         loss_fn(model, local, local_labels, scenario, gather).backward()
         opt.step()
 
 
-def run(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def init(rank: int, world_size: int, port: int) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(
         "gloo",
@@ -106,11 +120,41 @@ def run(rank: int, world_size: int, port: int, out_dir: str) -> None:
         timeout=timedelta(seconds=60),
     )
     torch.set_num_threads(1)
+
+
+def run_uneven(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Ranks holding 4, 3 and 1 rows: training parity, the queue, and an empty rank."""
+    init(rank, world_size, port)
+    try:
+        results: dict[str, object] = {}
+        for scenario in UNEVEN_SCENARIOS:
+            model = DistributedDataParallel(make_model())
+            train(model, scenario, rank, UNEVEN_ROWS, gather=True)
+            results[scenario] = {
+                k: v.detach().clone() for k, v in model.module.state_dict().items()
+            }
+        queue = NegativeQueue(9, 2, gather_distributed=True, with_labels=True)
+        rows = UNEVEN_ROWS[rank]
+        queue.enqueue(torch.full((rows, 2), float(rank)), labels=torch.full((rows,), rank))
+        results["queue"] = queue.state_dict()
+        empty = torch.zeros(0, DIM_OUT) if rank == 1 else torch.randn(2, DIM_OUT)
+        try:
+            cct_loss(empty, empty.clone(), gather_distributed=True)
+            results["empty_rank"] = "no error"
+        except ValueError as error:
+            results["empty_rank"] = str(error)
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    init(rank, world_size, port)
     try:
         results: dict[str, object] = {}
         for scenario in SCENARIOS:
             model = DistributedDataParallel(make_model())
-            train(model, scenario, rank, world_size, gather=True)
+            train(model, scenario, rank, (N_PER_RANK,) * world_size, gather=True)
             results[scenario] = {
                 k: v.detach().clone() for k, v in model.module.state_dict().items()
             }

@@ -26,13 +26,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("dist")
+def spawn(target: Any, world_size: int, out: Path) -> list[dict[str, Any]]:
+    """Run ``target(rank, world_size, port, out)`` in gloo processes; their saved results."""
     context = mp.start_processes(  # type: ignore[attr-defined, no-untyped-call]
-        worker.run,
-        args=(WORLD_SIZE, free_port(), str(out)),
-        nprocs=WORLD_SIZE,
+        target,
+        args=(world_size, free_port(), str(out)),
+        nprocs=world_size,
         join=False,
         start_method="spawn",
     )
@@ -45,7 +44,17 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
         for process in context.processes:
             if process.is_alive():
                 process.kill()
-    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return spawn(worker.run, WORLD_SIZE, tmp_path_factory.mktemp("dist"))
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return spawn(worker.run_uneven, len(worker.UNEVEN_ROWS), tmp_path_factory.mktemp("uneven"))
 
 
 @pytest.mark.parametrize("scenario", list(worker.SCENARIOS))
@@ -54,7 +63,7 @@ def test_ddp_with_gathered_negatives_equals_single_process(
 ) -> None:
     """After a few SGD steps, DDP + gather_distributed matches one process on the whole batch."""
     single = worker.make_model()
-    worker.train(single, scenario, rank=0, world_size=WORLD_SIZE, gather=False)
+    worker.train(single, scenario, 0, (worker.N_PER_RANK,) * WORLD_SIZE, gather=False)
     for rank in range(WORLD_SIZE):
         for name, value in single.state_dict().items():
             got = results[rank][scenario][name]
@@ -98,3 +107,33 @@ def test_labelled_queues_agree_and_labels_follow_keys(results: list[dict[str, An
         torch.testing.assert_close(states[1][key], states[0][key], rtol=0, atol=0)
     keys, labels = states[0]["keys"], states[0]["key_labels"]
     torch.testing.assert_close(keys[:, 0].long(), labels)
+
+
+@pytest.mark.parametrize("scenario", worker.UNEVEN_SCENARIOS)
+def test_uneven_ranks_train_like_one_process(uneven: list[dict[str, Any]], scenario: str) -> None:
+    """Ranks with 4, 3 and 1 rows: every rank applies the single-process gradient of the mean
+    over the concatenated 8 rows."""
+    single = worker.make_model()
+    worker.train(single, scenario, 0, worker.UNEVEN_ROWS, gather=False)
+    for rank, result in enumerate(uneven):
+        for name, value in single.state_dict().items():
+            got = result[scenario][name]
+            assert torch.allclose(got, value, rtol=1e-5, atol=1e-5), (
+                f"rank {rank} {name}: max difference {float((got - value).abs().max()):.2e}"
+            )
+
+
+def test_uneven_ranks_fill_the_same_queue_in_rank_order(uneven: list[dict[str, Any]]) -> None:
+    states = [r["queue"] for r in uneven]
+    for state in states[1:]:
+        for key in state:
+            torch.testing.assert_close(state[key], states[0][key], rtol=0, atol=0)
+    # 4 keys of rank 0, 3 of rank 1, 1 of rank 2, in rank order, no unwritten row among them
+    assert states[0]["key_labels"][:8].tolist() == [0, 0, 0, 0, 1, 1, 1, 2]
+    assert int(states[0]["fill_level"]) == 8
+
+
+def test_an_empty_rank_is_an_error_on_every_rank(uneven: list[dict[str, Any]]) -> None:
+    for result in uneven:
+        assert "every rank needs at least one row" in result["empty_rank"]
+        assert "[2, 0, 2]" in result["empty_rank"]
