@@ -111,7 +111,8 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
 def check_flag(name: str, value: object) -> bool:
     """Check a boolean option."""
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+        extra = ' or "weights"' if name == "return_details" else ""
+        raise TypeError(f"{name} must be a bool{extra}, got {type(value).__name__} ({value!r})")
     return value
 
 

@@ -216,7 +216,7 @@ def chunked_expected_cost(
         signed_t,
         options.detach_weights,
         chunk,
-        options.return_details,
+        bool(options.return_details),
         side == "positives",
     )
     # H = -sum pi log pi with log pi = s d - log Z:  H = log Z - s E (0 without keys).

@@ -204,7 +204,8 @@ def _reduce(terms: QueryTerms, options: CCTOptions, *, gathered: bool) -> Tensor
         alpha=options.alpha,
         beta=options.beta,
         reduction=options.reduction,
-        return_details=options.return_details,
+        return_details=bool(options.return_details),
+        weights=options.wants_weights,
         mean_scale=scale,
     )
 

@@ -141,7 +141,7 @@ def dense_expected_cost(
         may_be_empty,
     )
     entropy, extreme = weight_statistics(
-        weights, costs, mask, side=side, return_details=options.return_details
+        weights, costs, mask, side=side, return_details=bool(options.return_details)
     )
     present = mask.any(-1) if may_be_empty and mask is not None else None
     return ConditionalExpectation(expected, entropy, extreme, weights, present)

@@ -52,8 +52,9 @@ class CCTDetails(NamedTuple):
         accuracy: fraction of queries whose farthest positive is closer than their nearest
             negative, among the queries that have both (per query 0/1 for ``"none"``): the
             analogue of InfoNCE's top-1.
-        pos_weights: the positive weights (dense and paper paths), else ``None``.
-        neg_weights: the negative weights (dense and paper paths), else ``None``.
+        pos_weights: the positive weights with ``return_details="weights"``, else ``None``.
+        neg_weights: the negative weights with ``return_details="weights"``, else ``None``.
+            What the tuple holds never depends on the implementation ``auto`` picked.
         queries_with_positives: how many of this call's queries have at least one positive
             (per query, bool, for ``"none"``). Without labels, every query.
         queries_with_negatives: the same for negatives.
@@ -102,6 +103,7 @@ def reduce_terms(
     beta: float | Tensor,
     reduction: str,
     return_details: bool,
+    weights: bool,
     mean_scale: MeanScale,
 ) -> Tensor | CCTDetails:
     """Combine per-query terms into the loss (and, if asked, the diagnostics).
@@ -139,8 +141,8 @@ def reduce_terms(
         pos_entropy=stat(terms.pos_entropy, terms.has_positives),
         neg_entropy=stat(terms.neg_entropy, terms.has_negatives),
         accuracy=stat(terms.accuracy, both),
-        pos_weights=terms.pos_weights,
-        neg_weights=terms.neg_weights,
+        pos_weights=terms.pos_weights if weights else None,
+        neg_weights=terms.neg_weights if weights else None,
         queries_with_positives=present(terms.has_positives),
         queries_with_negatives=present(terms.has_negatives),
     )

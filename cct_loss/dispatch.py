@@ -6,12 +6,17 @@ and one entry in :data:`KERNELS`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .chunked import chunked_expected_cost
 from .dense import dense_expected_cost
 from .sdpa import sdpa_expected_cost
 from .transport import ExpectedCostKernel
+
+if TYPE_CHECKING:
+    from .options import CCTOptions
 
 #: Every implementation by its ``impl`` name.
 KERNELS: dict[str, ExpectedCostKernel] = {
@@ -50,7 +55,9 @@ def choose_impl(
 
 
 def kernel_for(
-    impl: str, device: torch.device, num_queries: int, num_keys: int, *, per_query: bool
+    options: CCTOptions, device: torch.device, num_queries: int, num_keys: int, *, per_query: bool
 ) -> ExpectedCostKernel:
-    """The kernel that serves a ``(num_queries, num_keys)`` problem (see :func:`choose_impl`)."""
+    """The kernel that serves a ``(num_queries, num_keys)`` problem (see :func:`choose_impl`);
+    ``return_details="weights"`` makes ``auto`` pick dense, the kernel that holds the weights."""
+    impl = "dense" if options.wants_weights and options.impl == "auto" else options.impl
     return KERNELS[choose_impl(impl, device, num_queries, num_keys, per_query=per_query)]

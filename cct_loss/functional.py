@@ -42,7 +42,7 @@ def cct_loss(
     *,
     labels: Tensor | None = None,
     negative_labels: Tensor | None = None,
-    return_details: Literal[True],
+    return_details: Literal[True, "weights"],
     **options: Unpack[OptionKeywords],
 ) -> CCTDetails: ...
 
@@ -55,7 +55,7 @@ def cct_loss(
     *,
     labels: Tensor | None = None,
     negative_labels: Tensor | None = None,
-    return_details: bool = False,
+    return_details: bool | str = False,
     **options: Unpack[OptionKeywords],
 ) -> Tensor | CCTDetails: ...
 
@@ -78,7 +78,7 @@ def cct_loss(
     reduction: str = "mean",
     impl: str = "auto",
     chunk_size: int | None = None,
-    return_details: bool = False,
+    return_details: bool | str = False,
     gather_distributed: bool = False,
 ) -> Tensor | CCTDetails:
     r"""Contrastive Conditional Transport (CCT / CACR) loss.
@@ -148,9 +148,12 @@ def cct_loss(
             (streams over blocks of keys with an online softmax; never holds ``Q x K``),
             ``"sdpa"`` (PyTorch's fused attention kernels) or ``"auto"`` (see
             :func:`cct_loss.dispatch.choose_impl`). All give the same values and gradients.
-        chunk_size: keys per block for ``impl="chunked"`` (``None``: about 8 MiB per block).
-        return_details: return a :class:`CCTDetails` with the terms, weight entropies,
-            contrastive accuracy and (dense) the weight matrices.
+        chunk_size: keys per block for ``impl="chunked"`` (``None``: about 8 MiB per block);
+            with an explicit ``impl`` other than ``"chunked"`` it is an error.
+        return_details: ``True`` returns a :class:`CCTDetails` with the terms, weight
+            entropies, contrastive accuracy and counts (the same fields whichever
+            implementation runs); ``"weights"`` adds the weight matrices, which makes ``auto``
+            pick dense (an explicit ``"chunked"`` or ``"sdpa"`` is then an error).
         gather_distributed: under an initialised ``torch.distributed`` process group, the
             in-batch candidates come from the global batch (``"all"``: every rank's
             embeddings; ``"cross"``: every rank's ``positive``, with gradients when it requires
@@ -217,7 +220,7 @@ def cct_loss_multiview(
     views: Sequence[Tensor],
     *,
     labels: Tensor | None = None,
-    return_details: Literal[True],
+    return_details: Literal[True, "weights"],
     **options: Unpack[OptionKeywords],
 ) -> CCTDetails: ...
 
@@ -227,7 +230,7 @@ def cct_loss_multiview(
     views: Sequence[Tensor],
     *,
     labels: Tensor | None = None,
-    return_details: bool = False,
+    return_details: bool | str = False,
     **options: Unpack[OptionKeywords],
 ) -> Tensor | CCTDetails: ...
 
@@ -247,7 +250,7 @@ def cct_loss_multiview(
     reduction: str = "mean",
     impl: str = "auto",
     chunk_size: int | None = None,
-    return_details: bool = False,
+    return_details: bool | str = False,
     gather_distributed: bool = False,
 ) -> Tensor | CCTDetails:
     """CCT loss for a multi-view batch (several augmentations of each image).

@@ -149,7 +149,7 @@ def in_batch_terms(
         keys = global_rows.rows.reshape(num_views * n_all, d)
     query_groups = row_groups(labels, n, offset, device).repeat(num_views)
     key_groups = row_groups(key_labels, n_all, 0, device).repeat(num_views)
-    kernel = kernel_for(options.impl, device, flat.shape[0], keys.shape[0], per_query=False)
+    kernel = kernel_for(options, device, flat.shape[0], keys.shape[0], per_query=False)
     if labels is None:
         attract = fixed_attraction(flat, same_row_positives(views), options)
     else:
@@ -210,7 +210,7 @@ def cross_terms(
     if labels is None:
         attract = fixed_attraction(query, positive, options)
     else:  # row i always shares its own label: never empty
-        kernel = kernel_for(options.impl, device, n, batch_keys.shape[0], per_query=False)
+        kernel = kernel_for(options, device, n, batch_keys.shape[0], per_query=False)
         same = Membership(query_groups, batch_groups, same_group=True)
         attract = kernel(query, batch_keys, same, side="positives", options=options)
     keys, key_groups = batch_keys, batch_groups
@@ -222,7 +222,7 @@ def cross_terms(
         key_groups = torch.cat([batch_groups, extra])
     may_be_empty = labels is not None
     members = Membership(query_groups, key_groups, may_be_empty=may_be_empty)
-    kernel = kernel_for(options.impl, device, n, keys.shape[0], per_query=False)
+    kernel = kernel_for(options, device, n, keys.shape[0], per_query=False)
     repel = kernel(query, keys, members, side="negatives", options=options)
     return combine(attract, repel)
 
@@ -252,7 +252,7 @@ def explicit_negatives_terms(
         members = Membership(labels, negative_labels, may_be_empty=True)
     per_query = negatives.dim() == 3
     kernel = kernel_for(
-        options.impl, query.device, query.shape[0], negatives.shape[-2], per_query=per_query
+        options, query.device, query.shape[0], negatives.shape[-2], per_query=per_query
     )
     return combine(attract, kernel(query, negatives, members, side="negatives", options=options))
 
@@ -284,7 +284,7 @@ def paper_terms(
     keys = views if global_rows is None else global_rows.rows
     ids = torch.arange(offset, offset + n, device=views.device)
     members = Membership(ids, torch.arange(keys.shape[1], device=views.device))
-    kernel = kernel_for(options.impl, views.device, n, keys.shape[1], per_query=False)
+    kernel = kernel_for(options, views.device, n, keys.shape[1], per_query=False)
     pairs = list(itertools.combinations(range(num_views), 2))
     repels = [
         kernel(views[x], keys[y], members, side="negatives", options=options) for x, y in pairs

@@ -48,7 +48,7 @@ class CCTOptions:
     reduction: str = "mean"
     impl: str = "auto"
     chunk_size: int | None = None
-    return_details: bool = False
+    return_details: bool | str = False
     gather_distributed: bool = False
 
     def __post_init__(self) -> None:
@@ -66,8 +66,25 @@ class CCTOptions:
         check_choice("reduction", self.reduction, REDUCTIONS)
         check_choice("impl", self.impl, IMPLS)
         check_chunk_size(self.chunk_size)
-        check_flag("return_details", self.return_details)
+        if self.chunk_size is not None and self.impl not in ("auto", "chunked"):
+            raise ValueError(
+                f"chunk_size is the block width of impl='chunked'; impl={self.impl!r} has no "
+                f"blocks (got chunk_size={self.chunk_size}); drop it or use impl='chunked'"
+            )
+        if self.return_details != "weights":
+            check_flag("return_details", self.return_details)
+        elif self.impl not in ("auto", "dense"):
+            raise ValueError(
+                f"return_details='weights' needs the weight matrices, which impl={self.impl!r} "
+                "never holds; use impl='dense' (or 'auto', which then picks it), or "
+                "return_details=True for the statistics without the matrices"
+            )
         check_flag("gather_distributed", self.gather_distributed)
+
+    @property
+    def wants_weights(self) -> bool:
+        """``return_details="weights"``: the diagnostics include the weight matrices."""
+        return self.return_details == "weights"
 
     def t_for(self, side: Side) -> float | Tensor:
         """``t_pos`` for the positives, ``t_neg`` for the negatives."""
@@ -103,4 +120,4 @@ class CCTKeywords(OptionKeywords, total=False):
     """The keyword options of :class:`cct_loss.CCTLoss` and :class:`cct_loss.CCTMultiviewLoss`
     (the same as :func:`cct_loss.cct_loss`'s, whose docstring explains each)."""
 
-    return_details: bool
+    return_details: bool | str

@@ -156,7 +156,11 @@ def conditional_expectation(
     weights = torch.softmax(source * logit_scale(options, side), dim=-1)
     value = (weights * cost).sum(-1)
     entropy, extreme = weight_statistics(
-        weights.detach(), cost.detach(), None, side=side, return_details=options.return_details
+        weights.detach(),
+        cost.detach(),
+        None,
+        side=side,
+        return_details=bool(options.return_details),
     )
     return ConditionalExpectation(value, entropy, extreme, weights)
 

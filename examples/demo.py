@@ -110,7 +110,7 @@ def plot_weights(result: Result, split: Split, path: Path, queries: int = 4) -> 
         cfg.views, len(x), -1
     )
     out = cct_loss_multiview(
-        list(z), t_pos=cfg.t_pos, t_neg=cfg.t_neg, impl="dense", return_details=True
+        list(z), t_pos=cfg.t_pos, t_neg=cfg.t_neg, impl="dense", return_details="weights"
     )
     assert out.pos_weights is not None and out.neg_weights is not None
     flat = F.normalize(z.reshape(-1, z.shape[-1]), dim=-1)

@@ -72,7 +72,11 @@ def loss_fn(
     layout, impl, _ = SCENARIOS[scenario]
     z: torch.Tensor = model(views)  # (V, N, DIM_OUT)
     opts: dict[str, Any] = dict(
-        t_neg=2.0, detach_weights=False, impl=impl, chunk_size=3, gather_distributed=gather
+        t_neg=2.0,
+        detach_weights=False,
+        impl=impl,
+        chunk_size=3 if impl == "chunked" else None,
+        gather_distributed=gather,
     )
     loss: torch.Tensor
     if layout == "paper":

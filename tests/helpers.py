@@ -176,3 +176,8 @@ def grads_of(loss: Tensor, inputs: list[Tensor | None]) -> list[Tensor | None]:
     out = torch.autograd.grad((loss * backward_weights(loss)).sum(), present, allow_unused=True)
     it = iter(out)
     return [None if x is None else next(it) for x in inputs]
+
+
+def impl_options(impl: str, chunk_size: int | None = None) -> dict[str, Any]:
+    """``impl`` and, for chunked only, ``chunk_size`` (the other implementations refuse it)."""
+    return {"impl": impl, "chunk_size": chunk_size if impl == "chunked" else None}

@@ -14,7 +14,7 @@ from cct_loss import cct_loss
 from cct_loss.dispatch import KERNELS
 from cct_loss.sdpa import SDPA_MAX_SHARPNESS
 
-from .helpers import random_embeddings
+from .helpers import impl_options, random_embeddings
 from .reference import reference_loss
 
 IMPLS = list(KERNELS)
@@ -75,7 +75,7 @@ def test_second_derivatives_are_exact_or_refused(impl: str, call: str, detach: b
     opts: dict[str, Any] = dict(t_pos=1.3, t_neg=2.1, detach_weights=detach, reduction="none")
 
     def fast(*xs: torch.Tensor) -> torch.Tensor:
-        return ours(xs, impl=impl, chunk_size=2, **kwargs, **opts)
+        return ours(xs, **impl_options(impl, 2), **kwargs, **opts)
 
     def slow(*xs: torch.Tensor) -> torch.Tensor:
         return reference(xs, **kwargs, **opts)
@@ -98,8 +98,7 @@ def test_gradgradcheck_through_the_weights(impl: str, call: str) -> None:
     def fn(*xs: torch.Tensor) -> torch.Tensor:
         return ours(
             xs,
-            impl=impl,
-            chunk_size=2,
+            **impl_options(impl, 2),
             t_pos=1.3,
             t_neg=2.1,
             detach_weights=False,
@@ -116,7 +115,7 @@ def test_torch_func_grad_and_vmap_match_eager(impl: str, call: str) -> None:
     leaves, kwargs = call_inputs(call)
     q, p, *rest = (x.detach().float() for x in leaves)
     neg = rest[0] if rest else None
-    opts: dict[str, Any] = dict(impl=impl, chunk_size=2, t_neg=2.0, detach_weights=False)
+    opts: dict[str, Any] = dict(**impl_options(impl, 2), t_neg=2.0, detach_weights=False)
 
     def loss_of_query(query: torch.Tensor) -> torch.Tensor:
         return ours([query, p, *rest], **kwargs, **opts)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from cct_loss import NegativeQueue, cct_loss, cct_loss_multiview
 from cct_loss.dispatch import KERNELS
 
-from .helpers import random_embeddings
+from .helpers import impl_options, random_embeddings
 
 IMPLS = list(KERNELS)
 N, M, D, K = 6, 2, 8, 10
@@ -31,27 +31,27 @@ def _loss(x: Tensor | Any) -> Tensor:
 
 
 CALLS: dict[str, Call] = {
-    "in_batch": lambda q, p, impl: cct_loss(q, p[:, 0], impl=impl, chunk_size=4),
-    "multi_positive": lambda q, p, impl: cct_loss(q, p, impl=impl, chunk_size=4),
-    "shared": lambda q, p, impl: cct_loss(q, p, NEGATIVES, impl=impl, chunk_size=4),
-    "per_query": lambda q, p, impl: cct_loss(q, p, PER_QUERY, impl=impl, chunk_size=4),
+    "in_batch": lambda q, p, impl: cct_loss(q, p[:, 0], **impl_options(impl, 4)),
+    "multi_positive": lambda q, p, impl: cct_loss(q, p, **impl_options(impl, 4)),
+    "shared": lambda q, p, impl: cct_loss(q, p, NEGATIVES, **impl_options(impl, 4)),
+    "per_query": lambda q, p, impl: cct_loss(q, p, PER_QUERY, **impl_options(impl, 4)),
     "paper": lambda q, p, impl: _loss(
         cct_loss_multiview(
-            [q, p[:, 0], p[:, 1]], layout="paper", impl=impl, chunk_size=4, detach_weights=False
+            [q, p[:, 0], p[:, 1]], layout="paper", **impl_options(impl, 4), detach_weights=False
         )
     ),
-    "cross": lambda q, p, impl: cct_loss(q, p, layout="cross", impl=impl, chunk_size=4),
+    "cross": lambda q, p, impl: cct_loss(q, p, layout="cross", **impl_options(impl, 4)),
     "cross_queue": lambda q, p, impl: cct_loss(
-        q, p, NEGATIVES, layout="cross", impl=impl, chunk_size=4
+        q, p, NEGATIVES, layout="cross", **impl_options(impl, 4)
     ),
     "labels": lambda q, p, impl: cct_loss(
-        q, p, labels=LABELS, impl=impl, chunk_size=4, detach_weights=False
+        q, p, labels=LABELS, **impl_options(impl, 4), detach_weights=False
     ),
     "cross_labels": lambda q, p, impl: cct_loss(
-        q, p, layout="cross", labels=LABELS, impl=impl, chunk_size=4
+        q, p, layout="cross", labels=LABELS, **impl_options(impl, 4)
     ),
     "negative_labels": lambda q, p, impl: cct_loss(
-        q, p, NEGATIVES, labels=LABELS, negative_labels=NEGATIVE_LABELS, impl=impl, chunk_size=4
+        q, p, NEGATIVES, labels=LABELS, negative_labels=NEGATIVE_LABELS, **impl_options(impl, 4)
     ),
 }
 

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from cct_loss import CCTLoss, CCTMultiviewLoss, cct_loss, cct_loss_multiview
 from cct_loss.dispatch import KERNELS
 
-from .helpers import random_embeddings
+from .helpers import impl_options, random_embeddings
 from .reference import reference_loss, reference_multiview, unit
 
 IMPLS = list(KERNELS)
@@ -47,7 +47,7 @@ def test_never_forms_an_n_by_n_by_d_tensor(impl: str, layout: str, labelled: boo
     mode = LargestTensor()
     with mode:
         loss = cct_loss(
-            q, k, layout=layout, labels=labels, impl=impl, chunk_size=16, detach_weights=False
+            q, k, layout=layout, labels=labels, **impl_options(impl, 16), detach_weights=False
         )
         loss.backward()
     assert mode.largest < n * (n - 1) * d // 4, f"{impl}: a tensor of {mode.largest} elements"
@@ -166,7 +166,9 @@ def test_changing_a_tensor_sharpness_does_not_recompile(impl: str) -> None:
 
     @torch.compile(backend=counter, fullgraph=True)
     def step(t_neg: torch.Tensor) -> torch.Tensor:
-        return cct_loss(q, k, t_neg=t_neg, impl=impl, chunk_size=4)
+        out = cct_loss(q, k, t_neg=t_neg, **impl_options(impl, 4))
+        assert isinstance(out, torch.Tensor)
+        return out
 
     for value in (2.0, 3.0, 0.5, 7.0):
         t = torch.tensor(value)

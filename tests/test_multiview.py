@@ -100,7 +100,7 @@ def test_paper_layout_reproduces_paper_setting() -> None:
 
 def test_paper_details_shapes_and_identity() -> None:
     views = list(torch.randn(4, 6, 8))
-    out = cct_loss_multiview(views, layout="paper", return_details=True, alpha=2.0, beta=0.5)
+    out = cct_loss_multiview(views, layout="paper", return_details="weights", alpha=2.0, beta=0.5)
     torch.testing.assert_close(out.loss, 2.0 * out.attraction + 0.5 * out.repulsion)
     assert out.pos_weights is not None and out.pos_weights.shape == (4, 6, 3)
     assert out.neg_weights is not None and out.neg_weights.shape == (6, 6, 6)

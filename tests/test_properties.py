@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from cct_loss import cct_loss
 
-from .helpers import Case, cases, random_embeddings
+from .helpers import Case, cases, impl_options, random_embeddings
 
 
 def test_closed_form_one_positive_one_negative() -> None:
@@ -50,7 +50,7 @@ def test_simclr_collinear_views() -> None:
 @given(case=cases())
 def test_zero_sharpness_gives_uniform_weights(case: Case) -> None:
     opts = {**case.options, "t_pos": 0.0, "t_neg": 0.0, "reduction": "none"}
-    out = cct_loss(case.query, case.positive, case.negatives, return_details=True, **opts)
+    out = cct_loss(case.query, case.positive, case.negatives, return_details="weights", **opts)
     assert out.pos_weights is not None and out.neg_weights is not None
     m = out.pos_weights.shape[1]
     torch.testing.assert_close(out.pos_weights, torch.full_like(out.pos_weights, 1.0 / m))
@@ -155,8 +155,8 @@ def test_alpha_beta_do_not_enter_the_weights() -> None:
         random_embeddings((4, 3), 1),
         random_embeddings((6, 3), 2),
     )
-    base = cct_loss(q, p, n, t_neg=2.0, return_details=True)
-    scaled = cct_loss(q, p, n, t_neg=2.0, alpha=3.0, beta=-0.5, return_details=True)
+    base = cct_loss(q, p, n, t_neg=2.0, return_details="weights")
+    scaled = cct_loss(q, p, n, t_neg=2.0, alpha=3.0, beta=-0.5, return_details="weights")
     torch.testing.assert_close(base.neg_weights, scaled.neg_weights)
     torch.testing.assert_close(scaled.loss, 3.0 * base.attraction - 0.5 * base.repulsion)
 
@@ -229,7 +229,7 @@ def test_gradcheck_float64(impl: str, mode: str, normalize: bool, cost: str) -> 
         inputs.append(torch.randn(3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True))
 
     def fn(*xs: torch.Tensor) -> torch.Tensor:
-        return cct_loss(
+        out = cct_loss(
             *xs,
             t_pos=1.3,
             t_neg=2.1,
@@ -239,8 +239,9 @@ def test_gradcheck_float64(impl: str, mode: str, normalize: bool, cost: str) -> 
             normalize=normalize,
             cost=cost,
             reduction="none",
-            impl=impl,
-            chunk_size=2,
+            **impl_options(impl, 2),
         )
+        assert isinstance(out, torch.Tensor)
+        return out
 
     assert torch.autograd.gradcheck(fn, tuple(inputs))

@@ -260,7 +260,7 @@ def test_labelled_queue_feeds_negative_labels() -> None:
     queue.enqueue(torch.randn(16, 8), labels=torch.arange(16) % 4)
     q, k, y = torch.randn(6, 8), torch.randn(6, 8), torch.arange(6) % 4
     out = cct_loss(
-        q, k, queue.negatives(), labels=y, negative_labels=queue.labels(), return_details=True
+        q, k, queue.negatives(), labels=y, negative_labels=queue.labels(), return_details="weights"
     )
     assert out.neg_weights is not None
     same = y[:, None] == queue.labels()[None, :]

@@ -18,6 +18,7 @@ from .helpers import (
     cost_floor,
     float32_error,
     grads_of,
+    impl_options,
 )
 from .reference import reduce, reduce_results, reference_queries
 
@@ -42,8 +43,7 @@ def check_against_reference(case: Case, impl: str, chunk_size: int | None = None
         q,
         p,
         n,
-        impl=impl,
-        chunk_size=chunk_size,
+        **impl_options(impl, chunk_size),
         reduction=reduction,
         return_details=True,
         **case.call_options,
@@ -176,7 +176,7 @@ def test_weights_match_reference_shared_and_per_query(case: Case, seed: int) -> 
         case.positive.float(),
         case.negatives.float(),
         impl="dense",
-        return_details=True,
+        return_details="weights",
         **opts,
     )
     results = reference_queries(case.query, case.positive, case.negatives, **opts)
@@ -193,7 +193,7 @@ def test_in_batch_weight_layout() -> None:
     """In-batch neg_weights is (Q, Q) with zeros on same-instance columns, in view-major order."""
     g = torch.Generator().manual_seed(3)
     z1, z2, z3 = (torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(3))
-    out = cct_loss(z1, torch.stack([z2, z3], 1), t_neg=1.7, return_details=True)
+    out = cct_loss(z1, torch.stack([z2, z3], 1), t_neg=1.7, return_details="weights")
     results = reference_queries(z1, torch.stack([z2, z3], 1), t_neg=1.7)
     n, views = 4, 3
     assert out.neg_weights is not None and out.pos_weights is not None

@@ -15,7 +15,7 @@ from cct_loss import cct_loss, cct_loss_multiview
 from cct_loss.chunked import default_chunk_size
 from cct_loss.dispatch import AUTO_DENSE_MAX_ELEMENTS, choose_impl
 
-from .helpers import random_embeddings
+from .helpers import impl_options, random_embeddings
 from .reference import reference_loss, reference_paper, reference_queries
 
 MODES = ["in_batch", "shared", "per_query"]
@@ -109,7 +109,7 @@ def test_chunked_saves_no_query_by_key_tensor(mode: str) -> None:
 def test_paper_layout_with_every_impl(impl: str) -> None:
     views = random_embeddings((4, 6, 5), 5).requires_grad_()
     got = cct_loss_multiview(
-        list(views), layout="paper", impl=impl, chunk_size=4, t_neg=0.9, detach_weights=False
+        list(views), layout="paper", **impl_options(impl, 4), t_neg=0.9, detach_weights=False
     )
     want = reference_paper(list(views), t_neg=0.9, detach_weights=False)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
@@ -118,12 +118,11 @@ def test_paper_layout_with_every_impl(impl: str) -> None:
     torch.testing.assert_close(gg, gw, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "sdpa"])
+@pytest.mark.parametrize("impl", ["dense", "chunked", "sdpa"])
 def test_details_without_weight_matrices(impl: str) -> None:
     xs = inputs("shared", requires_grad=False)
     out = cct_loss(xs[0], xs[1], xs[2], impl=impl, t_neg=2.0, return_details=True)
-    assert out.neg_weights is None
-    assert out.pos_weights is not None  # positives are always dense: (Q, M) is small
+    assert out.neg_weights is None and out.pos_weights is None  # as for dense: only on request
     results = reference_queries(xs[0], xs[1], xs[2], t_neg=2.0)
     want = {
         "loss": torch.stack([r.loss for r in results]).mean(),
@@ -181,3 +180,35 @@ def test_default_chunk_size() -> None:
     assert default_chunk_size(256, 65536) == 8192
     assert default_chunk_size(10, 7) == 7
     assert default_chunk_size(1 << 30, 100) == 100
+
+
+def test_details_do_not_depend_on_what_auto_picked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same fields whether auto lands on dense or on chunked; asking for the weights makes
+    auto pick dense even where it would stream."""
+    xs = inputs("shared", requires_grad=False)
+    small = cct_loss(xs[0], xs[1], xs[2], return_details=True)
+    monkeypatch.setattr("cct_loss.dispatch.AUTO_DENSE_MAX_ELEMENTS", 1)  # auto streams now
+    large = cct_loss(xs[0], xs[1], xs[2], return_details=True)
+    for field in small._fields:
+        a, b = getattr(small, field), getattr(large, field)
+        assert (a is None) == (b is None), field
+        if a is not None:
+            torch.testing.assert_close(a, b, msg=field)
+    weights = cct_loss(xs[0], xs[1], xs[2], return_details="weights")
+    assert weights.neg_weights is not None and weights.neg_weights.shape == (5, 10)
+    assert weights.pos_weights is not None and weights.pos_weights.shape == (5, 2)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "sdpa"])
+def test_weights_from_an_implementation_without_them_is_an_error(impl: str) -> None:
+    xs = inputs("shared", requires_grad=False)
+    with pytest.raises(ValueError, match=rf"return_details='weights' .* impl='{impl}' never"):
+        cct_loss(xs[0], xs[1], xs[2], impl=impl, return_details="weights")
+
+
+@pytest.mark.parametrize("impl", ["dense", "sdpa"])
+def test_chunk_size_without_chunks_is_an_error(impl: str) -> None:
+    xs = inputs("shared", requires_grad=False)
+    with pytest.raises(ValueError, match=rf"chunk_size is the block width .* impl='{impl}'"):
+        cct_loss(xs[0], xs[1], xs[2], impl=impl, chunk_size=4)
+    assert torch.isfinite(cct_loss(xs[0], xs[1], xs[2], chunk_size=4))  # auto: used if it streams
