@@ -161,8 +161,9 @@ def cct_loss(
             with ``reduction="mean"`` is ``world_size`` times this rank's share of the global
             mean (each term's sum over this rank's queries divided by the global number of
             queries that have it), so that DDP's gradient averaging applies the single-process
-            gradient of the concatenated batch. All ranks must pass the same N. No-op without
-            a process group.
+            gradient of the concatenated batch. Ranks may hold different N (at least one row
+            each; an empty rank is a ``ValueError`` on every rank). No-op without a process
+            group.
 
     Returns:
         The loss (float32, or float64 for float64 inputs; computed in full precision under

@@ -29,7 +29,8 @@ class NegativeQueue(nn.Module):
         dim: key dimension ``D >= 1``.
         gather_distributed: under an initialised process group, :meth:`enqueue` first gathers
             the keys (and labels) of all ranks (in rank order), so every rank holds the same
-            queue. Every rank must then enqueue the same number of keys per call.
+            queue. Ranks may enqueue different numbers of keys (one small all-gather of
+            the counts per call).
         dtype: dtype of the stored keys (default float32).
         with_labels: also keep each key's integer label (``enqueue(keys, labels=...)``,
             :meth:`labels`), for ``cct_loss(q, k, queue.negatives(), labels=y,
