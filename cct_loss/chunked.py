@@ -86,7 +86,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
         chunk_size: int,
         return_details: bool,
         farther: bool,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         ids = (query_groups, key_groups, query_self, key_self)
         num_keys = keys.shape[-2]
         query_sq = query.pow(2).sum(-1, keepdim=True)
@@ -96,6 +96,9 @@ class _StreamingExpectedCost(torch.autograd.Function):
         weighted = query.new_zeros(shape)
         fill = float("-inf") if farther else float("inf")
         extreme = query.new_full(shape, fill if return_details else float("nan"))
+        # sum_k exp(l_k - m) (l_k - m): the entropy log Z - T / Z without the cancellation of
+        # log Z - s E when the weights are nearly one-hot
+        offsets = query.new_zeros(shape)
         for start, stop in _blocks(num_keys, chunk_size):
             costs = cost_block(query, query_sq, keys[..., start:stop, :], cost)
             logits = costs * scale
@@ -112,7 +115,12 @@ class _StreamingExpectedCost(torch.autograd.Function):
             # A row whose keys so far all sit out keeps max -inf: shift by 0 instead.
             shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
             rescale = torch.exp(running_max - shift)
-            exp_logits = (logits - shift[..., None]).exp_()
+            shifted = logits - shift[..., None]
+            exp_logits = shifted.exp()
+            if return_details:
+                moved = torch.where(torch.isinf(running_max), 0.0, running_max - shift)
+                block = torch.where(exp_logits > 0, exp_logits * shifted, 0.0).sum(-1)
+                offsets = rescale * (offsets + normaliser * moved) + block
             normaliser = normaliser * rescale + exp_logits.sum(-1)
             weighted = weighted * rescale + torch.linalg.vecdot(exp_logits, costs)
             running_max = new_max
@@ -120,20 +128,27 @@ class _StreamingExpectedCost(torch.autograd.Function):
         # E = 0 where none did.
         expected = weighted / normaliser.clamp_min(1.0)
         log_normaliser = running_max + torch.log(normaliser)
-        return expected, log_normaliser, extreme
+        entropy = torch.log(normaliser.clamp_min(1.0)) - offsets / normaliser.clamp_min(1.0)
+        if not return_details:
+            entropy = torch.full_like(entropy, float("nan"))
+        return expected, log_normaliser, extreme, entropy
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
         query, keys, *ids = inputs[:6]
         same_group, cost, scale, detach_weights, chunk_size = inputs[6:11]
-        expected, log_normaliser, extreme = output
+        expected, log_normaliser, extreme, entropy = output
         ctx.save_for_backward(query, keys, *ids, expected, log_normaliser)
         ctx.options = (cost, scale, detach_weights, chunk_size, same_group)
-        ctx.mark_non_differentiable(log_normaliser, extreme)
+        ctx.mark_non_differentiable(log_normaliser, extreme, entropy)
 
     @staticmethod
     def backward(
-        ctx: Any, grad_expected: Tensor, _grad_lse: Tensor | None, _grad_extreme: Tensor | None
+        ctx: Any,
+        grad_expected: Tensor,
+        _grad_lse: Tensor | None,
+        _grad_extreme: Tensor | None,
+        _grad_entropy: Tensor | None,
     ) -> tuple[Tensor | None, ...]:
         query, keys, *saved_ids, expected, log_normaliser = ctx.saved_tensors
         ids = (saved_ids[0], saved_ids[1], saved_ids[2], saved_ids[3])
@@ -199,7 +214,7 @@ def chunked_expected_cost(
 
     Returns:
         :class:`ConditionalExpectation` without weights (``weights=None``); the entropy
-        ``log Z - s E`` and the extreme cost come from the running statistics.
+        ``log Z - sum_k pi_k (l_k - m)`` and the extreme cost come from the running statistics.
     """
     chunk = options.chunk_size or default_chunk_size(query.shape[0], keys.shape[-2])
     signed_t = logit_scale(options, side)
@@ -207,7 +222,7 @@ def chunked_expected_cost(
     if members is not None:
         ids = (members.query_groups, members.key_groups, members.query_self, members.key_self)
     same_group = members is not None and members.same_group
-    expected, log_normaliser, extreme = _StreamingExpectedCost.apply(  # type: ignore[no-untyped-call]
+    expected, log_normaliser, extreme, entropy = _StreamingExpectedCost.apply(  # type: ignore[no-untyped-call]
         query,
         keys,
         *ids,
@@ -219,8 +234,6 @@ def chunked_expected_cost(
         bool(options.return_details),
         side == "positives",
     )
-    # H = -sum pi log pi with log pi = s d - log Z:  H = log Z - s E (0 without keys).
-    entropy = (log_normaliser - signed_t * expected).detach()
     present = None
     if members is not None and members.may_be_empty:
         present = torch.isfinite(log_normaliser)

@@ -280,7 +280,8 @@ def _stack_views(views: Sequence[Tensor], *, labels: bool, gathering: bool) -> T
         hint = "" if labels else " (or 1 view with labels=)"
         raise ValueError(f"views must hold at least {least} views{hint}, got {len(checked)}")
     first = checked[0]
-    for i, v in enumerate(checked[1:], start=1):
+    for i in range(1, len(checked)):
+        v = checked[i]
         if v.shape != first.shape:
             raise ValueError(
                 f"views[{i}] has shape {shape_str(v)} but views[0] has {shape_str(first)}; "

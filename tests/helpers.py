@@ -99,6 +99,12 @@ class Case:
 LABEL_PATTERNS = ("none", "equal", "distinct", "random")
 
 
+def finite_floats(low: float, high: float) -> st.SearchStrategy[float]:
+    """Floats in ``[low, high]`` without subnormals: some torch builds set flush-to-zero (the
+    CUDA wheels of older releases), where hypothesis refuses to draw subnormal floats."""
+    return st.floats(low, high, allow_subnormal=False)
+
+
 def draw_labels(draw: st.DrawFn, pattern: str, n: int) -> Tensor | None:
     """Labels of ``n`` rows: none, all equal, all distinct, or random with repeats."""
     if pattern == "none":
@@ -153,10 +159,10 @@ def cases(
     if labels is not None and negatives is not None and (layout == "all" or draw(st.booleans())):
         negative_labels = torch.tensor(draw(st.lists(st.integers(0, 3), min_size=k, max_size=k)))
     options: dict[str, Any] = {
-        "t_pos": draw(st.floats(0.0, 50.0)),
-        "t_neg": draw(st.floats(0.0, 50.0)),
-        "alpha": draw(st.floats(-2.0, 2.0)),
-        "beta": draw(st.floats(-2.0, 2.0)),
+        "t_pos": draw(finite_floats(0.0, 50.0)),
+        "t_neg": draw(finite_floats(0.0, 50.0)),
+        "alpha": draw(finite_floats(-2.0, 2.0)),
+        "beta": draw(finite_floats(-2.0, 2.0)),
         "cost": cost,
         "normalize": normalize,
         "detach_weights": draw(st.booleans()),
