@@ -25,7 +25,13 @@ import torch
 from torch import Tensor
 
 from .costs import cost_block, cost_vjp
-from .transport import ConditionalExpectation, Membership, differentiable_backward, logit_scale
+from .transport import (
+    ConditionalExpectation,
+    Membership,
+    cache_forward_signature,
+    differentiable_backward,
+    logit_scale,
+)
 
 if TYPE_CHECKING:
     from .options import CCTOptions, Side
@@ -101,10 +107,10 @@ class _StreamingExpectedCost(torch.autograd.Function):
         offsets = query.new_zeros(shape)
         for start, stop in _blocks(num_keys, chunk_size):
             costs = cost_block(query, query_sq, keys[..., start:stop, :], cost)
-            logits = costs * scale
+            logits = costs * scale  # a fresh tensor: updated in place
             mask = _block_mask(ids, same_group, start, stop)
             if mask is not None:
-                logits = logits.masked_fill(~mask, float("-inf"))
+                logits.masked_fill_(~mask, float("-inf"))
             if return_details:
                 masked = costs if mask is None else costs.masked_fill(~mask, fill)
                 if farther:
@@ -115,8 +121,8 @@ class _StreamingExpectedCost(torch.autograd.Function):
             # A row whose keys so far all sit out keeps max -inf: shift by 0 instead.
             shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
             rescale = torch.exp(running_max - shift)
-            shifted = logits - shift[..., None]
-            exp_logits = shifted.exp()
+            shifted = logits.sub_(shift[..., None])
+            exp_logits = shifted.exp() if return_details else shifted.exp_()
             if return_details:
                 moved = torch.where(torch.isinf(running_max), 0.0, running_max - shift)
                 block = torch.where(exp_logits > 0, exp_logits * shifted, 0.0).sum(-1)
@@ -192,6 +198,9 @@ class _StreamingExpectedCost(torch.autograd.Function):
                 key_blocks.append(block_keys)
         grad_keys = torch.cat(key_blocks, dim=-2) if need_keys else None
         return (grad_query if need_query else None), grad_keys, *nones
+
+
+cache_forward_signature(_StreamingExpectedCost)
 
 
 def chunked_expected_cost(

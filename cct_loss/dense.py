@@ -25,6 +25,7 @@ from .costs import cost_block, cost_vjp
 from .transport import (
     ConditionalExpectation,
     Membership,
+    cache_forward_signature,
     differentiable_backward,
     logit_scale,
     weight_statistics,
@@ -56,13 +57,13 @@ class _DenseExpectedCost(torch.autograd.Function):
         may_be_empty: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         costs = cost_block(query, query.pow(2).sum(-1, keepdim=True), keys, cost)
-        logits = costs * scale
+        logits = costs * scale  # a fresh tensor: updated in place (batched under vmap alike)
         if mask is not None:
-            logits = logits.masked_fill(~mask, float("-inf"))
+            logits.masked_fill_(~mask, float("-inf"))
         weights = torch.softmax(logits, dim=-1)
         del logits
         if may_be_empty:  # a row with no key taking part: all -inf gave NaN; it weighs nothing
-            weights = weights.nan_to_num(0.0)
+            weights.nan_to_num_(0.0)
         expected = torch.linalg.vecdot(weights, costs)
         return expected, weights, costs
 
@@ -106,6 +107,9 @@ class _DenseExpectedCost(torch.autograd.Function):
             grad_cost, query, keys, cost, need_keys=ctx.needs_input_grad[1]
         )
         return (grad_query if ctx.needs_input_grad[0] else None), grad_keys, *([None] * 5)
+
+
+cache_forward_signature(_DenseExpectedCost)
 
 
 def dense_expected_cost(

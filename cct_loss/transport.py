@@ -16,6 +16,7 @@ block if it streams.
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
@@ -107,6 +108,14 @@ class ExpectedCostKernel(Protocol):
         side: Side,
         options: CCTOptions,
     ) -> ConditionalExpectation: ...
+
+
+def cache_forward_signature(function: type[torch.autograd.Function]) -> None:
+    """Attach ``forward``'s signature to it: ``Function.apply`` binds the arguments of a
+    ``setup_context``-style function through ``inspect.signature`` on every call, which then
+    returns the cached one instead of rebuilding it (about 0.1 ms a call on a CPU)."""
+    forward = function.forward
+    forward.__signature__ = inspect.signature(forward)  # type: ignore[attr-defined]
 
 
 def logit_scale(options: CCTOptions, side: Side) -> float | Tensor:
