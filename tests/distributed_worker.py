@@ -114,6 +114,18 @@ def train(
         opt.step()
 
 
+def train_scenarios(
+    scenarios: tuple[str, ...], rank: int, rows_per_rank: tuple[int, ...]
+) -> dict[str, object]:
+    """Train a DDP model per scenario on this rank's rows; the trained weights by scenario."""
+    results: dict[str, object] = {}
+    for scenario in scenarios:
+        model = DistributedDataParallel(make_model())
+        train(model, scenario, rank, rows_per_rank, gather=True)
+        results[scenario] = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+    return results
+
+
 def init(rank: int, world_size: int, port: int) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(
@@ -130,13 +142,7 @@ def run_uneven(rank: int, world_size: int, port: int, out_dir: str) -> None:
     """Ranks holding 4, 3 and 1 rows: training parity, the queue, and an empty rank."""
     init(rank, world_size, port)
     try:
-        results: dict[str, object] = {}
-        for scenario in UNEVEN_SCENARIOS:
-            model = DistributedDataParallel(make_model())
-            train(model, scenario, rank, UNEVEN_ROWS, gather=True)
-            results[scenario] = {
-                k: v.detach().clone() for k, v in model.module.state_dict().items()
-            }
+        results = train_scenarios(UNEVEN_SCENARIOS, rank, UNEVEN_ROWS)
         queue = NegativeQueue(9, 2, gather_distributed=True, with_labels=True)
         rows = UNEVEN_ROWS[rank]
         queue.enqueue(torch.full((rows, 2), float(rank)), labels=torch.full((rows,), rank))
@@ -155,13 +161,7 @@ def run_uneven(rank: int, world_size: int, port: int, out_dir: str) -> None:
 def run(rank: int, world_size: int, port: int, out_dir: str) -> None:
     init(rank, world_size, port)
     try:
-        results: dict[str, object] = {}
-        for scenario in SCENARIOS:
-            model = DistributedDataParallel(make_model())
-            train(model, scenario, rank, (N_PER_RANK,) * world_size, gather=True)
-            results[scenario] = {
-                k: v.detach().clone() for k, v in model.module.state_dict().items()
-            }
+        results = train_scenarios(tuple(SCENARIOS), rank, (N_PER_RANK,) * world_size)
 
         queue = NegativeQueue(7, 3, gather_distributed=True)
         g = torch.Generator().manual_seed(100 + rank)
