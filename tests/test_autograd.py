@@ -160,3 +160,21 @@ def test_sdpa_range_constant_is_where_it_still_holds() -> None:
     want = reference_loss(*refs, t_pos=t, t_neg=t, detach_weights=False)
     for g, w in zip(torch.autograd.grad(loss, xs), torch.autograd.grad(want, refs), strict=True):
         assert float((g.double() - w).abs().max() / w.abs().max()) < 1e-4
+
+
+def test_functional_call_and_grad_over_parameters() -> None:
+    """The torch.func way of training: gradients of the loss over a model's parameters."""
+    model = torch.nn.Linear(5, 4)
+    x1, x2 = torch.randn(6, 5), torch.randn(6, 5)
+    params = dict(model.named_parameters())
+
+    def loss_of(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        z1 = torch.func.functional_call(model, p, (x1,))
+        z2 = torch.func.functional_call(model, p, (x2,))
+        return ours([z1, z2], t_neg=2.0, detach_weights=False)
+
+    grads = grad(loss_of)({k: v.detach() for k, v in params.items()})
+    ours([model(x1), model(x2)], t_neg=2.0, detach_weights=False).backward()
+    for name, value in params.items():
+        assert value.grad is not None
+        torch.testing.assert_close(grads[name], value.grad)

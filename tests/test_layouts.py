@@ -159,7 +159,7 @@ def test_tensor_options_equal_numbers(impl: str, layout: str) -> None:
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_changing_a_tensor_sharpness_does_not_recompile(impl: str) -> None:
     counter = torch._dynamo.testing.CompileCounter()
     q, k = torch.randn(8, 4), torch.randn(8, 4)
