@@ -186,7 +186,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
             mask = _block_mask(ids, same_group, start, stop)
             if mask is not None:
                 logits = logits.masked_fill(~mask, float("-inf"))
-            weights = (logits - lse[..., None]).exp_()  # pi, recomputed
+            weights = logits.sub_(lse[..., None]).exp_()  # pi, recomputed in place
             if detach_weights:
                 grad_cost = weights.mul_(grad_expected[..., None])
             else:
