@@ -139,3 +139,44 @@ def cost_vjp(
     if cost == "cosine":
         return grad_query, -g * query.unsqueeze(1)
     return grad_query, 2.0 * g * (keys - query.unsqueeze(1))
+
+
+def weights_vjp(
+    weights: Tensor,
+    grad_expected: Tensor,
+    query: Tensor,
+    keys: Tensor,
+    cost: str,
+    *,
+    rows_sum_to_one: bool,
+    need_keys: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`cost_vjp` of ``grad_cost = weights * grad_expected[:, None]`` (the detached-weights
+    backward) for shared ``(K, D)`` keys, without forming that ``(Q, K)`` product.
+
+    ``sum_k G_qk n_k = g_q (W n)_q`` and ``sum_q G_qk q_q = (W^T (g q))_k``: two matrix products
+    on the weights, and the row sums of ``G`` are ``g`` itself when every row of ``W`` sums to 1
+    (``rows_sum_to_one``; a query without keys has a zero row).
+
+    Args:
+        weights: ``(Q, K)`` weights; grad_expected: ``(Q,)``.
+        query: ``(Q, D)``; keys: ``(K, D)``.
+        cost: ``"sqeuclidean"`` or ``"cosine"``.
+        rows_sum_to_one: every row of ``weights`` sums to 1.
+        need_keys: whether to compute the keys' gradient.
+    """
+    g = grad_expected[:, None]
+    toward_keys = (weights @ keys).mul_(g)
+    if cost == "cosine":
+        grad_query = toward_keys.neg_()
+    else:
+        row_sums = g if rows_sum_to_one else weights.sum(-1, keepdim=True).mul_(g)
+        grad_query = torch.addcmul(toward_keys, row_sums, query, value=-1.0).mul_(-2.0)
+    if not need_keys:
+        return grad_query, None
+    toward_query = weights.T @ (query * g)
+    if cost == "cosine":
+        return grad_query, toward_query.neg_()
+    column_sums = (weights.T @ grad_expected).unsqueeze(-1)
+    grad_keys = torch.addcmul(toward_query, column_sums, keys, value=-1.0)
+    return grad_query, grad_keys.mul_(-2.0)

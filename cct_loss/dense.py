@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .costs import cost_block, cost_vjp
+from .costs import cost_block, cost_vjp, weights_vjp
 from .transport import (
     ConditionalExpectation,
     Membership,
@@ -50,7 +50,7 @@ class _DenseExpectedCost(torch.autograd.Function):
     def forward(
         query: Tensor,
         keys: Tensor,
-        mask: Tensor | None,
+        excluded: Tensor | None,
         cost: str,
         scale: float | Tensor,
         detach_weights: bool,
@@ -58,8 +58,8 @@ class _DenseExpectedCost(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         costs = cost_block(query, query.pow(2).sum(-1, keepdim=True), keys, cost)
         logits = costs * scale  # a fresh tensor: updated in place (batched under vmap alike)
-        if mask is not None:
-            logits.masked_fill_(~mask, float("-inf"))
+        if excluded is not None:
+            logits.masked_fill_(excluded, float("-inf"))
         weights = torch.softmax(logits, dim=-1)
         del logits
         if may_be_empty:  # a row with no key taking part: all -inf gave NaN; it weighs nothing
@@ -69,34 +69,45 @@ class _DenseExpectedCost(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        query, keys, mask, cost, scale, detach_weights, _ = inputs
+        query, keys, excluded, cost, scale, detach_weights, _ = inputs
         expected, weights, costs = output
         # Detached weights need only the weights for the closed-form backward; through the
         # weights it also needs the costs.
         ctx.save_for_backward(
-            query, keys, mask, weights, expected, None if detach_weights else costs
+            query, keys, excluded, weights, expected, None if detach_weights else costs
         )
-        ctx.options = (cost, scale, detach_weights)
+        ctx.options = (cost, scale, detach_weights, inputs[6])
         ctx.mark_non_differentiable(weights, costs)
 
     @staticmethod
     def backward(
         ctx: Any, grad_expected: Tensor, _grad_weights: Tensor | None, _grad_costs: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        query, keys, mask, weights, expected, costs = ctx.saved_tensors
-        cost, scale, detach_weights = ctx.options
+        query, keys, excluded, weights, expected, costs = ctx.saved_tensors
+        cost, scale, detach_weights, may_be_empty = ctx.options
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
             grads = differentiable_backward(
                 grad_expected,
                 query,
                 keys,
-                mask,
+                None if excluded is None else ~excluded,
                 ctx.needs_input_grad,
                 cost=cost,
                 scale=scale,
                 detach_weights=detach_weights,
             )
             return *grads, *([None] * 5)
+        if detach_weights and keys.dim() == 2:  # no (Q, K) product: two matrix products
+            grad_query, grad_keys = weights_vjp(
+                weights,
+                grad_expected,
+                query,
+                keys,
+                cost,
+                rows_sum_to_one=not may_be_empty,
+                need_keys=ctx.needs_input_grad[1],
+            )
+            return (grad_query if ctx.needs_input_grad[0] else None), grad_keys, *([None] * 5)
         if detach_weights:
             grad_cost = weights * grad_expected[:, None]
         else:
@@ -133,17 +144,18 @@ def dense_expected_cost(
     Returns:
         :class:`ConditionalExpectation` with the ``(Q, K)`` weights.
     """
-    mask = None if members is None else members.block_mask()
+    excluded = None if members is None else members.excluded_mask()
     may_be_empty = members is not None and members.may_be_empty
     expected, weights, costs = _DenseExpectedCost.apply(  # type: ignore[no-untyped-call]
         query,
         keys,
-        mask,
+        excluded,
         options.cost,
         logit_scale(options, side),
         options.detach_weights,
         may_be_empty,
     )
+    mask = None if excluded is None or not (options.return_details or may_be_empty) else ~excluded
     entropy, extreme = weight_statistics(
         weights, costs, mask, side=side, return_details=bool(options.return_details)
     )

@@ -79,6 +79,17 @@ class Membership(NamedTuple):
     key_self: Tensor | None = None
     may_be_empty: bool = False
 
+    def excluded_mask(self, start: int = 0, stop: int | None = None) -> Tensor:
+        """``(Q, stop - start)`` boolean, True where key ``start + j`` sits out for query q (the
+        negation of :meth:`block_mask`, built without a second pass)."""
+        keys = self.key_groups[start:stop]
+        if not self.same_group:
+            return self.query_groups[:, None] == keys[None, :]
+        excluded = self.query_groups[:, None] != keys[None, :]
+        if self.query_self is not None and self.key_self is not None:
+            excluded |= self.query_self[:, None] == self.key_self[None, start:stop]
+        return excluded
+
     def block_mask(self, start: int = 0, stop: int | None = None) -> Tensor:
         """``(Q, stop - start)`` boolean, True where key ``start + j`` takes part for query q."""
         keys = self.key_groups[start:stop]

@@ -198,3 +198,20 @@ def test_module_options_take_effect_and_state_dict_does_not_change() -> None:
     torch.testing.assert_close(
         crit(q, k, labels=labels), cct_loss(q, k, labels=labels, t_neg=0.5, layout="cross")
     )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("labels", [[3, 3, 3, 3], [0, 1, 2, 0]])
+def test_gradients_of_queries_without_keys(impl: str, detach: bool, labels: list[int]) -> None:
+    """Queries with no negatives (all labels equal) or no positives (a label seen once, one
+    view), unnormalised so that no projection hides a wrong radial gradient."""
+    z = random_embeddings((4, 3), 60).requires_grad_()
+    y = torch.tensor(labels)
+    opts: dict[str, Any] = dict(t_neg=1.7, t_pos=0.8, normalize=False, detach_weights=detach)
+    got = cct_loss_multiview([z.float()], labels=y, **impl_options(impl), **opts)
+    want = reference_multiview([z], labels=y, **opts)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    (g_got,) = torch.autograd.grad(got, z)
+    (g_want,) = torch.autograd.grad(want, z)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
