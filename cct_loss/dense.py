@@ -78,13 +78,20 @@ class _DenseExpectedCost(torch.autograd.Function):
         )
         ctx.options = (cost, scale, detach_weights, inputs[6])
         ctx.mark_non_differentiable(weights, costs)
+        # No zero-filled (Q, K) gradients for the two non-differentiable outputs.
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(
-        ctx: Any, grad_expected: Tensor, _grad_weights: Tensor | None, _grad_costs: Tensor | None
+        ctx: Any,
+        grad_expected: Tensor | None,
+        _grad_weights: Tensor | None,
+        _grad_costs: Tensor | None,
     ) -> tuple[Tensor | None, ...]:
         query, keys, excluded, weights, expected, costs = ctx.saved_tensors
         cost, scale, detach_weights, may_be_empty = ctx.options
+        if grad_expected is None:  # only the weights or costs were used: they have no gradient
+            return (None,) * 7
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
             grads = differentiable_backward(
                 grad_expected,
