@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .costs import cost_block, cost_vjp
+from .costs import cost_block, cost_vjp, weights_vjp
 from .transport import (
     ConditionalExpectation,
     Membership,
@@ -187,12 +187,25 @@ class _StreamingExpectedCost(torch.autograd.Function):
             if mask is not None:
                 logits = logits.masked_fill(~mask, float("-inf"))
             weights = logits.sub_(lse[..., None]).exp_()  # pi, recomputed in place
-            if detach_weights:
-                grad_cost = weights.mul_(grad_expected[..., None])
+            if detach_weights and block.dim() == 2:  # two products on the weights, as dense
+                block_query, block_keys = weights_vjp(
+                    weights,
+                    grad_expected,
+                    query,
+                    block,
+                    cost,
+                    rows_sum_to_one=False,  # a block's weights do not sum to 1
+                    need_keys=need_keys,
+                )
             else:
-                grad_cost = (costs - expected[..., None]).mul_(scale).add_(1.0)
-                grad_cost.mul_(weights).mul_(grad_expected[..., None])
-            block_query, block_keys = cost_vjp(grad_cost, query, block, cost, need_keys=need_keys)
+                if detach_weights:
+                    grad_cost = weights.mul_(grad_expected[..., None])
+                else:
+                    grad_cost = (costs - expected[..., None]).mul_(scale).add_(1.0)
+                    grad_cost.mul_(weights).mul_(grad_expected[..., None])
+                block_query, block_keys = cost_vjp(
+                    grad_cost, query, block, cost, need_keys=need_keys
+                )
             grad_query = grad_query + block_query  # out of place: vmap may batch either side
             if block_keys is not None:
                 key_blocks.append(block_keys)
