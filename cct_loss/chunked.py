@@ -46,17 +46,19 @@ def default_chunk_size(num_queries: int, num_keys: int) -> int:
     return max(1, min(num_keys, max(MIN_CHUNK, BLOCK_ELEMENTS // max(num_queries, 1))))
 
 
-def _block_mask(
+def _excluded(
     ids: tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None],
     same_group: bool,
     start: int,
     stop: int,
 ) -> Tensor | None:
+    """``(Q, stop - start)`` boolean, True where a key of the block sits out; ``None`` when
+    every key takes part."""
     query_groups, key_groups, query_self, key_self = ids
     if query_groups is None or key_groups is None:
         return None
     members = Membership(query_groups, key_groups, same_group, query_self, key_self)
-    return members.block_mask(start, stop)
+    return members.excluded_mask(start, stop)
 
 
 def _blocks(num_keys: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -108,11 +110,11 @@ class _StreamingExpectedCost(torch.autograd.Function):
         for start, stop in _blocks(num_keys, chunk_size):
             costs = cost_block(query, query_sq, keys[..., start:stop, :], cost)
             logits = costs * scale  # a fresh tensor: updated in place
-            mask = _block_mask(ids, same_group, start, stop)
-            if mask is not None:
-                logits.masked_fill_(~mask, float("-inf"))
+            excluded = _excluded(ids, same_group, start, stop)
+            if excluded is not None:
+                logits.masked_fill_(excluded, float("-inf"))
             if return_details:
-                masked = costs if mask is None else costs.masked_fill(~mask, fill)
+                masked = costs if excluded is None else costs.masked_fill(excluded, fill)
                 if farther:
                     extreme = torch.maximum(extreme, masked.amax(-1))
                 else:
@@ -163,11 +165,12 @@ class _StreamingExpectedCost(torch.autograd.Function):
         nones = [None] * 11
         num_keys = keys.shape[-2]
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+            all_keys = _excluded(ids, same_group, 0, num_keys)
             grads = differentiable_backward(
                 grad_expected,
                 query,
                 keys,
-                _block_mask(ids, same_group, 0, num_keys),
+                None if all_keys is None else ~all_keys,
                 ctx.needs_input_grad,
                 cost=cost,
                 scale=scale,
@@ -183,9 +186,9 @@ class _StreamingExpectedCost(torch.autograd.Function):
             block = keys[..., start:stop, :]
             costs = cost_block(query, query_sq, block, cost)
             logits = costs * scale
-            mask = _block_mask(ids, same_group, start, stop)
-            if mask is not None:
-                logits = logits.masked_fill(~mask, float("-inf"))
+            excluded = _excluded(ids, same_group, start, stop)
+            if excluded is not None:
+                logits.masked_fill_(excluded, float("-inf"))
             weights = logits.sub_(lse[..., None]).exp_()  # pi, recomputed in place
             if detach_weights and block.dim() == 2:  # two products on the weights, as dense
                 block_query, block_keys = weights_vjp(
