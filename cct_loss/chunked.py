@@ -165,12 +165,11 @@ class _StreamingExpectedCost(torch.autograd.Function):
         nones = [None] * 11
         num_keys = keys.shape[-2]
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
-            all_keys = _excluded(ids, same_group, 0, num_keys)
             grads = differentiable_backward(
                 grad_expected,
                 query,
                 keys,
-                None if all_keys is None else ~all_keys,
+                _excluded(ids, same_group, 0, num_keys),
                 ctx.needs_input_grad,
                 cost=cost,
                 scale=scale,

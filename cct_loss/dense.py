@@ -97,7 +97,7 @@ class _DenseExpectedCost(torch.autograd.Function):
                 grad_expected,
                 query,
                 keys,
-                None if excluded is None else ~excluded,
+                excluded,
                 ctx.needs_input_grad,
                 cost=cost,
                 scale=scale,
@@ -162,9 +162,8 @@ def dense_expected_cost(
         options.detach_weights,
         may_be_empty,
     )
-    mask = None if excluded is None or not (options.return_details or may_be_empty) else ~excluded
     entropy, extreme = weight_statistics(
-        weights, costs, mask, side=side, return_details=bool(options.return_details)
+        weights, costs, excluded, side=side, return_details=bool(options.return_details)
     )
-    present = mask.any(-1) if may_be_empty and mask is not None else None
+    present = ~excluded.all(-1) if may_be_empty and excluded is not None else None
     return ConditionalExpectation(expected, entropy, extreme, weights, present)

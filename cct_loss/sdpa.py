@@ -124,7 +124,8 @@ def sdpa_expected_cost(
     k_att = _pad_last(k_att, HEAD_DIM_MULTIPLE)
     values = _pad_last(values, HEAD_DIM_MULTIPLE)
 
-    mask = None if members is None else members.block_mask()
+    # The attention mask is True where a key takes part.
+    mask = None if members is None else ~members.excluded_mask()
     present = None
     if mask is not None and members is not None and members.may_be_empty:
         # A row with no key taking part would make the kernel's softmax 0/0: let it attend to

@@ -80,8 +80,10 @@ class Membership(NamedTuple):
     may_be_empty: bool = False
 
     def excluded_mask(self, start: int = 0, stop: int | None = None) -> Tensor:
-        """``(Q, stop - start)`` boolean, True where key ``start + j`` sits out for query q (the
-        negation of :meth:`block_mask`, built without a second pass)."""
+        """``(Q, stop - start)`` boolean, True where key ``start + j`` sits out for query q.
+
+        The one mask every kernel builds (dense whole, chunked per block): it is what
+        ``masked_fill`` takes, so no kernel negates it on its hot path."""
         keys = self.key_groups[start:stop]
         if not self.same_group:
             return self.query_groups[:, None] == keys[None, :]
@@ -89,16 +91,6 @@ class Membership(NamedTuple):
         if self.query_self is not None and self.key_self is not None:
             excluded |= self.query_self[:, None] == self.key_self[None, start:stop]
         return excluded
-
-    def block_mask(self, start: int = 0, stop: int | None = None) -> Tensor:
-        """``(Q, stop - start)`` boolean, True where key ``start + j`` takes part for query q."""
-        keys = self.key_groups[start:stop]
-        if not self.same_group:
-            return self.query_groups[:, None] != keys[None, :]
-        mask = self.query_groups[:, None] == keys[None, :]
-        if self.query_self is not None and self.key_self is not None:
-            mask &= self.query_self[:, None] != self.key_self[None, start:stop]
-        return mask
 
 
 class ExpectedCostKernel(Protocol):
@@ -139,13 +131,14 @@ def logit_scale(options: CCTOptions, side: Side) -> float | Tensor:
 def weight_statistics(
     weights: Tensor,
     costs: Tensor,
-    mask: Tensor | None,
+    excluded: Tensor | None,
     *,
     side: Side,
     return_details: bool,
 ) -> tuple[Tensor, Tensor]:
     """Entropy of each row of ``weights`` and the extreme cost (max for positives, min for
-    negatives) over the entries that take part; NaN placeholders unless ``return_details``."""
+    negatives) over the entries that take part (``excluded`` marks the others); NaN
+    placeholders unless ``return_details``."""
     with torch.no_grad():
         if not return_details:
             nan = torch.full_like(costs[..., 0], float("nan"))
@@ -153,7 +146,7 @@ def weight_statistics(
         entropy = -torch.special.xlogy(weights, weights).sum(-1)
         farther = side == "positives"
         fill = float("-inf") if farther else float("inf")
-        c = costs if mask is None else costs.masked_fill(~mask, fill)
+        c = costs if excluded is None else costs.masked_fill(excluded, fill)
         extreme = c.amax(-1) if farther else c.amin(-1)
         return entropy, extreme
 
@@ -188,7 +181,7 @@ def conditional_expectation(
 def expected_cost_autograd(
     query: Tensor,
     keys: Tensor,
-    mask: Tensor | None,
+    excluded: Tensor | None,
     *,
     cost: str,
     scale: float | Tensor,
@@ -203,16 +196,16 @@ def expected_cost_autograd(
 
     Args:
         query: ``(Q, D)``; keys: ``(K, D)`` shared or ``(Q, K, D)`` per query.
-        mask: ``(Q, K)`` bool, True where a key takes part, or ``None`` (all).
+        excluded: ``(Q, K)`` bool, True where a key sits out, or ``None`` (all take part).
         cost: ``"sqeuclidean"`` or ``"cosine"``.
         scale: ``+t_pos`` or ``-t_neg`` (see :func:`logit_scale`).
         detach_weights: treat the weights as constants.
     """
     costs = cost_matrix(query, keys, cost)
     logits = (costs.detach() if detach_weights else costs) * scale
-    if mask is not None:
-        present = mask.any(-1, keepdim=True)
-        logits = torch.where(mask, logits, float("-inf"))
+    if excluded is not None:
+        present = ~excluded.all(-1, keepdim=True)
+        logits = torch.where(excluded, float("-inf"), logits)
         logits = torch.where(present, logits, 0.0)  # a query without keys: no 0/0
         weights = torch.where(present, torch.softmax(logits, dim=-1), 0.0)
     else:
@@ -224,7 +217,7 @@ def differentiable_backward(
     grad_expected: Tensor,
     query: Tensor,
     keys: Tensor,
-    mask: Tensor | None,
+    excluded: Tensor | None,
     needs_input_grad: tuple[bool, ...],
     *,
     cost: str,
@@ -243,7 +236,7 @@ def differentiable_backward(
         query, keys = query.clone(), keys.clone()
         wanted = [x for x, need in zip((query, keys), needs_input_grad[:2], strict=True) if need]
         expected = expected_cost_autograd(
-            query, keys, mask, cost=cost, scale=scale, detach_weights=detach_weights
+            query, keys, excluded, cost=cost, scale=scale, detach_weights=detach_weights
         )
         grads = iter(torch.autograd.grad(expected, wanted, grad_expected, create_graph=True))
     grad_query = next(grads) if needs_input_grad[0] else None
