@@ -216,9 +216,7 @@ def _gather(rows: Tensor, labels: Tensor | None, counts: list[int] | None) -> Gl
     if counts is None:
         return None
     gathered, offset = distributed.gather_rows(rows, counts)
-    gathered_labels = (
-        None if labels is None else distributed.all_gather_no_grad(labels, counts=counts)
-    )
+    gathered_labels = None if labels is None else distributed.all_gather_no_grad(labels, counts)
     return GlobalRows(gathered, gathered_labels, offset)
 
 

@@ -127,14 +127,12 @@ def all_gather_with_grad(x: Tensor, group: Any = None) -> Tensor:
 
 
 @torch.no_grad()
-def all_gather_no_grad(x: Tensor, group: Any = None, counts: list[int] | None = None) -> Tensor:
-    """Like :func:`all_gather_with_grad` for tensors that need no gradient (queue keys and
-    labels); a rank may contribute no rows. ``counts`` (every rank's rows) saves the exchange
-    when the caller knows them."""
+def all_gather_no_grad(x: Tensor, counts: list[int], group: Any = None) -> Tensor:
+    """Like :func:`gather_rows` for tensors that need no gradient (queue keys, labels), given
+    every rank's row count (:func:`gathered_counts` or :func:`row_counts`); a rank may
+    contribute no rows."""
     if not is_active(group):
         return x
-    if counts is None:
-        counts = _gather_counts(x.shape[0], x.device, group)
     return _all_gather_rows(x, counts, group)
 
 

@@ -150,10 +150,10 @@ class NegativeQueue(nn.Module):
             )
         keys = keys.detach()
         if self.gather_distributed:
-            counts = None if labels is None else gathered_counts(keys)
-            keys = all_gather_no_grad(keys, counts=counts)
+            counts = gathered_counts(keys)  # one exchange for the keys and their labels
+            keys = all_gather_no_grad(keys, counts)
             if labels is not None:
-                labels = all_gather_no_grad(labels, counts=counts)
+                labels = all_gather_no_grad(labels, counts)
         batch = keys.shape[0]
         if batch == 0:
             return
