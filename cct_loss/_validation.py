@@ -111,9 +111,17 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
 def check_flag(name: str, value: object) -> bool:
     """Check a boolean option."""
     if not isinstance(value, bool):
-        extra = ' or "weights"' if name == "return_details" else ""
-        raise TypeError(f"{name} must be a bool{extra}, got {type(value).__name__} ({value!r})")
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
     return value
+
+
+def check_details(value: object) -> bool | str:
+    """Check ``return_details``: a bool, or ``"weights"`` for the weight matrices too."""
+    if value == "weights" or isinstance(value, bool):
+        return value
+    raise TypeError(
+        f'return_details must be a bool or "weights", got {type(value).__name__} ({value!r})'
+    )
 
 
 def check_chunk_size(value: object) -> int | None:

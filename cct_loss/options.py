@@ -18,6 +18,7 @@ from ._validation import (
     REDUCTIONS,
     check_choice,
     check_chunk_size,
+    check_details,
     check_flag,
     check_scalar_option,
 )
@@ -71,9 +72,8 @@ class CCTOptions:
                 f"chunk_size is the block width of impl='chunked'; impl={self.impl!r} has no "
                 f"blocks (got chunk_size={self.chunk_size}); drop it or use impl='chunked'"
             )
-        if self.return_details != "weights":
-            check_flag("return_details", self.return_details)
-        elif self.impl not in ("auto", "dense"):
+        check_details(self.return_details)
+        if self.wants_weights and self.impl not in ("auto", "dense"):
             raise ValueError(
                 f"return_details='weights' needs the weight matrices, which impl={self.impl!r} "
                 "never holds; use impl='dense' (or 'auto', which then picks it), or "
