@@ -34,43 +34,29 @@ def prepare_embeddings(x: Tensor, *, cost: str, normalize: bool) -> Tensor:
     return x
 
 
-def rowwise_cost(a: Tensor, b: Tensor, cost: str) -> Tensor:
-    """Costs between each row ``a[i]`` and its own set of vectors ``b[i, :]`` (plain autograd).
+def cost_matrix(query: Tensor, keys: Tensor, cost: str) -> Tensor:
+    """Costs of every query against shared ``(K, D)`` keys, or against its own ``(Q, K, D)``
+    keys, in plain, twice-differentiable autograd.
 
-    Used for the ``M`` positives of each query, a small block. The value is clamped at 0; the
-    gradient is the formula's everywhere (see :func:`cost_vjp`).
+    Used for the ``M`` positives of each query (a small block) and, by the kernels, to
+    recompute a block when a backward pass must itself be differentiable (``create_graph=True``).
+    The value is clamped at 0; the gradient is the formula's everywhere (see :func:`cost_vjp`).
 
     Args:
-        a: ``(N, D)`` prepared embeddings.
-        b: ``(N, K, D)`` prepared embeddings.
+        query: ``(Q, D)`` prepared embeddings.
+        keys: ``(K, D)`` shared, or ``(Q, K, D)`` per query.
         cost: ``"sqeuclidean"`` or ``"cosine"``.
 
     Returns:
-        ``(N, K)`` costs.
+        ``(Q, K)`` costs.
     """
-    gram = torch.bmm(b, a.unsqueeze(-1)).squeeze(-1)
+    per_query = keys.dim() == 3
+    gram = torch.bmm(keys, query.unsqueeze(-1)).squeeze(-1) if per_query else query @ keys.T
     if cost == "cosine":  # inputs are unit vectors (or zero): 1 - cos(a, b)
         raw = 1.0 - gram
     else:
-        raw = a.pow(2).sum(-1, keepdim=True) + b.pow(2).sum(-1) - 2.0 * gram
-    # Value clamped at 0 (rounding), gradient of the formula, as in cost_block + cost_vjp.
-    return raw + (raw.clamp_min(0.0) - raw).detach()
-
-
-def cost_matrix(query: Tensor, keys: Tensor, cost: str) -> Tensor:
-    """Costs of every query against shared ``(K, D)`` or per-query ``(Q, K, D)`` keys in plain,
-    twice-differentiable autograd (value clamped at 0, the formula's gradient everywhere).
-
-    The kernels use it to recompute a block when a backward pass itself must be differentiable
-    (``create_graph=True``: gradient penalties, Hessian-vector products).
-    """
-    if keys.dim() == 3:
-        return rowwise_cost(query, keys, cost)
-    gram = query @ keys.T
-    if cost == "cosine":
-        raw = 1.0 - gram
-    else:
         raw = query.pow(2).sum(-1, keepdim=True) + keys.pow(2).sum(-1) - 2.0 * gram
+    # Value clamped at 0 (rounding), gradient of the formula, as in cost_block + cost_vjp.
     return raw + (raw.clamp_min(0.0) - raw).detach()
 
 

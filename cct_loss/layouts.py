@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .costs import rowwise_cost
+from .costs import cost_matrix
 from .details import QueryTerms
 from .dispatch import kernel_for
 from .options import CCTOptions
@@ -50,7 +50,7 @@ def fixed_attraction(
         query: ``(Q, D)``.
         positives: ``(Q, M, D)``.
     """
-    costs = rowwise_cost(query, positives, options.cost)
+    costs = cost_matrix(query, positives, options.cost)
     return conditional_expectation(costs, side="positives", options=options)
 
 
@@ -292,7 +292,7 @@ def paper_terms(
     with torch.no_grad():
         if options.return_details:  # does z_y[i] beat every other row of y as z_x[i]'s neighbour?
             own = torch.stack(
-                [rowwise_cost(views[x], views[y].unsqueeze(1), options.cost) for x, y in pairs]
+                [cost_matrix(views[x], views[y].unsqueeze(1), options.cost) for x, y in pairs]
             ).squeeze(-1)
             accuracy = (own < torch.stack([r.extreme for r in repels])).to(views.dtype)
         else:
