@@ -155,7 +155,7 @@ def loss_of_pairs(
             terms = explicit_negatives_terms(
                 q, p, prepare(negatives), options, labels=labels, negative_labels=negative_labels
             )
-        return _reduce(terms, options, gathered=gathering)
+        return _reduce(terms, options, row_counts=counts)
 
 
 def loss_of_views(
@@ -184,21 +184,30 @@ def loss_of_views(
             terms = paper_terms(prepared, options, global_rows=global_rows)
         else:
             terms = in_batch_terms(prepared, options, labels=labels, global_rows=global_rows)
-        return _reduce(terms, options, gathered=gathering)
+        return _reduce(terms, options, row_counts=counts)
 
 
-def _reduce(terms: QueryTerms, options: CCTOptions, *, gathered: bool) -> Tensor | CCTDetails:
-    """Reduce with the mean over the queries that have each term, global across processes."""
+def _reduce(
+    terms: QueryTerms, options: CCTOptions, *, row_counts: list[int] | None
+) -> Tensor | CCTDetails:
+    """Reduce with the mean over the queries that have each term, global across processes
+    (``row_counts``: every rank's rows when gathering, else ``None``)."""
     scale = MeanScale()
     flagged = terms.has_positives is not None or terms.has_negatives is not None
-    if options.reduction == "mean" and (flagged or gathered):
-        counts = term_counts(terms)
-        world = 1
-        if gathered:
-            counts = distributed.all_reduce_sum(counts)
-            world = distributed.rank_and_world_size()[1]
-        per_query = world / counts.clamp_min(1.0)
-        scale = MeanScale(per_query[0], per_query[1])
+    if options.reduction == "mean" and (flagged or row_counts is not None):
+        world = 1 if row_counts is None else len(row_counts)
+        if flagged:  # the counts depend on the labels: one small all-reduce across processes
+            counts = term_counts(terms)
+            if row_counts is not None:
+                counts = distributed.all_reduce_sum(counts)
+            per_query = world / counts.clamp_min(1.0)
+            scale = MeanScale(per_query[0], per_query[1])
+        else:  # every query has both terms: the global count is known on the host
+            rank, _ = distributed.rank_and_world_size()
+            assert row_counts is not None
+            queries_per_row = terms.attraction.shape[0] // row_counts[rank]
+            same = world / (queries_per_row * sum(row_counts))
+            scale = MeanScale(same, same)
     return reduce_terms(
         terms,
         alpha=options.alpha,

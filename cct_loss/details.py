@@ -75,13 +75,13 @@ class CCTDetails(NamedTuple):
 class MeanScale(NamedTuple):
     """What ``reduction="mean"`` divides each term's sum by.
 
-    ``attraction`` and ``repulsion`` are 0-dim tensors, or ``None`` for a plain mean over the
-    queries. Across processes a term's sum is divided by its global count over the world size,
+    ``attraction`` and ``repulsion`` are numbers or 0-dim tensors (counts that depend on the
+    labels), or ``None`` for a plain mean over the queries. Across processes a term's sum is divided by its global count over the world size,
     so that DDP's averaging gives the gradient of the mean over the concatenated batch.
     """
 
-    attraction: Tensor | None = None
-    repulsion: Tensor | None = None
+    attraction: float | Tensor | None = None
+    repulsion: float | Tensor | None = None
 
 
 def term_counts(terms: QueryTerms) -> Tensor:
@@ -148,7 +148,7 @@ def reduce_terms(
     )
 
 
-def _reduce(x: Tensor, reduction: str, scale: Tensor | None) -> Tensor:
+def _reduce(x: Tensor, reduction: str, scale: float | Tensor | None) -> Tensor:
     if reduction == "mean":
         return x.mean() if scale is None else x.sum() * scale
     if reduction == "sum":
