@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .costs import cost_block, cost_vjp, weights_vjp
+from .precision import as_input_grads, backward_in_own_precision, squared_norms
 from .transport import (
     ConditionalExpectation,
     Membership,
@@ -97,16 +98,16 @@ class _StreamingExpectedCost(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         ids = (query_groups, key_groups, query_self, key_self)
         num_keys = keys.shape[-2]
-        query_sq = query.pow(2).sum(-1, keepdim=True)
-        shape = query.shape[:-1]
-        running_max = query.new_full(shape, float("-inf"))
-        normaliser = query.new_zeros(shape)
-        weighted = query.new_zeros(shape)
+        query_sq = squared_norms(query, keepdim=True)
+        # The running statistics: (Q,) in the accumulation dtype (float32 for half embeddings)
+        running_max = torch.full_like(query_sq[..., 0], float("-inf"))
+        normaliser = torch.zeros_like(running_max)
+        weighted = torch.zeros_like(running_max)
         fill = float("-inf") if farther else float("inf")
-        extreme = query.new_full(shape, fill if return_details else float("nan"))
+        extreme = torch.full_like(running_max, fill if return_details else float("nan"))
         # sum_k exp(l_k - m) (l_k - m): the entropy log Z - T / Z without the cancellation of
         # log Z - s E when the weights are nearly one-hot
-        offsets = query.new_zeros(shape)
+        offsets = torch.zeros_like(running_max)
         for start, stop in _blocks(num_keys, chunk_size):
             costs = cost_block(query, query_sq, keys[..., start:stop, :], cost)
             logits = costs * scale  # a fresh tensor: updated in place
@@ -151,6 +152,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
         ctx.mark_non_differentiable(log_normaliser, extreme, entropy)
 
     @staticmethod
+    @backward_in_own_precision
     def backward(
         ctx: Any,
         grad_expected: Tensor,
@@ -176,9 +178,9 @@ class _StreamingExpectedCost(torch.autograd.Function):
                 detach_weights=detach_weights,
             )
             return *grads, *nones
-        grad_query = torch.zeros_like(query)
+        query_sq = squared_norms(query, keepdim=True)
+        grad_query = torch.zeros_like(query, dtype=query_sq.dtype)
         key_blocks: list[Tensor] = []
-        query_sq = query.pow(2).sum(-1, keepdim=True)
         # A query without keys has log Z = -inf; shifting its (all -inf) logits by 0 gives 0.
         lse = torch.where(torch.isinf(log_normaliser), 0.0, log_normaliser)
         for start, stop in _blocks(num_keys, chunk_size):
@@ -212,7 +214,8 @@ class _StreamingExpectedCost(torch.autograd.Function):
             if block_keys is not None:
                 key_blocks.append(block_keys)
         grad_keys = torch.cat(key_blocks, dim=-2) if need_keys else None
-        return (grad_query if need_query else None), grad_keys, *nones
+        grads = as_input_grads((need_query, need_keys), (query, keys), (grad_query, grad_keys))
+        return *grads, *nones
 
 
 cache_forward_signature(_StreamingExpectedCost)

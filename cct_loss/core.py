@@ -7,7 +7,7 @@ Each entry point builds (or holds) one :class:`cct_loss.options.CCTOptions` and 
 
 from __future__ import annotations
 
-import contextlib
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -31,6 +31,7 @@ from .layouts import (
     paper_terms,
 )
 from .options import CCTOptions
+from .precision import Precision, own_precision, resolve_precision
 
 #: The layouts each entry point takes.
 PAIR_LAYOUTS = ("all", "cross")
@@ -129,11 +130,13 @@ def loss_of_pairs(
     counts = distributed.row_counts(n, device) if gathering else None
 
     positives = positive if positive.dim() == 3 else positive.unsqueeze(1)
-    with _full_precision(device):
-        dtype = _compute_dtype(query, positive, *([] if negatives is None else [negatives]))
+    precision = resolve_precision(
+        device, query, positive, *([] if negatives is None else [negatives])
+    )
+    with own_precision(device):
 
         def prepare(x: Tensor) -> Tensor:
-            return prepare_embeddings(x.to(dtype), cost=options.cost, normalize=options.normalize)
+            return _prepare(x, precision, options)
 
         q, p = prepare(query), prepare(positives)
         if cross:
@@ -173,11 +176,9 @@ def loss_of_views(
             )
         labels = check_labels("labels", labels, stacked.shape[1], "N")
         check_same_device({"views": stacked, "labels": labels})
-    with _full_precision(stacked.device):
-        dtype = _compute_dtype(stacked)
-        prepared = prepare_embeddings(
-            stacked.to(dtype), cost=options.cost, normalize=options.normalize
-        )
+    precision = resolve_precision(stacked.device, stacked)
+    with own_precision(stacked.device):
+        prepared = _prepare(stacked, precision, options)
         counts = distributed.row_counts(stacked.shape[1], stacked.device) if gathering else None
         global_rows = _gather_views(prepared, labels, counts)
         if options.layout == "paper":
@@ -295,7 +296,7 @@ def _stack_views(views: Sequence[Tensor], *, labels: bool, gathering: bool) -> T
                 "expected every view to be (N, D) with the same N and D"
             )
     check_same_device({f"views[{i}]": v for i, v in enumerate(checked)})
-    dtype = _compute_dtype(*checked)
+    dtype = functools.reduce(torch.promote_types, [v.dtype for v in checked])
     stacked = torch.stack([view.to(dtype) for view in checked])
     _, n, d = stacked.shape
     if n < 2 and not (gathering or labels):
@@ -309,19 +310,10 @@ def _stack_views(views: Sequence[Tensor], *, labels: bool, gathering: bool) -> T
     return stacked
 
 
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (half inputs are computed in float32)."""
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
-
-
-def _full_precision(device: torch.device) -> contextlib.AbstractContextManager[object]:
-    """Disable autocast on ``device`` so costs, softmax and sums run in float32 or better."""
-    if device.type in _AUTOCAST_DEVICES:
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
+def _prepare(x: Tensor, precision: Precision, options: CCTOptions) -> Tensor:
+    """Normalise (as the options say) in the compute dtype, then cast to the products' dtype:
+    the embeddings every layout and kernel receives (see :mod:`cct_loss.precision`)."""
+    prepared = prepare_embeddings(
+        x.to(precision.compute), cost=options.cost, normalize=options.normalize
+    )
+    return prepared.to(precision.products)

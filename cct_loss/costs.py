@@ -3,6 +3,10 @@
 ``c(a, b) = ||a - b||^2`` ("sqeuclidean") or ``1 - cos(a, b)`` ("cosine"). Both are computed
 from inner products, ``|a|^2 + |b|^2 - 2 a.b`` clamped at 0, so no ``(N, K, D)`` difference
 tensor is ever formed.
+
+Precision (:mod:`cct_loss.precision`): the inner products run in the embeddings' dtype (half
+precision under autocast) with float32 accumulation; the squared norms, the costs and every
+gradient are float32 (float64 for float64 embeddings).
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .precision import accumulation_dtype, product, squared_norms
 
 #: ``eps`` of :func:`torch.nn.functional.normalize`: a zero vector stays zero instead of NaN.
 NORMALIZE_EPS = 1e-12
@@ -50,40 +56,43 @@ def cost_matrix(query: Tensor, keys: Tensor, cost: str) -> Tensor:
     Returns:
         ``(Q, K)`` costs.
     """
-    per_query = keys.dim() == 3
-    gram = torch.bmm(keys, query.unsqueeze(-1)).squeeze(-1) if per_query else query @ keys.T
+    gram = _gram(query, keys)
     if cost == "cosine":  # inputs are unit vectors (or zero): 1 - cos(a, b)
         raw = 1.0 - gram
     else:
-        raw = query.pow(2).sum(-1, keepdim=True) + keys.pow(2).sum(-1) - 2.0 * gram
+        raw = squared_norms(query, keepdim=True) + squared_norms(keys) - 2.0 * gram
     # Value clamped at 0 (rounding), gradient of the formula, as in cost_block + cost_vjp.
     return raw + (raw.clamp_min(0.0) - raw).detach()
+
+
+def _gram(query: Tensor, keys: Tensor) -> Tensor:
+    """``(Q, K)`` inner products with shared ``(K, D)`` or per-query ``(Q, K, D)`` keys."""
+    if keys.dim() == 3:
+        return product(keys, query.unsqueeze(-1), keys.dtype).squeeze(-1)
+    return product(query, keys.T, keys.dtype)
 
 
 def cost_block(query: Tensor, query_sq: Tensor, keys: Tensor, cost: str) -> Tensor:
     """Clamped costs of every query against a block of keys (no autograd graph needed).
 
     Args:
-        query: ``(Q, D)`` prepared queries; query_sq: ``(Q, 1)`` their squared norms.
+        query: ``(Q, D)`` prepared queries; query_sq: ``(Q, 1)`` their squared norms
+            (:func:`cct_loss.precision.squared_norms`).
         keys: ``(C, D)`` keys shared by all queries, or ``(Q, C, D)`` keys per query.
         cost: ``"sqeuclidean"`` or ``"cosine"``.
 
     Returns:
-        ``(Q, C)`` costs, a fresh tensor.
+        ``(Q, C)`` costs in the accumulation dtype, a fresh tensor.
     """
-    if keys.dim() == 2:
-        keys_sq = keys.pow(2).sum(-1)
-        if cost == "cosine":
-            costs = torch.addmm(torch.ones_like(keys_sq), query, keys.T, alpha=-1.0)
-        else:  # |q|^2 + |n|^2 - 2 q.n with one BLAS call and in-place updates
-            costs = torch.addmm(keys_sq, query, keys.T, alpha=-2.0).add_(query_sq)
-    else:
-        gram = torch.bmm(keys, query.unsqueeze(-1)).squeeze(-1)
-        if cost == "cosine":
-            costs = gram.neg_().add_(1.0)
-        else:
-            costs = gram.mul_(-2.0).add_(keys.pow(2).sum(-1)).add_(query_sq)
-    return costs.clamp_min_(0.0)
+    keys_sq = squared_norms(keys) if cost != "cosine" else None
+    if keys.dim() == 2 and keys.dtype == accumulation_dtype(keys):  # one BLAS call
+        bias = keys_sq if keys_sq is not None else keys.new_ones(keys.shape[0])
+        costs = torch.addmm(bias, query, keys.T, alpha=-1.0 if keys_sq is None else -2.0)
+        return (costs if keys_sq is None else costs.add_(query_sq)).clamp_min_(0.0)
+    gram = _gram(query, keys)  # a fresh tensor, updated in place
+    if keys_sq is None:
+        return gram.neg_().add_(1.0).clamp_min_(0.0)
+    return gram.mul_(-2.0).add_(keys_sq).add_(query_sq).clamp_min_(0.0)
 
 
 def cost_vjp(
@@ -97,34 +106,41 @@ def cost_vjp(
     gradient is ``2 (q - n)``, almost zero, not exactly zero).
 
     Args:
-        grad_cost: ``(Q, C)`` gradient with respect to the costs.
-        query: ``(Q, D)``; keys: ``(C, D)`` shared or ``(Q, C, D)`` per query.
+        grad_cost: ``(Q, C)`` gradient with respect to the costs (accumulation dtype).
+        query: ``(Q, D)``; keys: ``(C, D)`` shared or ``(Q, C, D)`` per query, in the
+            products' dtype.
         cost: ``"sqeuclidean"`` or ``"cosine"``.
         need_keys: whether to compute the keys' gradient.
 
     Returns:
-        ``(Q, D)`` query gradient and the keys' gradient (shaped like ``keys``) or ``None``.
+        ``(Q, D)`` query gradient and the keys' gradient (shaped like ``keys``) or ``None``,
+        in the accumulation dtype.
     """
     shared = keys.dim() == 2
+    dtype = keys.dtype  # the products' dtype; everything else in the accumulation dtype
+    q, n = query.to(grad_cost.dtype), keys.to(grad_cost.dtype)
     # sum_k G_qk n_k for every query
-    toward_keys = grad_cost @ keys if shared else torch.bmm(grad_cost.unsqueeze(1), keys).squeeze(1)
+    if shared:
+        toward_keys = product(grad_cost, keys, dtype)
+    else:
+        toward_keys = product(grad_cost.unsqueeze(1), keys, dtype).squeeze(1)
     if cost == "cosine":
         grad_query = toward_keys.neg_()
     else:
-        grad_query = torch.addcmul(toward_keys, grad_cost.sum(-1, keepdim=True), query, value=-1.0)
+        grad_query = torch.addcmul(toward_keys, grad_cost.sum(-1, keepdim=True), q, value=-1.0)
         grad_query.mul_(-2.0)
     if not need_keys:
         return grad_query, None
     if shared:
-        toward_query = grad_cost.T @ query
+        toward_query = product(grad_cost.T, query, dtype)
         if cost == "cosine":
             return grad_query, toward_query.neg_()
-        grad_keys = torch.addcmul(toward_query, grad_cost.sum(0).unsqueeze(-1), keys, value=-1.0)
+        grad_keys = torch.addcmul(toward_query, grad_cost.sum(0).unsqueeze(-1), n, value=-1.0)
         return grad_query, grad_keys.mul_(-2.0)
     g = grad_cost.unsqueeze(-1)
     if cost == "cosine":
-        return grad_query, -g * query.unsqueeze(1)
-    return grad_query, 2.0 * g * (keys - query.unsqueeze(1))
+        return grad_query, -g * q.unsqueeze(1)
+    return grad_query, 2.0 * g * (n - q.unsqueeze(1))
 
 
 def weights_vjp(
@@ -145,24 +161,26 @@ def weights_vjp(
     (``rows_sum_to_one``; a query without keys has a zero row).
 
     Args:
-        weights: ``(Q, K)`` weights; grad_expected: ``(Q,)``.
-        query: ``(Q, D)``; keys: ``(K, D)``.
+        weights: ``(Q, K)`` weights; grad_expected: ``(Q,)`` (accumulation dtype).
+        query: ``(Q, D)``; keys: ``(K, D)``, in the products' dtype.
         cost: ``"sqeuclidean"`` or ``"cosine"``.
         rows_sum_to_one: every row of ``weights`` sums to 1.
         need_keys: whether to compute the keys' gradient.
     """
     g = grad_expected[:, None]
-    toward_keys = (weights @ keys).mul_(g)
+    dtype = keys.dtype  # the products' dtype; everything else in the accumulation dtype
+    q, n = query.to(weights.dtype), keys.to(weights.dtype)
+    toward_keys = product(weights, keys, dtype).mul_(g)
     if cost == "cosine":
         grad_query = toward_keys.neg_()
     else:
         row_sums = g if rows_sum_to_one else weights.sum(-1, keepdim=True).mul_(g)
-        grad_query = torch.addcmul(toward_keys, row_sums, query, value=-1.0).mul_(-2.0)
+        grad_query = torch.addcmul(toward_keys, row_sums, q, value=-1.0).mul_(-2.0)
     if not need_keys:
         return grad_query, None
-    toward_query = weights.T @ (query * g)
+    toward_query = product(weights.T, q * g, dtype)
     if cost == "cosine":
         return grad_query, toward_query.neg_()
     column_sums = (weights.T @ grad_expected).unsqueeze(-1)
-    grad_keys = torch.addcmul(toward_query, column_sums, keys, value=-1.0)
+    grad_keys = torch.addcmul(toward_query, column_sums, n, value=-1.0)
     return grad_query, grad_keys.mul_(-2.0)

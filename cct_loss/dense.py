@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .costs import cost_block, cost_vjp, weights_vjp
+from .precision import as_input_grads, backward_in_own_precision, squared_norms
 from .transport import (
     ConditionalExpectation,
     Membership,
@@ -56,7 +57,7 @@ class _DenseExpectedCost(torch.autograd.Function):
         detach_weights: bool,
         may_be_empty: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        costs = cost_block(query, query.pow(2).sum(-1, keepdim=True), keys, cost)
+        costs = cost_block(query, squared_norms(query, keepdim=True), keys, cost)
         logits = costs * scale  # a fresh tensor: updated in place (batched under vmap alike)
         if excluded is not None:
             logits.masked_fill_(excluded, float("-inf"))
@@ -82,6 +83,7 @@ class _DenseExpectedCost(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
     @staticmethod
+    @backward_in_own_precision
     def backward(
         ctx: Any,
         grad_expected: Tensor | None,
@@ -114,7 +116,8 @@ class _DenseExpectedCost(torch.autograd.Function):
                 rows_sum_to_one=not may_be_empty,
                 need_keys=ctx.needs_input_grad[1],
             )
-            return (grad_query if ctx.needs_input_grad[0] else None), grad_keys, *([None] * 5)
+            grads = as_input_grads(ctx.needs_input_grad, (query, keys), (grad_query, grad_keys))
+            return *grads, *([None] * 5)
         if detach_weights:
             grad_cost = weights * grad_expected[:, None]
         else:
@@ -124,7 +127,8 @@ class _DenseExpectedCost(torch.autograd.Function):
         grad_query, grad_keys = cost_vjp(
             grad_cost, query, keys, cost, need_keys=ctx.needs_input_grad[1]
         )
-        return (grad_query if ctx.needs_input_grad[0] else None), grad_keys, *([None] * 5)
+        grads = as_input_grads(ctx.needs_input_grad, (query, keys), (grad_query, grad_keys))
+        return *grads, *([None] * 5)
 
 
 cache_forward_signature(_DenseExpectedCost)

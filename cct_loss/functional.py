@@ -166,8 +166,9 @@ def cct_loss(
             group.
 
     Returns:
-        The loss (float32, or float64 for float64 inputs; computed in full precision under
-        autocast), or a :class:`CCTDetails`.
+        The loss (float32, or float64 for float64 inputs; under autocast the matrix products
+        run in the autocast dtype and the rest in float32, see :mod:`cct_loss.precision`), or
+        a :class:`CCTDetails`.
 
     Raises:
         TypeError: a non-tensor, non-floating embedding tensor, non-integer labels or a

@@ -294,10 +294,10 @@ def paper_terms(
             own = torch.stack(
                 [cost_matrix(views[x], views[y].unsqueeze(1), options.cost) for x, y in pairs]
             ).squeeze(-1)
-            accuracy = (own < torch.stack([r.extreme for r in repels])).to(views.dtype)
+            accuracy = (own < torch.stack([r.extreme for r in repels])).to(own.dtype)
         else:
             accuracy = torch.full(
-                (len(pairs), n), float("nan"), dtype=views.dtype, device=views.device
+                (len(pairs), n), float("nan"), dtype=repels[0].value.dtype, device=views.device
             )
 
     def per_row(x: Tensor) -> Tensor:

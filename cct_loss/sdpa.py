@@ -12,7 +12,9 @@ expected cost ``E = |q|^2 + O[D] - 2 q.O[:D]``. On the unit sphere the extra col
 and this is the familiar ``softmax_k(2t q.n_k)``; the augmentation makes it exact for any norms
 (zero vectors and ``normalize=False`` included). For the cosine cost (unit vectors),
 ``softmax_k(-s q.n_k)`` and ``E = 1 - q.O``. Which keys take part becomes a boolean attention
-mask. The sharpness multiplies ``q'`` (``scale=1``), so a 0-dim tensor sharpness works too.
+mask. The sharpness is the kernel's ``scale``; a 0-dim tensor sharpness multiplies ``q'``
+instead (``scale=1``). The attention runs in the embeddings' dtype: half precision under the
+precision policy (:mod:`cct_loss.precision`), which FlashAttention and cuDNN require.
 With gradients through the weights the fused kernels lose accuracy at large sharpness: above
 :data:`SDPA_MAX_SHARPNESS` (or for a tensor sharpness, whose value is not read) ``chunked``
 serves the call. Higher-order derivatives raise a clear error.
@@ -35,6 +37,7 @@ from torch import Tensor
 
 from ._validation import is_functorch_wrapped
 from .chunked import chunked_expected_cost
+from .precision import accumulation_dtype, squared_norms
 from .transport import ConditionalExpectation, Membership
 
 if TYPE_CHECKING:
@@ -107,18 +110,21 @@ def sdpa_expected_cost(
     if not options.detach_weights and (isinstance(t, Tensor) or t > SDPA_MAX_SHARPNESS):
         return chunked_expected_cost(query, keys, members, side=side, options=options)
     direction = -1.0 if side == "positives" else 1.0  # +t d = -t (-d): flip the keys' sign
+    # The attention runs in the embeddings' dtype (half under the precision policy, which the
+    # fused CUDA kernels need); the norms and the expected cost in the accumulation dtype.
     if options.cost == "cosine":
         q_att, k_att, values = query, direction * keys, keys
         scale = t
     else:
-        keys_sq = keys.pow(2).sum(-1, keepdim=True)
+        keys_sq = squared_norms(keys, keepdim=True).to(keys.dtype)
         q_att = torch.cat([query, torch.ones_like(query[..., :1])], dim=-1)
         k_att = torch.cat([keys, -0.5 * keys_sq], dim=-1) * direction
         values = torch.cat([keys, keys_sq], dim=-1)
         scale = 2.0 * t
     if options.detach_weights:
         q_att, k_att = q_att.detach(), k_att.detach()
-    q_att = q_att * scale
+    if isinstance(scale, Tensor):  # a tensor sharpness multiplies q' (its value is not read)
+        q_att, scale = q_att * scale.to(q_att.dtype), 1.0
     d_values = values.shape[-1]
     q_att = _pad_last(q_att, HEAD_DIM_MULTIPLE)
     k_att = _pad_last(k_att, HEAD_DIM_MULTIPLE)
@@ -135,18 +141,24 @@ def sdpa_expected_cost(
     if keys.dim() == 2:  # one "head" whose Q queries attend to the K shared keys
         attn_mask = None if mask is None else mask.view(1, 1, *mask.shape)
         out = F.scaled_dot_product_attention(
-            q_att[None, None], k_att[None, None], values[None, None], attn_mask=attn_mask, scale=1.0
+            q_att[None, None],
+            k_att[None, None],
+            values[None, None],
+            attn_mask=attn_mask,
+            scale=scale,
         )[0, 0]
     else:  # a batch of Q heads, each with one query and its own K keys
         out = F.scaled_dot_product_attention(
-            q_att[:, None, None], k_att[:, None], values[:, None], scale=1.0
+            q_att[:, None, None], k_att[:, None], values[:, None], scale=scale
         )[:, 0, 0]
-    out = out[..., :d_values]
+    acc = accumulation_dtype(query)
+    out = out[..., :d_values].to(acc)
+    q = query.to(acc)
     if options.cost == "cosine":
-        expected = 1.0 - (query * out).sum(-1)
+        expected = 1.0 - (q * out).sum(-1)
     else:
         d = query.shape[-1]
-        expected = query.pow(2).sum(-1) + out[..., d] - 2.0 * (query * out[..., :d]).sum(-1)
+        expected = squared_norms(q) + out[..., d] - 2.0 * (q * out[..., :d]).sum(-1)
     if present is not None:
         expected = torch.where(present, expected, 0.0)
     expected = _NoHigherOrder.apply(expected)  # type: ignore[no-untyped-call]

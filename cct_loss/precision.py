@@ -1,0 +1,126 @@
+"""The precision policy: which dtype the matrix products run in, and which everything else does.
+
+* Float64 inputs: everything in float64 (autocast never casts float64).
+* Under :func:`torch.autocast` on the inputs' device (float32 or half inputs): the matrix
+  products (query-key costs, the gradients' products) run in the autocast dtype, as
+  :func:`torch.nn.functional.linear` does for InfoNCE's ``q @ k.T`` in the same trainer.
+* Half-precision inputs without autocast (all of them float16, or all bfloat16): the products
+  run in that dtype.
+* Otherwise (float32): everything in float32, as without the policy.
+
+Everything that is not a product, namely normalising, squared norms, the softmax, the weighted
+sums, the reduction and the result, is computed in float32 (or float64), and the loss is
+returned in that dtype. The library disables autocast around its own work (:func:`own_precision`)
+and casts explicitly, so the policy does not depend on which ops autocast happens to list.
+
+Kernels read the policy from their inputs: embeddings arrive in the products' dtype, and
+:func:`product` and :func:`accumulation_dtype` give the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
+
+import torch
+from torch import Tensor
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+class Precision(NamedTuple):
+    """The two dtypes of one call.
+
+    Attributes:
+        compute: float32 or float64: norms, softmax, sums and the result.
+        products: the matrix products' operand dtype (``compute``, or a half dtype).
+    """
+
+    compute: torch.dtype
+    products: torch.dtype
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype of an enabled :func:`torch.autocast` on ``device``'s type, or ``None``."""
+    if device.type not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def resolve_precision(device: torch.device, *tensors: Tensor) -> Precision:
+    """The policy (module docs) for inputs ``tensors`` on ``device``; call it before
+    :func:`own_precision` disables autocast."""
+    promoted = tensors[0].dtype
+    for t in tensors[1:]:
+        promoted = torch.promote_types(promoted, t.dtype)
+    if promoted == torch.float64:
+        return Precision(torch.float64, torch.float64)
+    low = autocast_dtype(device)
+    if low is None and promoted in HALF_DTYPES:
+        low = promoted
+    return Precision(torch.float32, torch.float32 if low is None else low)
+
+
+def own_precision(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Disable autocast on ``device``: inside, every dtype is the one the policy casts to."""
+    if device.type in _AUTOCAST_DEVICES:
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+_Backward = TypeVar("_Backward", bound=Callable[..., Any])
+
+
+def backward_in_own_precision(backward: _Backward) -> _Backward:
+    """Run a custom ``backward(ctx, *grads)`` with autocast disabled on the gradients' device,
+    as its forward ran (a backward called inside the user's autocast region would otherwise
+    have its float32 sums cast to half precision)."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx: Any, *grads: Tensor | None) -> Any:
+        device = next((g.device for g in grads if g is not None), None)
+        if device is None:
+            return backward(ctx, *grads)
+        with own_precision(device):
+            return backward(ctx, *grads)
+
+    return wrapped  # type: ignore[return-value]
+
+
+def accumulation_dtype(x: Tensor) -> torch.dtype:
+    """float32 for half-precision embeddings, else their own dtype (float32 or float64)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def product(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``a @ b`` (:func:`torch.matmul`, batched alike) with both operands in ``dtype``, the
+    products' dtype, and the result in :func:`accumulation_dtype`.
+
+    Half-precision products accumulate in float32 inside the matrix kernel (as
+    :func:`torch.nn.functional.linear` does under autocast) and round their output to the half
+    dtype, which is then widened: each entry carries the half dtype's relative error (``2**-9``
+    for bfloat16). For float32 and float64 operands the casts do nothing.
+    """
+    out = a.to(dtype) @ b.to(dtype)
+    return out.to(torch.promote_types(dtype, torch.float32))
+
+
+def squared_norms(x: Tensor, *, keepdim: bool = False) -> Tensor:
+    """``|x|^2`` over the last dim, in :func:`accumulation_dtype`."""
+    return x.to(accumulation_dtype(x)).pow(2).sum(-1, keepdim=keepdim)
+
+
+def as_input_grads(
+    needs_input_grad: tuple[bool, ...],
+    inputs: tuple[Tensor, Tensor],
+    grads: tuple[Tensor | None, Tensor | None],
+) -> tuple[Tensor | None, Tensor | None]:
+    """A custom backward's gradients for its first two inputs, each in its input's dtype (the
+    products' dtype: a half dtype under the policy) or ``None`` where not needed."""
+    return tuple(  # type: ignore[return-value]
+        g.to(x.dtype) if need and g is not None else None
+        for need, x, g in zip(needs_input_grad[:2], inputs, grads, strict=True)
+    )
