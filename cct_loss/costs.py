@@ -72,27 +72,73 @@ def _gram(query: Tensor, keys: Tensor) -> Tensor:
     return product(query, keys.T, keys.dtype)
 
 
-def cost_block(query: Tensor, query_sq: Tensor, keys: Tensor, cost: str) -> Tensor:
-    """Clamped costs of every query against a block of keys (no autograd graph needed).
+def cost_block(
+    query: Tensor, query_sq: Tensor, keys: Tensor, cost: str, scale: float = 1.0
+) -> Tensor:
+    """``scale`` times the clamped costs of every query against a block of keys (no autograd
+    graph needed); a ``scale`` other than 1 gives the softmax's logits in the same pass.
 
     Args:
         query: ``(Q, D)`` prepared queries; query_sq: ``(Q, 1)`` their squared norms
             (:func:`cct_loss.precision.squared_norms`).
         keys: ``(C, D)`` keys shared by all queries, or ``(Q, C, D)`` keys per query.
         cost: ``"sqeuclidean"`` or ``"cosine"``.
+        scale: a number multiplying every cost.
 
     Returns:
-        ``(Q, C)`` costs in the accumulation dtype, a fresh tensor.
+        ``(Q, C)`` scaled costs in the accumulation dtype, a fresh tensor.
     """
     keys_sq = squared_norms(keys) if cost != "cosine" else None
     if keys.dim() == 2 and keys.dtype == accumulation_dtype(keys):  # one BLAS call
-        bias = keys_sq if keys_sq is not None else keys.new_ones(keys.shape[0])
-        costs = torch.addmm(bias, query, keys.T, alpha=-1.0 if keys_sq is None else -2.0)
-        return (costs if keys_sq is None else costs.add_(query_sq)).clamp_min_(0.0)
-    gram = _gram(query, keys)  # a fresh tensor, updated in place
-    if keys_sq is None:
-        return gram.neg_().add_(1.0).clamp_min_(0.0)
-    return gram.mul_(-2.0).add_(keys_sq).add_(query_sq).clamp_min_(0.0)
+        if keys_sq is None:  # s (1 - q.n)
+            out = torch.addmm(keys.new_full((keys.shape[0],), scale), query, keys.T, alpha=-scale)
+        else:  # s (|q|^2 + |n|^2 - 2 q.n), in place after the product
+            bias = keys_sq if scale == 1.0 else keys_sq.mul_(scale)
+            out = torch.addmm(bias, query, keys.T, alpha=-2.0 * scale)
+            out.add_(query_sq if scale == 1.0 else query_sq * scale)
+    else:
+        out = _gram(query, keys)  # a fresh tensor, updated in place
+        if keys_sq is None:
+            out.mul_(-scale).add_(scale)
+        else:
+            out.mul_(-2.0 * scale).add_(keys_sq, alpha=scale).add_(query_sq, alpha=scale)
+    # The cost is clamped at 0 (rounding can take |q|^2 + |n|^2 - 2 q.n slightly below).
+    return out.clamp_min_(0.0) if scale >= 0.0 else out.clamp_max_(0.0)
+
+
+def expected_cost_of_moments(
+    weights: Tensor,
+    weighted_keys: Tensor,
+    query: Tensor,
+    keys: Tensor,
+    cost: str,
+    *,
+    rows_sum_to_one: bool,
+) -> Tensor:
+    """``E_q = sum_k pi_qk c(q, n_k)`` from the weights' moments, without the ``(Q, K)`` costs:
+    ``|q|^2 sum_k pi_qk + sum_k pi_qk |n_k|^2 - 2 q.(pi n)_q`` (sqeuclidean) or
+    ``sum_k pi_qk - q.(pi n)_q`` (cosine), clamped at 0 like the costs.
+
+    Args:
+        weights: ``(Q, K)`` weights (rows sum to 1, or are 0 for a query without keys).
+        weighted_keys: ``(Q, D)`` ``weights @ keys`` (:func:`cct_loss.precision.product`).
+        query: ``(Q, D)``; keys: ``(K, D)`` shared keys.
+        cost: ``"sqeuclidean"`` or ``"cosine"``.
+        rows_sum_to_one: every row of ``weights`` sums to 1 (else their sums are taken).
+
+    Returns:
+        ``(Q,)`` expected costs in the accumulation dtype.
+    """
+    toward = torch.linalg.vecdot(query.to(weighted_keys.dtype), weighted_keys)
+    row_sums = None if rows_sum_to_one else weights.sum(-1)
+    if cost == "cosine":
+        return (toward.neg_().add_(1.0) if row_sums is None else row_sums.sub_(toward)).clamp_min_(
+            0.0
+        )
+    expected = torch.mv(weights, squared_norms(keys)).sub_(toward, alpha=2.0)
+    query_sq = squared_norms(query)
+    expected.add_(query_sq if row_sums is None else query_sq * row_sums)
+    return expected.clamp_min_(0.0)
 
 
 def cost_vjp(
@@ -152,6 +198,7 @@ def weights_vjp(
     *,
     rows_sum_to_one: bool,
     need_keys: bool,
+    weighted_keys: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`cost_vjp` of ``grad_cost = weights * grad_expected[:, None]`` (the detached-weights
     backward) for shared ``(K, D)`` keys, without forming that ``(Q, K)`` product.
@@ -166,11 +213,15 @@ def weights_vjp(
         cost: ``"sqeuclidean"`` or ``"cosine"``.
         rows_sum_to_one: every row of ``weights`` sums to 1.
         need_keys: whether to compute the keys' gradient.
+        weighted_keys: ``weights @ keys`` (``(Q, D)``, accumulation dtype) when the forward
+            pass already has it, else computed here.
     """
     g = grad_expected[:, None]
     dtype = keys.dtype  # the products' dtype; everything else in the accumulation dtype
     q, n = query.to(weights.dtype), keys.to(weights.dtype)
-    toward_keys = product(weights, keys, dtype).mul_(g)
+    if weighted_keys is None:
+        weighted_keys = product(weights, keys, dtype)
+    toward_keys = weighted_keys * g
     if cost == "cosine":
         grad_query = toward_keys.neg_()
     else:

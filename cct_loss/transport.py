@@ -138,10 +138,10 @@ def weight_statistics(
 ) -> tuple[Tensor, Tensor]:
     """Entropy of each row of ``weights`` and the extreme cost (max for positives, min for
     negatives) over the entries that take part (``excluded`` marks the others); NaN
-    placeholders unless ``return_details``."""
+    placeholders unless ``return_details`` (``costs`` is then not read and may be empty)."""
     with torch.no_grad():
         if not return_details:
-            nan = torch.full_like(costs[..., 0], float("nan"))
+            nan = torch.full_like(weights[..., 0], float("nan"))
             return nan, nan
         entropy = -torch.special.xlogy(weights, weights).sum(-1)
         farther = side == "positives"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cct_loss import cct_loss
+from cct_loss import CCTDetails, cct_loss
 from cct_loss.dispatch import KERNELS
 
 from .helpers import (
@@ -35,7 +37,11 @@ def present_mean(values: list[float], flags: list[bool]) -> float:
     return sum(kept) / len(kept) if kept else 0.0
 
 
-def check_against_reference(case: Case, impl: str, chunk_size: int | None = None) -> None:
+def check_against_reference(
+    case: Case, impl: str, chunk_size: int | None = None, *, details: bool = True
+) -> None:
+    """Loss and gradients (and with ``details`` every diagnostic) against the reference;
+    without details dense takes its moments path (no cost matrix)."""
     opts = dict(case.options)
     reduction = str(opts.pop("reduction"))
     q, p, n = case.leaves(torch.float32)
@@ -45,11 +51,13 @@ def check_against_reference(case: Case, impl: str, chunk_size: int | None = None
         n,
         **impl_options(impl, chunk_size),
         reduction=reduction,
-        return_details=True,
+        return_details=details,
         **case.call_options,
         **opts,
     )
-    assert out.loss.dtype == torch.float32
+    loss = out.loss if isinstance(out, CCTDetails) else out
+    assert isinstance(out, CCTDetails) == details
+    assert loss.dtype == torch.float32
 
     rq, rp, rn = case.leaves(torch.float64)
     results = reference_queries(rq, rp, rn, **case.call_options, **opts)
@@ -71,7 +79,16 @@ def check_against_reference(case: Case, impl: str, chunk_size: int | None = None
     rtol = RTOL[impl]
     floor = cost_floor([case.query, case.positive, case.negatives], opts)
     weight = abs(alpha) + abs(beta)
-    assert_close_rel(out.loss, expected, rtol=rtol, what="loss", scale=scale, atol=weight * floor)
+    assert_close_rel(loss, expected, rtol=rtol, what="loss", scale=scale, atol=weight * floor)
+    if details:
+        check_details(out, results, reduction, opts, rtol, floor)
+    check_gradients(case, (q, p, n), loss, expected, reduction, opts, rtol)
+
+
+def check_details(
+    out: Any, results: list[Any], reduction: str, opts: dict[str, Any], rtol: float, floor: float
+) -> None:
+    """The attraction, repulsion, entropies and counts of a :class:`CCTDetails`."""
     unit = {**opts, "alpha": 1.0, "beta": 0.0}
     assert_close_rel(
         out.attraction,
@@ -115,7 +132,21 @@ def check_against_reference(case: Case, impl: str, chunk_size: int | None = None
     else:
         assert (int(counts[0]), int(counts[1])) == (sum(has_pos), sum(has_neg))
 
-    got = grads_of(out.loss, [q, p, n])
+
+def check_gradients(
+    case: Case,
+    leaves: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    loss: torch.Tensor,
+    expected: torch.Tensor,
+    reduction: str,
+    opts: dict[str, Any],
+    rtol: float,
+) -> None:
+    """Gradients of ``loss`` against those of the float64 ``expected``; an ill-conditioned
+    component is allowed a few times the error of the same loops in float32."""
+    q, p, n = leaves
+    rq, rp, rn = case.leaves(torch.float64)
+    got = grads_of(loss, [q, p, n])
     want = grads_of(expected, [rq, rp, rn])
     for index, (name, g, w) in enumerate(
         zip(["query", "positive", "negatives"], got, want, strict=True)
@@ -163,6 +194,21 @@ def test_layouts_and_labels_match_reference(impl: str, case: Case, chunk_size: i
     negatives; explicit-negative labels) on every implementation: values, gradients,
     diagnostics."""
     check_against_reference(case, impl, chunk_size)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@given(
+    case=cases(
+        modes=("in_batch", "shared", "per_query"),
+        layouts=("all", "cross"),
+        label_patterns=LABEL_PATTERNS,
+    ),
+)
+def test_loss_without_details_matches_reference(impl: str, case: Case) -> None:
+    """The plain loss (no diagnostics): dense's moments path, which forms no cost matrix and
+    takes ``E`` from ``|q|^2 + pi |n|^2 - 2 q.(pi n)``, and the other paths as called by
+    training code."""
+    check_against_reference(case, impl, details=False)
 
 
 @given(case=cases(), seed=st.integers(0, 100))
