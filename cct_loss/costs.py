@@ -47,6 +47,8 @@ def cost_matrix(query: Tensor, keys: Tensor, cost: str) -> Tensor:
     Used for the ``M`` positives of each query (a small block) and, by the kernels, to
     recompute a block when a backward pass must itself be differentiable (``create_graph=True``).
     The value is clamped at 0; the gradient is the formula's everywhere (see :func:`cost_vjp`).
+    Per-query keys are multiplied and summed, which holds a ``(Q, K, D)`` temporary the size of
+    the keys themselves.
 
     Args:
         query: ``(Q, D)`` prepared embeddings.
@@ -56,7 +58,7 @@ def cost_matrix(query: Tensor, keys: Tensor, cost: str) -> Tensor:
     Returns:
         ``(Q, K)`` costs.
     """
-    gram = _gram(query, keys)
+    gram = _rowwise_gram(query, keys) if keys.dim() == 3 else _gram(query, keys)
     if cost == "cosine":  # inputs are unit vectors (or zero): 1 - cos(a, b)
         raw = 1.0 - gram
     else:
@@ -66,44 +68,70 @@ def cost_matrix(query: Tensor, keys: Tensor, cost: str) -> Tensor:
 
 
 def _gram(query: Tensor, keys: Tensor) -> Tensor:
-    """``(Q, K)`` inner products with shared ``(K, D)`` or per-query ``(Q, K, D)`` keys."""
+    """``(Q, K)`` inner products with shared ``(K, D)`` or per-query ``(Q, K, D)`` keys (a
+    batched matrix-vector product: no ``(Q, K, D)`` temporary)."""
     if keys.dim() == 3:
         return product(keys, query.unsqueeze(-1), keys.dtype).squeeze(-1)
     return product(query, keys.T, keys.dtype)
 
 
-def cost_block(
-    query: Tensor, query_sq: Tensor, keys: Tensor, cost: str, scale: float = 1.0
-) -> Tensor:
-    """``scale`` times the clamped costs of every query against a block of keys (no autograd
-    graph needed); a ``scale`` other than 1 gives the softmax's logits in the same pass.
+def _rowwise_gram(query: Tensor, keys: Tensor) -> Tensor:
+    """``(Q, M)`` inner products of each query with its own few ``(Q, M, D)`` keys, by
+    multiply-and-sum in the accumulation dtype (a batch of tiny matrix products is several
+    times slower on the CPU). The operands are the embeddings' (half-precision under the
+    policy) values, so this is what a half-precision product with float32 accumulation gives.
+    """
+    acc = accumulation_dtype(keys)
+    gram: Tensor = torch.linalg.vecdot(query.to(acc).unsqueeze(-2), keys.to(acc))
+    return gram
+
+
+def cost_block(query: Tensor, query_sq: Tensor, keys: Tensor, cost: str) -> Tensor:
+    """Clamped costs of every query against a block of keys (no autograd graph needed).
 
     Args:
         query: ``(Q, D)`` prepared queries; query_sq: ``(Q, 1)`` their squared norms
             (:func:`cct_loss.precision.squared_norms`).
         keys: ``(C, D)`` keys shared by all queries, or ``(Q, C, D)`` keys per query.
         cost: ``"sqeuclidean"`` or ``"cosine"``.
-        scale: a number multiplying every cost.
 
     Returns:
-        ``(Q, C)`` scaled costs in the accumulation dtype, a fresh tensor.
+        ``(Q, C)`` costs in the accumulation dtype, a fresh tensor.
     """
     keys_sq = squared_norms(keys) if cost != "cosine" else None
     if keys.dim() == 2 and keys.dtype == accumulation_dtype(keys):  # one BLAS call
-        if keys_sq is None:  # s (1 - q.n)
-            out = torch.addmm(keys.new_full((keys.shape[0],), scale), query, keys.T, alpha=-scale)
-        else:  # s (|q|^2 + |n|^2 - 2 q.n), in place after the product
-            bias = keys_sq if scale == 1.0 else keys_sq.mul_(scale)
-            out = torch.addmm(bias, query, keys.T, alpha=-2.0 * scale)
-            out.add_(query_sq if scale == 1.0 else query_sq * scale)
+        if keys_sq is None:  # 1 - q.n
+            costs = torch.addmm(keys.new_ones(keys.shape[0]), query, keys.T, alpha=-1.0)
+        else:  # |q|^2 + |n|^2 - 2 q.n, in place after the product
+            costs = torch.addmm(keys_sq, query, keys.T, alpha=-2.0).add_(query_sq)
     else:
-        out = _gram(query, keys)  # a fresh tensor, updated in place
+        costs = _gram(query, keys)  # a fresh tensor, updated in place
         if keys_sq is None:
-            out.mul_(-scale).add_(scale)
+            costs.neg_().add_(1.0)
         else:
-            out.mul_(-2.0 * scale).add_(keys_sq, alpha=scale).add_(query_sq, alpha=scale)
-    # The cost is clamped at 0 (rounding can take |q|^2 + |n|^2 - 2 q.n slightly below).
-    return out.clamp_min_(0.0) if scale >= 0.0 else out.clamp_max_(0.0)
+            costs.mul_(-2.0).add_(keys_sq).add_(query_sq)
+    return costs.clamp_min_(0.0)
+
+
+def shifted_logits(query: Tensor, keys: Tensor, cost: str, scale: float) -> Tensor:
+    """``scale * c(q, n_k)`` up to a constant per query, which a softmax over ``k`` ignores:
+    ``scale (|n_k|^2 - 2 q.n_k)`` (sqeuclidean, without ``|q|^2``) or ``-scale q.n_k``
+    (cosine), in one matrix product with shared keys and no further pass over ``(Q, K)``.
+
+    Args:
+        query: ``(Q, D)``; keys: ``(K, D)``, in the products' dtype.
+        cost: ``"sqeuclidean"`` or ``"cosine"``.
+        scale: the sharpness with its sign (see :func:`cct_loss.transport.logit_scale`).
+
+    Returns:
+        ``(Q, K)`` logits in the accumulation dtype, a fresh tensor.
+    """
+    if keys.dtype != accumulation_dtype(keys):  # half-precision product, then scaled
+        logits = _gram(query, keys).mul_(-scale if cost == "cosine" else -2.0 * scale)
+        return logits if cost == "cosine" else logits.add_(squared_norms(keys), alpha=scale)
+    if cost == "cosine":
+        return torch.mm(query * -scale, keys.T)
+    return torch.addmm(squared_norms(keys).mul_(scale), query, keys.T, alpha=-2.0 * scale)
 
 
 def expected_cost_of_moments(

@@ -6,8 +6,9 @@ keeps the work to what InfoNCE does (one product forward, one or two backward, a
 saves the weights (and, without detaching, the costs) and writes the backward in closed form
 (``s = +t_pos`` for positives, ``-t_neg`` for negatives). With detached weights over shared keys
 (the SimCLR and MoCo default) and no diagnostics, the product's pass writes the logits directly
-and ``E`` comes from the weights' moments, ``|q|^2 + pi |n|^2 - 2 q.(pi n)``, where ``pi n`` is
-the product the backward pass needs anyway: no ``(Q, K)`` cost matrix is formed.
+(without ``|q|^2``, a per-query constant the softmax ignores) and ``E`` comes from the weights'
+moments, ``|q|^2 + pi |n|^2 - 2 q.(pi n)``, where ``pi n`` is the product the backward pass
+needs anyway: no ``(Q, K)`` cost matrix is formed.
 
 * ``detach_weights=True``: ``dE/dd_k = pi_k``;
 * ``detach_weights=False``: ``dE/dd_k = pi_k (1 + s (d_k - E))``,
@@ -24,7 +25,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .costs import cost_block, cost_vjp, expected_cost_of_moments, weights_vjp
+from .costs import (
+    cost_block,
+    cost_vjp,
+    expected_cost_of_moments,
+    shifted_logits,
+    weights_vjp,
+)
 from .precision import as_input_grads, backward_in_own_precision, product, squared_norms
 from .transport import (
     ConditionalExpectation,
@@ -67,7 +74,7 @@ class _DenseExpectedCost(torch.autograd.Function):
             logits = costs * scale  # a fresh tensor: updated in place (batched under vmap alike)
         else:  # the logits in the product's pass; E from the weights' moments (no costs)
             costs = query_sq.new_empty(0)
-            logits = cost_block(query, query_sq, keys, cost, float(scale))
+            logits = shifted_logits(query, keys, cost, float(scale))
         if excluded is not None:
             logits.masked_fill_(excluded, float("-inf"))
         weights = torch.softmax(logits, dim=-1)
