@@ -31,7 +31,8 @@ Step = Callable[[], None]
 
 @dataclass(frozen=True)
 class Problem:
-    """One benchmark shape. ``kind`` is "simclr", "moco" or "paper"."""
+    """One benchmark shape. ``kind`` is "simclr", "moco" or "paper"; ``only`` restricts the
+    methods (a stress shape that only some of them can hold)."""
 
     kind: str
     n: int
@@ -39,6 +40,7 @@ class Problem:
     m: int = 1
     k: int = 0
     views: int = 0
+    only: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -48,11 +50,33 @@ class Problem:
             return f"MoCo N={self.n} K={self.k} D={self.d}"
         return f"paper V={self.views} N={self.n} D={self.d}"
 
+    @property
+    def flops(self) -> float:
+        """Nominal FLOPs of one forward + backward step: the query-key products every method
+        needs, one forward and two backward (``3 x 2 Q K D``), as for attention."""
+        if self.kind == "simclr":
+            rows = (self.m + 1) * self.n
+            return 6.0 * rows * rows * self.d
+        if self.kind == "moco":
+            return 6.0 * self.n * self.k * self.d
+        pairs = self.views * (self.views - 1) // 2
+        return 6.0 * pairs * self.n * self.n * self.d
+
 
 SIMCLR = [Problem("simclr", n, m=m) for n in (256, 1024) for m in (1, 4)]
 MOCO = [Problem("moco", n, k=k) for n in (256, 512) for k in (16384, 65536)]
 PAPER = [Problem("paper", 256, views=5)]
 MEMORY = Problem("moco", 4096, k=65536)
+#: The small-batch shape of the overhead target (dense at most 1.15x InfoNCE on the CPU).
+SMALL_BATCH = SIMCLR[0]
+#: Added on a GPU: a large SimCLR batch, a large MoCo queue, and an in-batch stress shape
+#: (65,536 rows per view: a 131,072 x 131,072 cost matrix, 64 GiB in float32) that only
+#: ``chunked`` streams.
+GPU_EXTRA = [
+    Problem("simclr", 8192),
+    MEMORY,
+    Problem("simclr", 65536, only=("chunked",)),
+]
 
 
 def official_paper_objective(views: Tensor, t_pos: float, t_neg: float) -> Tensor:
@@ -74,12 +98,42 @@ def official_paper_objective(views: Tensor, t_pos: float, t_neg: float) -> Tenso
     return torch.stack(attraction).mean() + torch.stack(repulsion).mean()
 
 
-def methods(problem: Problem, seed: int = 0) -> dict[str, Step]:
-    """Forward + backward closures for every method on ``problem``, inputs built once."""
+def methods(
+    problem: Problem,
+    seed: int = 0,
+    *,
+    device: torch.device | str = "cpu",
+    autocast: torch.dtype | None = None,
+) -> dict[str, Step]:
+    """Forward + backward closures for every method on ``problem``, float32 inputs built once
+    on ``device``; with ``autocast`` every step runs inside ``torch.autocast`` of that dtype
+    (as a mixed-precision trainer calls the loss)."""
+    device = torch.device(device)
+    steps = _methods(problem, seed, device)
+    if problem.only:
+        steps = {name: step for name, step in steps.items() if name in problem.only}
+    if autocast is None:
+        return steps
+    return {name: _under_autocast(step, device, autocast) for name, step in steps.items()}
+
+
+def _under_autocast(step: Step, device: torch.device, dtype: torch.dtype) -> Step:
+    def run() -> None:
+        with torch.autocast(device.type, dtype=dtype):
+            step()
+
+    return run
+
+
+def _methods(problem: Problem, seed: int, device: torch.device) -> dict[str, Step]:
     g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g).to(device)
+
     d = problem.d
     if problem.kind == "simclr":
-        z = torch.randn(problem.m + 1, problem.n, d, generator=g).requires_grad_()
+        z = randn(problem.m + 1, problem.n, d).requires_grad_()
 
         def cct(impl: str) -> Step:
             return lambda: cct_loss(z[0], z[1:].transpose(0, 1), t_neg=2.0, impl=impl).backward()
@@ -96,9 +150,9 @@ def methods(problem: Problem, seed: int = 0) -> dict[str, Step]:
             "matmul": matmul,
         }
     if problem.kind == "moco":
-        q = torch.randn(problem.n, d, generator=g).requires_grad_()
-        k = torch.randn(problem.n, d, generator=g)
-        queue = F.normalize(torch.randn(problem.k, d, generator=g), dim=-1)
+        q = randn(problem.n, d).requires_grad_()
+        k = randn(problem.n, d)
+        queue = F.normalize(randn(problem.k, d), dim=-1)
 
         def cct_moco(impl: str) -> Step:
             return lambda: cct_loss(q, k, queue, t_neg=2.0, impl=impl).backward()
@@ -110,7 +164,7 @@ def methods(problem: Problem, seed: int = 0) -> dict[str, Step]:
             "infonce": lambda: info_nce_queue(q, k, queue).backward(),
             "matmul": lambda: (q @ queue.T).sum().backward(),
         }
-    views = torch.randn(problem.views, problem.n, d, generator=g).requires_grad_()
+    views = randn(problem.views, problem.n, d).requires_grad_()
 
     def paper(impl: str) -> Step:
         return lambda: cct_loss_multiview(

@@ -1,11 +1,23 @@
 """Print the benchmark table of ``make bench``: every method side by side, in one run.
 
-Times are medians of forward + backward steps, the methods interleaved round-robin so that
-machine noise hits all of them alike; what matters are the ratios. Peak memory is the rise of
-the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over the memory
-held before the step, inputs included, so it counts every temporary the step allocates.
+Times are medians of forward + backward steps with the methods interleaved round-robin, so
+that machine noise hits all of them alike; what matters are the ratios. On the CPU each sample
+times enough steps to last about 20 ms (small problems would otherwise be all timer noise);
+on CUDA each step is timed with CUDA events after a warm-up.
 
-Usage: ``python benchmarks/run.py [--quick] [--threads 2] [--repeats 5] [--no-dense-memory]``
+Peak memory: on the CPU, the rise of the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs) over what it held before the step, inputs included, measured in a child
+process whose allocator hands every freed block back to the OS (``MALLOC_MMAP_THRESHOLD_``), so
+that each step's peak is its own; the times are taken with the default allocator, as users run.
+On CUDA, ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, over what was
+allocated before the step.
+
+``TFLOP/s`` divides the problem's nominal FLOPs (the three query-key products of a forward and
+backward step, ``3 x 2 Q K D``, the same for every method) by the method's time; the ``matmul``
+row, those products alone, is the floor any method can reach.
+
+Usage: ``python benchmarks/run.py [--device cpu|cuda] [--dtype float32|bf16] [--quick]
+[--threads 2] [--repeats 7] [--json PATH] [--markdown PATH] [--max-seconds S]``
 """
 
 from __future__ import annotations
@@ -14,21 +26,29 @@ import argparse
 import contextlib
 import ctypes
 import datetime
+import json
 import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from problems import MEMORY, MOCO, PAPER, SIMCLR, Problem, Step, methods
+from problems import GPU_EXTRA, MEMORY, MOCO, PAPER, SIMCLR, Problem, Step, methods
 
 MIB = 1024 * 1024
+DTYPES = {"float32": None, "bf16": torch.bfloat16}
+#: On the CPU one timing sample repeats a step until it lasts this long.
+CPU_SAMPLE_SECONDS = 0.02
+Row = dict[str, Any]
 
 
 def _status_kib(field: str) -> int:
@@ -43,7 +63,7 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def peak_mib(step: Step) -> float | None:
+def cpu_peak_mib(step: Step) -> float | None:
     """Peak resident memory added by one call of ``step``, in MiB (None where unsupported)."""
     if not Path("/proc/self/clear_refs").exists():
         return None
@@ -57,61 +77,198 @@ def peak_mib(step: Step) -> float | None:
     return (_status_kib("VmHWM") - before) / 1024
 
 
-def time_methods(steps: dict[str, Step], repeats: int) -> dict[str, float]:
-    """Median seconds per step, methods interleaved."""
-    for step in steps.values():
+def cuda_peak_mib(step: Step) -> float:
+    """Peak CUDA memory allocated by one call of ``step`` over what was allocated before."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / MIB
+
+
+def cpu_times(steps: dict[str, Step], repeats: int) -> dict[str, float]:
+    """Median seconds per step, methods interleaved, each sample ~``CPU_SAMPLE_SECONDS``."""
+    inner: dict[str, int] = {}
+    for name, step in steps.items():
         step()  # warm-up
+        start = time.perf_counter()
+        step()
+        once = time.perf_counter() - start
+        inner[name] = max(1, min(50, round(CPU_SAMPLE_SECONDS / max(once, 1e-6))))
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
             start = time.perf_counter()
-            step()
-            samples[name].append(time.perf_counter() - start)
+            for _ in range(inner[name]):
+                step()
+            samples[name].append((time.perf_counter() - start) / inner[name])
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def cuda_times(steps: dict[str, Step], repeats: int) -> dict[str, float]:
+    """Median seconds per step from CUDA events, methods interleaved, after a warm-up."""
+    for step in steps.values():
+        step()
+        step()
+    torch.cuda.synchronize()
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            stop.record()
+            stop.synchronize()
+            samples[name].append(start.elapsed_time(stop) / 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _ratio(times: dict[str, float], name: str, base: str) -> float | None:
+    return times[name] / times[base] if base in times and name in times else None
+
+
+def run_problem(
+    problem: Problem,
+    repeats: int,
+    *,
+    device: torch.device,
+    autocast: torch.dtype | None,
+    memory: bool = True,
+) -> list[Row]:
+    """Time (and on CUDA, measure the memory of) every method on ``problem``."""
+    steps = methods(problem, device=device, autocast=autocast)
+    timer = cuda_times if device.type == "cuda" else cpu_times
+    times = timer(steps, repeats)
+    rows = []
+    for name, step in steps.items():
+        peak = cuda_peak_mib(step) if memory and device.type == "cuda" else None
+        rows.append(
+            {
+                "problem": problem.label,
+                "method": name,
+                "ms": 1e3 * times[name],
+                "vs_dense": _ratio(times, name, "dense"),
+                "vs_infonce": _ratio(times, name, "infonce"),
+                "vs_official": _ratio(times, name, "official"),
+                "tflops": problem.flops / times[name] / 1e12,
+                "peak_mib": peak,
+            }
+        )
+    return rows
+
+
+def cpu_peaks(problems: list[Problem], autocast: torch.dtype | None) -> dict[str, float | None]:
+    """``{problem | method: peak MiB}`` for every method (run in the child process)."""
+    peaks: dict[str, float | None] = {}
+    for problem in problems:
+        for name, step in methods(problem, autocast=autocast).items():
+            step()  # warm-up: lazily initialised kernels are not the step's memory
+            peaks[f"{problem.label}|{name}"] = cpu_peak_mib(step)
+    return peaks
+
+
+def peaks_from_child(args: argparse.Namespace) -> dict[str, float | None]:
+    """Run this script as a child with the mmap threshold set; it prints the peaks as JSON."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    command = [sys.executable, __file__, "--child-peaks", "--dtype", args.dtype]
+    command += ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    parsed: dict[str, float | None] = json.loads(out.stdout.strip().splitlines()[-1])
+    return parsed
 
 
 def fmt_ratio(x: float | None) -> str:
     return "" if x is None else f"{x:.2f}x"
 
 
-def run_problem(problem: Problem, repeats: int) -> list[dict[str, object]]:
-    steps = methods(problem)
-    times = time_methods(steps, repeats)
-    rows = []
-    for name, step in steps.items():
-        rows.append(
-            {
-                "problem": problem.label,
-                "method": name,
-                "ms": 1e3 * times[name],
-                "vs_dense": times[name] / times["dense"],
-                "vs_infonce": times[name] / times["infonce"] if "infonce" in times else None,
-                "vs_official": times[name] / times["official"] if "official" in times else None,
-                "peak_mib": peak_mib(step),
-            }
-        )
-    return rows
-
-
-def print_table(rows: list[dict[str, object]]) -> None:
-    header = f"{'problem':<30} {'method':<9} {'ms':>9} {'/dense':>7} {'/infonce':>9} {'/official':>10} {'peak MiB':>9}"
-    print(header)
-    print("-" * len(header))
+def table(rows: list[Row]) -> str:
+    """The rows as a fixed-width table (the README and BENCHMARKS.md paste it as is)."""
+    header = (
+        f"{'problem':<30} {'method':<9} {'ms':>9} {'/dense':>7} {'/infonce':>9} "
+        f"{'/official':>10} {'TFLOP/s':>8} {'peak MiB':>9}"
+    )
+    lines = [header, "-" * len(header)]
     last = None
     for r in rows:
         problem = str(r["problem"])
-        peak = r["peak_mib"]
-        print(
-            f"{problem if problem != last else '':<30} {r['method']!s:<9} {r['ms']:>9.1f} "
-            f"{fmt_ratio(r['vs_dense']):>7} {fmt_ratio(r['vs_infonce']):>9} "  # type: ignore[arg-type]
-            f"{fmt_ratio(r['vs_official']):>10} "  # type: ignore[arg-type]
-            f"{'' if peak is None else f'{peak:.0f}':>9}"
+        ms = "skipped" if r["ms"] is None else f"{r['ms']:.2f}"
+        tflops = "" if r.get("tflops") is None else f"{r['tflops']:.3f}"
+        peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        lines.append(
+            f"{problem if problem != last else '':<30} {r['method']!s:<9} {ms:>9} "
+            f"{fmt_ratio(r.get('vs_dense')):>7} {fmt_ratio(r.get('vs_infonce')):>9} "
+            f"{fmt_ratio(r.get('vs_official')):>10} {tflops:>8} {peak:>9}"
         )
         last = problem
+    return "\n".join(lines)
+
+
+def environment(device: torch.device, dtype: str, threads: int) -> dict[str, str]:
+    """What the numbers were measured on."""
+    info = {
+        "date": str(datetime.date.today()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device.type,
+        "dtype": dtype,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = str(torch.version.cuda)
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+        info["threads"] = str(threads)
+    return info
+
+
+def problems_for(device: torch.device, quick: bool) -> list[Problem]:
+    """The CPU problems, plus the large and stress shapes on a GPU; ``quick``: tiny shapes."""
+    problems = [*SIMCLR, *MOCO, *PAPER]
+    if quick:
+        return [
+            Problem(p.kind, 64, d=32, m=p.m, k=min(p.k, 512), views=p.views)
+            for p in [SIMCLR[0], MOCO[0], PAPER[0]]
+        ]
+    return problems + (GPU_EXTRA if device.type == "cuda" else [])
+
+
+def run_all(
+    args: argparse.Namespace, device: torch.device, report: Callable[[str], None]
+) -> list[Row]:
+    """Every problem in turn, stopping (rows marked skipped) once ``--max-seconds`` is spent."""
+    autocast = DTYPES[args.dtype]
+    started = time.perf_counter()
+    rows: list[Row] = []
+    for problem in problems_for(device, args.quick):
+        if args.max_seconds and time.perf_counter() - started > args.max_seconds:
+            report(f"  {problem.label}: skipped (over --max-seconds {args.max_seconds})")
+            rows.append({"problem": problem.label, "method": "-", "ms": None, "peak_mib": None})
+            continue
+        try:
+            rows.extend(
+                run_problem(
+                    problem,
+                    1 if args.quick else args.repeats,
+                    device=device,
+                    autocast=autocast,
+                    memory=not args.no_memory,
+                )
+            )
+        except torch.cuda.OutOfMemoryError as error:
+            report(f"  {problem.label}: out of memory ({str(error).splitlines()[0]})")
+            rows.append({"problem": problem.label, "method": "OOM", "ms": None, "peak_mib": None})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if device.type == "cpu" and not args.no_memory:
+        peaks = peaks_from_child(args)
+        for row in rows:
+            row["peak_mib"] = peaks.get(f"{row['problem']}|{row['method']}")
+    return rows
 
 
 def memory_check(include_dense: bool) -> None:
-    """The issue's memory figure: N=4096, K=65536, D=128 float32 on the CPU."""
+    """The memory figure: N=4096, K=65536, D=128 float32 on the CPU (run in the child)."""
     p = MEMORY
     steps = methods(p)
     print(
@@ -121,49 +278,64 @@ def memory_check(include_dense: bool) -> None:
     names = ["chunked", "sdpa", "infonce"] + (["dense"] if include_dense else [])
     for name in names:
         start = time.perf_counter()
-        peak = peak_mib(steps[name])
+        peak = cpu_peak_mib(steps[name])
         took = time.perf_counter() - start
         print(
             f"  {name:<8} peak over inputs {'n/a' if peak is None else f'{peak:8.0f} MiB'}   ({took:.1f} s)"
         )
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="smallest shapes only (smoke test)")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--markdown", type=Path, help="also write the table as Markdown here")
+    parser.add_argument("--max-seconds", type=float, default=0.0, help="skip the problems left")
+    parser.add_argument("--no-memory", action="store_true", help="times only")
     parser.add_argument(
         "--no-dense-memory",
         action="store_true",
-        help="skip dense at the memory shape (needs several GiB)",
+        help="skip dense in the CPU memory figure (needs several GiB)",
     )
-    args = parser.parse_args()
+    parser.add_argument("--child-peaks", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
 
-    # Fixed mmap threshold: freed large blocks go back to the OS, so peak RSS measures each step.
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        os.execv(sys.executable, [sys.executable, *sys.argv])
 
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(
-        f"cct-loss benchmarks  {datetime.date.today()}  torch {torch.__version__}  "
-        f"{platform.processor() or platform.machine()}  threads={torch.get_num_threads()}  "
-        f"python {platform.python_version()}"
-    )
-    problems = [SIMCLR[0], MOCO[0], PAPER[0]] if args.quick else [*SIMCLR, *MOCO, *PAPER]
-    if args.quick:
-        problems = [
-            Problem(p.kind, 64, d=32, m=p.m, k=min(p.k, 512), views=p.views) for p in problems
-        ]
-    rows: list[dict[str, object]] = []
-    for problem in problems:
-        rows.extend(run_problem(problem, 1 if args.quick else args.repeats))
-    print_table(rows)
-    if not args.quick:
-        memory_check(include_dense=not args.no_dense_memory)
+    if args.child_peaks:  # the child of peaks_from_child: peaks as one JSON line, last
+        problems = problems_for(torch.device("cpu"), args.quick)
+        print(json.dumps(cpu_peaks(problems, DTYPES[args.dtype])))
+        return
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
+    info = environment(device, args.dtype, args.threads)
+    print("cct-loss benchmarks  " + "  ".join(f"{k}={v}" for k, v in info.items()))
+    rows = run_all(args, device, print)
+    text = table(rows)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps({"environment": info, "rows": rows}, indent=1))
+    if args.markdown:
+        title = ", ".join(f"{k} {v}" for k, v in info.items())
+        args.markdown.write_text(f"{title}\n\n```\n{text}\n```\n")
+    if device.type == "cpu" and not args.quick and args.dtype == "float32" and not args.no_memory:
+        # The memory figure, in a child with the mmap threshold (see the module docs).
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        here = str(Path(__file__).resolve().parent)
+        code = (
+            f"import sys; sys.path.insert(0, {here!r}); import torch, run; "
+            f"torch.set_num_threads({args.threads}); run.memory_check({not args.no_dense_memory})"
+        )
+        subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
 
 if __name__ == "__main__":
