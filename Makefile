@@ -1,13 +1,17 @@
 # Two commands for a fresh clone: `make demo` and `make test`. `make bench` prints the benchmark table.
-# Each target creates (or reuses) a virtual environment in .venv and installs pinned requirements.
+# Each target creates (or reuses) a virtual environment in .venv and installs pinned requirements,
+# except `make gpu-check`, which runs on a machine that has PyTorch with CUDA and no network: it
+# uses the interpreter $(GPU_PYTHON) as it is, with the checkout on PYTHONPATH.
 
 PYTHON ?= python3
+GPU_PYTHON ?= python3
+GPU_CHECK_OUT ?= gpu_output
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEV_STAMP := $(VENV)/.dev-installed
 EXAMPLES_STAMP := $(VENV)/.examples-installed
 
-.PHONY: demo test lint typecheck unit bench bench-suite clean
+.PHONY: demo test lint typecheck unit gpu-check-smoke gpu-check bench bench-suite clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,10 +39,20 @@ typecheck: $(EXAMPLES_STAMP)
 unit: $(EXAMPLES_STAMP)
 	$(PY) -m pytest
 
-test: lint typecheck unit
+test: lint typecheck unit gpu-check-smoke
+
+# The CPU smoke mode of gpu-check, with the virtual environment's interpreter.
+gpu-check-smoke: $(EXAMPLES_STAMP)
+	$(MAKE) --no-print-directory gpu-check GPU_PYTHON="$(abspath $(PY))" GPU_CHECK_OUT="$(VENV)/gpu-check-smoke"
+
+# On a CUDA machine: tests, fused-kernel survey and benchmark tables (about 6 minutes); without
+# CUDA the same steps in a smoke mode (under 2 minutes).
+gpu-check:
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" GPU_CHECK_OUT="$(GPU_CHECK_OUT)" $(GPU_PYTHON) benchmarks/gpu_check.py
 
 bench: $(DEV_STAMP)
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py --dtype bf16 --no-memory
 
 bench-suite: $(DEV_STAMP)
 	$(PY) -m pytest benchmarks/test_benchmarks.py --benchmark-enable --benchmark-only -p no:randomly

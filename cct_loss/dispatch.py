@@ -44,9 +44,12 @@ def choose_impl(
     and above it chunked is as fast or faster while holding no ``Q x K`` matrix. ``"sdpa"`` is
     never picked automatically: it is often the fastest, but PyTorch's fused kernels evaluate
     the softmax less exactly (agreement 1e-4 instead of 1e-5 relative), so it is opt-in.
-    ``device`` is accepted so the rule can depend on it once GPU measurements exist.
+
+    The rule may depend on ``device``; the CPU numbers decide the CPU rule. On CUDA it is the
+    CPU's rule until a CUDA benchmark table exists (``make gpu-check`` writes one; none has been
+    measured yet, see BENCHMARKS.md).
     """
-    del device  # same rule on every device for now (no GPU measurements yet)
+    del device  # one rule for every device until a CUDA table exists
     if impl != "auto":
         return impl
     if per_query or num_queries * num_keys <= AUTO_DENSE_MAX_ELEMENTS:

@@ -37,6 +37,8 @@ class NegativeQueue(nn.Module):
             negative_labels=queue.labels())``. The labels are a buffer too, so they are in the
             ``state_dict`` only when ``with_labels=True`` (checkpoints of a queue without
             labels load as before).
+        device: where the buffers are created (default: PyTorch's default device); the
+            queue moves with ``.to(device)`` like any module.
 
     Examples:
         >>> import torch
@@ -61,6 +63,7 @@ class NegativeQueue(nn.Module):
         gather_distributed: bool = False,
         dtype: torch.dtype = torch.float32,
         with_labels: bool = False,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("size", size), ("dim", dim)):
@@ -80,11 +83,12 @@ class NegativeQueue(nn.Module):
         self.dim = dim
         self.gather_distributed = gather_distributed
         self.with_labels = with_labels
-        self.register_buffer("keys", torch.zeros(size, dim, dtype=dtype))
+        self.register_buffer("keys", torch.zeros(size, dim, dtype=dtype, device=device))
         if with_labels:
-            self.register_buffer("key_labels", torch.zeros(size, dtype=torch.long))
-        self.register_buffer("write_position", torch.zeros((), dtype=torch.long))
-        self.register_buffer("fill_level", torch.zeros((), dtype=torch.long))
+            labels = torch.zeros(size, dtype=torch.long, device=device)
+            self.register_buffer("key_labels", labels)
+        self.register_buffer("write_position", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("fill_level", torch.zeros((), dtype=torch.long, device=device))
         # Host mirrors of the two counters: shapes depend on them, so reading them must not
         # synchronise with the device. They are restored from the buffers on load.
         # The write position lives on the device only (``write_position``), so a compiled step

@@ -1,11 +1,21 @@
-"""Shared pytest set-up: hypothesis profiles and deterministic torch."""
+"""Shared pytest set-up: the test device, hypothesis profiles, deterministic torch.
+
+``CCT_TEST_DEVICE=cuda`` runs the correctness suite on a CUDA device: it becomes PyTorch's
+default device, so every tensor a test creates lives there (the library itself always passes
+``device=``, which tests/test_device.py checks). Tests marked ``cpu_only`` (processes, examples,
+the README, inductor compiles) are skipped there; tests marked ``cuda_only`` (fused-kernel
+selection, device memory) are skipped on the CPU.
+"""
 
 from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+from .helpers import TEST_DEVICE
 
 settings.register_profile(
     "default",
@@ -20,6 +30,32 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+# make gpu-check: the same properties on fewer examples (a GPU run has a time budget).
+settings.register_profile(
+    "gpu-check",
+    max_examples=6,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+if TEST_DEVICE.type == "cuda" and not torch.cuda.is_available():
+    raise pytest.UsageError("CCT_TEST_DEVICE=cuda, but torch.cuda.is_available() is False")
+if TEST_DEVICE.type != "cpu":
+    torch.set_default_device(TEST_DEVICE)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cpu_only: runs only when CCT_TEST_DEVICE is cpu")
+    config.addinivalue_line("markers", "cuda_only: runs only when CCT_TEST_DEVICE is cuda")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    on_cuda = TEST_DEVICE.type == "cuda"
+    for item in items:
+        if on_cuda and item.get_closest_marker("cpu_only"):
+            item.add_marker(pytest.mark.skip(reason=f"CPU only; testing on {TEST_DEVICE}"))
+        if not on_cuda and item.get_closest_marker("cuda_only"):
+            item.add_marker(pytest.mark.skip(reason="needs CCT_TEST_DEVICE=cuda"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,14 @@ from torch import Tensor
 
 #: Agreement demanded of every float32 fast path against the float64 reference.
 RTOL = 1e-5
+
+#: Where the tests create their tensors: ``CCT_TEST_DEVICE`` (default ``cpu``).
+TEST_DEVICE = torch.device(os.environ.get("CCT_TEST_DEVICE", "cpu"))
+
+
+def seeded(seed: int) -> torch.Generator:
+    """A random generator on the test device."""
+    return torch.Generator(device=TEST_DEVICE).manual_seed(seed)
 
 
 def cost_floor(case_tensors: list[Tensor | None], options: dict[str, Any]) -> float:
@@ -118,8 +127,9 @@ def draw_labels(draw: st.DrawFn, pattern: str, n: int) -> Tensor | None:
 
 def random_embeddings(shape: tuple[int, ...], seed: int, *, scale: float = 1.0) -> Tensor:
     """float32-representable values (so float32 and float64 paths see the same inputs)."""
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).float().double()
+    return (
+        (torch.randn(shape, generator=seeded(seed), dtype=torch.float64) * scale).float().double()
+    )
 
 
 @st.composite
@@ -173,8 +183,8 @@ def cases(
 
 def backward_weights(loss: Tensor, seed: int = 0) -> Tensor:
     """Random cotangent for a loss of any shape (so "none" gradients are fully checked)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(loss.shape, generator=g, dtype=torch.float64).to(loss.dtype) + 0.5
+    weights = torch.rand(loss.shape, generator=seeded(seed), dtype=torch.float64)
+    return weights.to(loss.dtype) + 0.5
 
 
 def grads_of(loss: Tensor, inputs: list[Tensor | None]) -> list[Tensor | None]:

@@ -14,7 +14,7 @@ from cct_loss import cct_loss
 from cct_loss.dispatch import KERNELS
 from cct_loss.sdpa import SDPA_MAX_SHARPNESS
 
-from .helpers import impl_options, random_embeddings
+from .helpers import impl_options, random_embeddings, seeded
 from .reference import reference_loss
 
 IMPLS = list(KERNELS)
@@ -56,7 +56,7 @@ def hessian_vector_products(
 ) -> list[torch.Tensor]:
     """d/dx of <grad loss, v> for a fixed random v: a backward through a create_graph gradient."""
     loss = loss_of(*leaves)
-    g = torch.Generator().manual_seed(seed)
+    g = seeded(seed)
     weights = torch.rand(loss.shape, generator=g, dtype=loss.dtype) + 0.5
     grads = torch.autograd.grad((loss * weights).sum(), leaves, create_graph=True)
     directions = [torch.randn(x.shape, generator=g, dtype=x.dtype) for x in leaves]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from cct_loss import cct_loss_multiview
@@ -14,6 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from problems import official_paper_objective  # noqa: E402
+
+#: The CPU benchmark script (make gpu-check runs the CUDA one).
+pytestmark = pytest.mark.cpu_only
 
 
 def test_official_formulation_baseline_equals_paper_layout() -> None:

@@ -16,6 +16,9 @@ from cct_loss.distributed import all_gather_with_grad, is_active, rank_and_world
 
 from . import distributed_worker as worker
 
+#: Gloo processes on the CPU.
+pytestmark = pytest.mark.cpu_only
+
 WORLD_SIZE = 2
 TIMEOUT_S = 120
 

@@ -23,6 +23,9 @@ import moco  # noqa: E402
 from common import Encoder, Split, augment, knn_of, load_dataset  # noqa: E402
 from simclr import Config, train  # noqa: E402
 
+#: The examples train on the CPU (MNIST-5k, digits).
+pytestmark = pytest.mark.cpu_only
+
 MARGIN = 0.04
 STEPS = 300
 

@@ -8,7 +8,7 @@ import torch
 
 from cct_loss import CCTLoss, cct_loss, cct_loss_multiview
 
-from .helpers import random_embeddings
+from .helpers import TEST_DEVICE, random_embeddings
 
 
 def _inputs(mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -28,7 +28,7 @@ def test_bf16_autocast_is_float32_finite_and_close(mode: str, t: float) -> None:
     q, p, n = _inputs(mode)
     lin = torch.nn.Linear(16, 16)
     ref = cct_loss(lin(q), lin(p), None if n is None else lin(n), t_pos=t, t_neg=t)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(TEST_DEVICE.type, dtype=torch.bfloat16):
         qa, pa = lin(q), lin(p)
         na = None if n is None else lin(n)
         assert qa.dtype == torch.bfloat16

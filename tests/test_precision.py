@@ -17,7 +17,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from cct_loss import cct_loss, cct_loss_multiview
 from cct_loss.dispatch import KERNELS
 
-from .helpers import LABEL_PATTERNS, Case, cases, grads_of, impl_options, random_embeddings
+from .helpers import (
+    LABEL_PATTERNS,
+    TEST_DEVICE,
+    Case,
+    cases,
+    grads_of,
+    impl_options,
+    random_embeddings,
+)
 from .reference import reduce_results, reference_paper, reference_queries
 
 IMPLS = list(KERNELS)
@@ -98,7 +106,7 @@ def run_shape(shape: str, impl: str, detach: bool, dtype: torch.dtype) -> tuple[
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("detach", [True, False])
 def test_products_follow_autocast_the_rest_is_float32(impl: str, shape: str, detach: bool) -> None:
-    with DtypeRecorder() as recorder, torch.autocast("cpu", dtype=torch.bfloat16):
+    with DtypeRecorder() as recorder, torch.autocast(TEST_DEVICE.type, dtype=torch.bfloat16):
         loss, grad = run_shape(shape, impl, detach, torch.float32)
     assert loss.dtype == torch.float32 and grad.dtype == torch.float32
     products = recorder.product_dtypes()
@@ -130,7 +138,7 @@ def test_full_precision_inputs_outside_autocast_keep_their_dtype(
 
 def test_float64_under_autocast_stays_float64() -> None:
     """Autocast never casts float64; neither does the policy."""
-    with DtypeRecorder() as recorder, torch.autocast("cpu", dtype=torch.bfloat16):
+    with DtypeRecorder() as recorder, torch.autocast(TEST_DEVICE.type, dtype=torch.bfloat16):
         loss, _ = run_shape("shared", "dense", False, torch.float64)
     assert loss.dtype == torch.float64
     assert recorder.dtypes_of(PRODUCTS) == {torch.float64}
@@ -180,7 +188,7 @@ def test_bf16_matches_float64_reference(impl: str, case: Case, half_inputs: bool
     opts = dict(case.options)
     reduction = str(opts.pop("reduction"))
     q, p, n = case.leaves(torch.bfloat16 if half_inputs else torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not half_inputs):
+    with torch.autocast(TEST_DEVICE.type, dtype=torch.bfloat16, enabled=not half_inputs):
         loss = cct_loss(
             q, p, n, **impl_options(impl), reduction=reduction, **case.call_options, **opts
         )
@@ -206,7 +214,7 @@ def test_bf16_matches_float64_reference(impl: str, case: Case, half_inputs: bool
 def test_bf16_paper_layout_matches_reference(impl: str, detach: bool) -> None:
     views = [random_embeddings((9, 12), seed) for seed in range(4)]
     leaves = [v.float().requires_grad_() for v in views]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(TEST_DEVICE.type, dtype=torch.bfloat16):
         loss = cct_loss_multiview(
             leaves, layout="paper", impl=impl, detach_weights=detach, t_neg=0.9
         )
@@ -228,7 +236,7 @@ def test_bf16_zero_rows_and_large_sharpness(impl: str) -> None:
     p = random_embeddings((5, 16), 1).float()
     negatives = random_embeddings((30, 16), 2).float()
     for t in (1.0, 1e4):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(TEST_DEVICE.type, dtype=torch.bfloat16):
             out = cct_loss(
                 q, p, negatives, impl=impl, t_neg=t, reduction="none", return_details=True
             )
@@ -245,7 +253,7 @@ def test_compiled_under_autocast_matches_eager(impl: str) -> None:
     negatives = random_embeddings((20, 16), 2).float()
 
     def step(q: Tensor, p: Tensor, negatives: Tensor) -> Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(TEST_DEVICE.type, dtype=torch.bfloat16):
             return cct_loss(q, p, negatives, impl=impl, detach_weights=False)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from cct_loss import cct_loss
 
-from .helpers import Case, cases, impl_options, random_embeddings
+from .helpers import Case, cases, impl_options, random_embeddings, seeded
 
 
 def test_closed_form_one_positive_one_negative() -> None:
@@ -105,7 +105,7 @@ def test_single_positive_attraction_is_plain_cost(case: Case) -> None:
 def test_invariant_to_permuting_negatives(case: Case, seed: int) -> None:
     if case.negatives is None:
         return
-    g = torch.Generator().manual_seed(seed)
+    g = seeded(seed)
     k_dim = case.negatives.dim() - 2
     perm = torch.randperm(case.negatives.shape[k_dim], generator=g)
     permuted = case.negatives[perm] if k_dim == 0 else case.negatives[:, perm]
@@ -116,7 +116,7 @@ def test_invariant_to_permuting_negatives(case: Case, seed: int) -> None:
 
 @given(case=cases(), seed=st.integers(0, 1000))
 def test_equivariant_to_permuting_batch_rows(case: Case, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
+    g = seeded(seed)
     n = case.query.shape[0]
     perm = torch.randperm(n, generator=g)
     neg = case.negatives
@@ -132,7 +132,7 @@ def test_equivariant_to_permuting_batch_rows(case: Case, seed: int) -> None:
 @given(case=cases(), seed=st.integers(0, 1000))
 def test_invariant_to_rotating_every_embedding(case: Case, seed: int) -> None:
     d = case.query.shape[-1]
-    g = torch.Generator().manual_seed(seed)
+    g = seeded(seed)
     rotation, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
     neg = None if case.negatives is None else case.negatives @ rotation
     a = cct_loss(case.query, case.positive, case.negatives, **case.options)
@@ -181,7 +181,7 @@ def test_zero_vectors_give_finite_values_and_gradients(
 @pytest.mark.parametrize("t", [1e2, 1e3, 1e4])
 @pytest.mark.parametrize("detach", [True, False])
 def test_large_sharpness_is_finite(t: float, detach: bool) -> None:
-    g = torch.Generator().manual_seed(0)
+    g = seeded(0)
     q = torch.randn(6, 8, generator=g, requires_grad=True)
     p = torch.randn(6, 3, 8, generator=g, requires_grad=True)
     for n in (None, torch.randn(32, 8, generator=g)):
@@ -219,7 +219,7 @@ def test_gradcheck_float64(impl: str, mode: str, normalize: bool, cost: str) -> 
     """The true derivative (detach_weights=False) of every implementation (chunked with blocks
     of 2 keys). Detached weights are checked against the reference instead: their backward is by
     design not the derivative of the forward."""
-    g = torch.Generator().manual_seed(7)
+    g = seeded(7)
     q = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     p = torch.randn(3, 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
     inputs = [q, p]

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from cct_loss import NegativeQueue, cct_loss
 
+from .helpers import seeded
+
 
 class ListQueue:
     """The obviously-correct FIFO: a Python list of the newest `size` keys."""
@@ -32,7 +34,7 @@ def as_set(x: torch.Tensor) -> list[tuple[float, ...]]:
     seed=st.integers(0, 1000),
 )
 def test_fifo_matches_list_reference(size: int, batches: list[int], seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
+    g = seeded(seed)
     queue, reference = NegativeQueue(size, 3), ListQueue(size)
     for b in batches:
         keys = torch.randn(b, 3, generator=g)
@@ -89,7 +91,7 @@ def test_enqueue_after_loss_before_backward_is_safe() -> None:
 
 
 def test_state_dict_round_trip_and_resume() -> None:
-    g = torch.Generator().manual_seed(0)
+    g = seeded(0)
     queue = NegativeQueue(5, 2)
     for b in (3, 4):
         queue.enqueue(torch.randn(b, 2, generator=g))
@@ -213,7 +215,7 @@ def test_bad_enqueue(keys: object, error: type[Exception], pattern: str) -> None
 def test_labels_follow_their_keys(size: int, batches: list[int], seed: int) -> None:
     """A labelled queue keeps each key's label beside it, through wrap-around and big batches."""
     queue = NegativeQueue(size, 3, with_labels=True)
-    g = torch.Generator().manual_seed(seed)
+    g = seeded(seed)
     for b in batches:
         labels = torch.randint(0, 1000, (b,), generator=g)
         keys = labels[:, None].float().expand(b, 3)  # each key encodes its own label

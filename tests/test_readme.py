@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+#: The README's snippets are CPU code.
+pytestmark = pytest.mark.cpu_only
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
 

@@ -21,6 +21,7 @@ from .helpers import (
     float32_error,
     grads_of,
     impl_options,
+    seeded,
 )
 from .reference import reduce, reduce_results, reference_queries
 
@@ -237,7 +238,7 @@ def test_weights_match_reference_shared_and_per_query(case: Case, seed: int) -> 
 
 def test_in_batch_weight_layout() -> None:
     """In-batch neg_weights is (Q, Q) with zeros on same-instance columns, in view-major order."""
-    g = torch.Generator().manual_seed(3)
+    g = seeded(3)
     z1, z2, z3 = (torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(3))
     out = cct_loss(z1, torch.stack([z2, z3], 1), t_neg=1.7, return_details="weights")
     results = reference_queries(z1, torch.stack([z2, z3], 1), t_neg=1.7)
