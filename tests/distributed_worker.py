@@ -34,7 +34,12 @@ SCENARIOS = {
     "labels_all_chunked": ("labels_all", "chunked", 3),
     "labels_one_view_dense": ("labels_all", "dense", 1),  # singletons: no positives
     "labels_cross_sdpa": ("labels_cross", "sdpa", 2),
+    # Mixed precision: under CPU autocast the gathered embeddings are bfloat16
+    "nt_xent_dense_autocast": ("all", "dense", 2),
+    "clip_cross_chunked_autocast": ("clip", "chunked", 2),
 }
+#: Scenarios whose loss runs under ``torch.autocast("cpu", dtype=torch.bfloat16)``.
+AUTOCAST = ("nt_xent_dense_autocast", "clip_cross_chunked_autocast")
 
 
 def make_model() -> nn.Module:
@@ -70,6 +75,20 @@ def loss_fn(
     model: nn.Module, views: torch.Tensor, labels: torch.Tensor, scenario: str, gather: bool
 ) -> torch.Tensor:
     layout, impl, _ = SCENARIOS[scenario]
+    if scenario in AUTOCAST:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _loss(model, views, labels, layout, impl, gather)
+    return _loss(model, views, labels, layout, impl, gather)
+
+
+def _loss(
+    model: nn.Module,
+    views: torch.Tensor,
+    labels: torch.Tensor,
+    layout: str,
+    impl: str,
+    gather: bool,
+) -> torch.Tensor:
     z: torch.Tensor = model(views)  # (V, N, DIM_OUT)
     opts: dict[str, Any] = dict(
         t_neg=2.0,

@@ -67,10 +67,13 @@ def test_ddp_with_gathered_negatives_equals_single_process(
     """After a few SGD steps, DDP + gather_distributed matches one process on the whole batch."""
     single = worker.make_model()
     worker.train(single, scenario, 0, (worker.N_PER_RANK,) * WORLD_SIZE, gather=False)
+    # Under autocast, products of differently shaped matrices may round their bfloat16 outputs
+    # differently (2**-9 relative): measured up to 2.4e-3 after the three steps.
+    tol = 1e-2 if scenario in worker.AUTOCAST else 1e-5
     for rank in range(WORLD_SIZE):
         for name, value in single.state_dict().items():
             got = results[rank][scenario][name]
-            assert torch.allclose(got, value, rtol=1e-5, atol=1e-5), (
+            assert torch.allclose(got, value, rtol=tol, atol=tol), (
                 f"rank {rank} {name}: max difference {float((got - value).abs().max()):.2e}"
             )
 
