@@ -65,7 +65,7 @@ SMOKE_TEST_FILES = [
 ]
 #: Seconds for each step (the GPU run must end within 6 minutes, start-up included).
 #: A benchmark step stops starting problems after ``bench`` seconds and is cut at twice that.
-BUDGET = {"tests": 180, "bench": 45}
+BUDGET = {"tests": 165, "bench": 45}
 SMOKE_BUDGET = {"tests": 60, "bench": 20}
 
 

@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from problems import GPU_EXTRA, MEMORY, MOCO, PAPER, SIMCLR, Problem, Step, methods
+from problems import GPU_EXTRA, MEMORY, MOCO, PAPER, SIMCLR, SMALL_BATCH, Problem, Step, methods
 
 MIB = 1024 * 1024
 DTYPES = {"float32": None, "bf16": torch.bfloat16}
@@ -326,6 +326,12 @@ def main(argv: list[str] | None = None) -> None:
     print("cct-loss benchmarks  " + "  ".join(f"{k}={v}" for k, v in info.items()))
     rows = run_all(args, device, print)
     text = table(rows)
+    small = {r["method"]: r for r in rows if r["problem"] == SMALL_BATCH.label}
+    if "dense" in small and small["dense"].get("vs_infonce") is not None:
+        text += (
+            f"\n\nsmall batch ({SMALL_BATCH.label}): dense / InfoNCE = "
+            f"{small['dense']['vs_infonce']:.2f}x (target on the CPU: at most 1.15x)"
+        )
     print(text)
     if args.json:
         args.json.write_text(json.dumps({"environment": info, "rows": rows}, indent=1))
