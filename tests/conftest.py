@@ -17,27 +17,21 @@ from hypothesis import HealthCheck, settings
 
 from .helpers import TEST_DEVICE
 
-settings.register_profile(
-    "default",
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-    derandomize=True,
-)
-settings.register_profile(
-    "thorough",
-    max_examples=500,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+
+def _register(name: str, max_examples: int, *, derandomize: bool) -> None:
+    settings.register_profile(
+        name,
+        max_examples=max_examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+        derandomize=derandomize,
+    )
+
+
+_register("default", 60, derandomize=True)
+_register("thorough", 500, derandomize=False)
 # make gpu-check: the same properties on fewer examples (a GPU run has a time budget).
-settings.register_profile(
-    "gpu-check",
-    max_examples=6,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-    derandomize=True,
-)
+_register("gpu-check", 6, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

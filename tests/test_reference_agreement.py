@@ -31,6 +31,12 @@ IMPLS = list(KERNELS)
 #: in the attention output at logit scale 20, against 3e-6 for torch's math kernel), which
 #: gradients through the weights amplify by up to t_neg; it is held to 1e-4.
 RTOL = {"dense": 1e-5, "chunked": 1e-5, "sdpa": 1e-4}
+#: Every negative mode, both pair layouts and every label pattern.
+EVERY_LAYOUT = cases(
+    modes=("in_batch", "shared", "per_query"),
+    layouts=("all", "cross"),
+    label_patterns=LABEL_PATTERNS,
+)
 
 
 def present_mean(values: list[float], flags: list[bool]) -> float:
@@ -183,11 +189,7 @@ def test_matches_reference(impl: str, case: Case, chunk_size: int | None) -> Non
 
 @pytest.mark.parametrize("impl", IMPLS)
 @given(
-    case=cases(
-        modes=("in_batch", "shared", "per_query"),
-        layouts=("all", "cross"),
-        label_patterns=LABEL_PATTERNS,
-    ),
+    case=EVERY_LAYOUT,
     chunk_size=st.one_of(st.none(), st.integers(1, 8)),
 )
 def test_layouts_and_labels_match_reference(impl: str, case: Case, chunk_size: int | None) -> None:
@@ -199,11 +201,7 @@ def test_layouts_and_labels_match_reference(impl: str, case: Case, chunk_size: i
 
 @pytest.mark.parametrize("impl", IMPLS)
 @given(
-    case=cases(
-        modes=("in_batch", "shared", "per_query"),
-        layouts=("all", "cross"),
-        label_patterns=LABEL_PATTERNS,
-    ),
+    case=EVERY_LAYOUT,
 )
 def test_loss_without_details_matches_reference(impl: str, case: Case) -> None:
     """The plain loss (no diagnostics): dense's moments path, which forms no cost matrix and
