@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 DEV_STAMP := $(VENV)/.dev-installed
 EXAMPLES_STAMP := $(VENV)/.examples-installed
 
-.PHONY: demo test lint typecheck unit gpu-check-smoke gpu-check bench bench-suite clean
+.PHONY: demo test lint typecheck unit unit-triton gpu-check-smoke gpu-check bench bench-suite clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,9 +37,13 @@ typecheck: $(EXAMPLES_STAMP)
 	$(PY) -m mypy
 
 unit: $(EXAMPLES_STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not triton"
 
-test: lint typecheck unit gpu-check-smoke
+# impl="triton" through Triton's CPU interpreter, which must be on before triton is imported.
+unit-triton: $(EXAMPLES_STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -m triton tests/test_triton.py
+
+test: lint typecheck unit unit-triton gpu-check-smoke
 
 # The CPU smoke mode of gpu-check, with the virtual environment's interpreter.
 gpu-check-smoke: $(EXAMPLES_STAMP)

@@ -6,7 +6,8 @@ pytest, hypothesis and pytest-benchmark and nothing else of ours). Steps:
 
 1. the machine: GPU, torch, CUDA and triton versions;
 2. the correctness suite on the device (``CCT_TEST_DEVICE``, the ``gpu-check`` hypothesis
-   profile; processes, examples, the README and inductor compiles are CPU-only);
+   profile; processes, examples, the README and inductor compiles are CPU-only), including
+   ``impl="triton"``'s kernels, natively;
 3. which fused attention kernels serve ``impl="sdpa"`` (benchmarks/fused_kernels.py);
 4. the benchmark table in float32 and in bf16 (benchmarks/run.py).
 
@@ -56,6 +57,7 @@ TEST_FILES = [
     "tests/test_queue.py",
     "tests/test_validation.py",
     "tests/test_compile.py",
+    "tests/test_triton.py",
 ]
 #: The smoke run's subset: the device plumbing and the precision policy.
 SMOKE_TEST_FILES = [

@@ -8,6 +8,7 @@ Baselines, written here for comparison only:
 * ``infonce``: :mod:`cct_loss.baselines` (NT-Xent, multi-positive for ``M > 1``; MoCo's
   InfoNCE with a queue) on the same shapes.
 * ``matmul``: the one matrix product every method needs, forward and backward.
+* ``triton`` (CUDA only: on the CPU it runs in Triton's interpreter, far too slow to time).
 * ``official``: the small-scale paper objective computed the way the official code lays it
   out, with pairwise distances by broadcasting an ``N x N x D`` tensor (written by us from
   SPEC section 3, not taken from that code).
@@ -70,12 +71,12 @@ MEMORY = Problem("moco", 4096, k=65536)
 #: The small-batch shape of the overhead target (dense at most 1.15x InfoNCE on the CPU).
 SMALL_BATCH = SIMCLR[0]
 #: Added on a GPU: a large SimCLR batch, a large MoCo queue, and an in-batch stress shape
-#: (65,536 rows per view: a 131,072 x 131,072 cost matrix, 64 GiB in float32) that only
-#: ``chunked`` streams.
+#: (65,536 rows per view: a 131,072 x 131,072 cost matrix, 64 GiB in float32) that only the
+#: streaming implementations, ``chunked`` and ``triton``, hold.
 GPU_EXTRA = [
     Problem("simclr", 8192),
     MEMORY,
-    Problem("simclr", 65536, only=("chunked",)),
+    Problem("simclr", 65536, only=("chunked", "triton")),
 ]
 
 
@@ -146,6 +147,7 @@ def _methods(problem: Problem, seed: int, device: torch.device) -> dict[str, Ste
             "dense": cct("dense"),
             "chunked": cct("chunked"),
             "sdpa": cct("sdpa"),
+            **({"triton": cct("triton")} if device.type == "cuda" else {}),
             "infonce": lambda: info_nce_multiview(z).backward(),
             "matmul": matmul,
         }
@@ -161,6 +163,7 @@ def _methods(problem: Problem, seed: int, device: torch.device) -> dict[str, Ste
             "dense": cct_moco("dense"),
             "chunked": cct_moco("chunked"),
             "sdpa": cct_moco("sdpa"),
+            **({"triton": cct_moco("triton")} if device.type == "cuda" else {}),
             "infonce": lambda: info_nce_queue(q, k, queue).backward(),
             "matmul": lambda: (q @ queue.T).sum().backward(),
         }
@@ -174,5 +177,6 @@ def _methods(problem: Problem, seed: int, device: torch.device) -> dict[str, Ste
     return {
         "dense": paper("dense"),
         "chunked": paper("chunked"),
+        **({"triton": paper("triton")} if device.type == "cuda" else {}),
         "official": lambda: official_paper_objective(views, 1.0, 0.9).backward(),
     }

@@ -14,6 +14,7 @@ from .chunked import chunked_expected_cost
 from .dense import dense_expected_cost
 from .sdpa import sdpa_expected_cost
 from .transport import ExpectedCostKernel
+from .triton_impl import triton_expected_cost
 
 if TYPE_CHECKING:
     from .options import CCTOptions
@@ -23,6 +24,7 @@ KERNELS: dict[str, ExpectedCostKernel] = {
     "dense": dense_expected_cost,
     "chunked": chunked_expected_cost,
     "sdpa": sdpa_expected_cost,
+    "triton": triton_expected_cost,
 }
 
 #: The accepted values of ``impl``.
@@ -44,6 +46,8 @@ def choose_impl(
     and above it chunked is as fast or faster while holding no ``Q x K`` matrix. ``"sdpa"`` is
     never picked automatically: it is often the fastest, but PyTorch's fused kernels evaluate
     the softmax less exactly (agreement 1e-4 instead of 1e-5 relative), so it is opt-in.
+    ``"triton"`` is never picked automatically either: it is tested on the CPU through Triton's
+    interpreter, and ``auto`` will consider it only once a CUDA benchmark shows it ahead.
 
     The rule may depend on ``device``; the CPU numbers decide the CPU rule. On CUDA it is the
     CPU's rule until a CUDA benchmark table exists (``make gpu-check`` writes one; none has been

@@ -146,7 +146,8 @@ def cct_loss(
             otherwise ``(N,)``.
         impl: ``"dense"`` (full ``Q x K`` cost matrix; fastest while it fits), ``"chunked"``
             (streams over blocks of keys with an online softmax; never holds ``Q x K``),
-            ``"sdpa"`` (PyTorch's fused attention kernels) or ``"auto"`` (see
+            ``"sdpa"`` (PyTorch's fused attention kernels), ``"triton"`` (hand-written fused
+            kernels; CUDA, optional dependency, shared keys only) or ``"auto"`` (see
             :func:`cct_loss.dispatch.choose_impl`). All give the same values and gradients.
         chunk_size: keys per block for ``impl="chunked"`` (``None``: about 8 MiB per block);
             with an explicit ``impl`` other than ``"chunked"`` it is an error.

@@ -44,6 +44,9 @@ if TEST_DEVICE.type != "cpu":
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cpu_only: runs only when CCT_TEST_DEVICE is cpu")
     config.addinivalue_line("markers", "cuda_only: runs only when CCT_TEST_DEVICE is cuda")
+    config.addinivalue_line(
+        "markers", "triton: impl='triton' (on the CPU run apart, with TRITON_INTERPRET=1)"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -10,8 +10,14 @@ import torch
 from hypothesis import strategies as st
 from torch import Tensor
 
+from cct_loss.dispatch import KERNELS
+
 #: Agreement demanded of every float32 fast path against the float64 reference.
 RTOL = 1e-5
+
+#: The implementations the main suite checks everywhere; ``triton`` has its own tests
+#: (tests/test_triton.py: through Triton's interpreter on the CPU, natively on CUDA).
+IMPLS = [name for name in KERNELS if name != "triton"]
 
 #: Where the tests create their tensors: ``CCT_TEST_DEVICE`` (default ``cpu``).
 TEST_DEVICE = torch.device(os.environ.get("CCT_TEST_DEVICE", "cpu"))

@@ -11,13 +11,11 @@ import torch
 from torch.func import grad, vmap
 
 from cct_loss import cct_loss
-from cct_loss.dispatch import KERNELS
 from cct_loss.sdpa import SDPA_MAX_SHARPNESS
 
-from .helpers import impl_options, random_embeddings, seeded
+from .helpers import IMPLS, impl_options, random_embeddings, seeded
 from .reference import reference_loss
 
-IMPLS = list(KERNELS)
 #: Call shapes: (layout, negatives, labels) on (N=4, D=3) queries and (N, 2, D) positives.
 CALLS = ["in_batch", "shared", "per_query", "cross", "cross_queue", "labels", "cross_labels"]
 EXACT_TO_ANY_ORDER = {"dense", "chunked"}

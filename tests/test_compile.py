@@ -11,11 +11,9 @@ import torch._dynamo.testing
 from torch import Tensor, nn
 
 from cct_loss import NegativeQueue, cct_loss, cct_loss_multiview
-from cct_loss.dispatch import KERNELS
 
-from .helpers import impl_options, random_embeddings, seeded
+from .helpers import IMPLS, impl_options, random_embeddings, seeded
 
-IMPLS = list(KERNELS)
 N, M, D, K = 6, 2, 8, 10
 NEGATIVES = random_embeddings((K, D), 50).float()
 PER_QUERY = random_embeddings((N, 5, D), 51).float()

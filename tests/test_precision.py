@@ -15,9 +15,9 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cct_loss import cct_loss, cct_loss_multiview
-from cct_loss.dispatch import KERNELS
 
 from .helpers import (
+    IMPLS,
     LABEL_PATTERNS,
     TEST_DEVICE,
     Case,
@@ -28,7 +28,6 @@ from .helpers import (
 )
 from .reference import reduce_results, reference_paper, reference_queries
 
-IMPLS = list(KERNELS)
 aten = torch.ops.aten
 
 #: Operators with an inner dimension of D (or of the batch, in the gradients): the products.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from typing import Any
 
 import pytest
@@ -322,3 +323,22 @@ def test_negatives_from_the_same_buffer_without_overlap_are_fine() -> None:
     buffer = torch.randn(10, 8)
     assert torch.isfinite(cct_loss(Q, buffer[:4], buffer[4:]))
     assert torch.isfinite(cct_loss(Q, P, P.clone()))  # the documented way to mean it
+
+
+def test_triton_without_triton_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the optional dependency impl='triton' says what to install; nothing else
+    changes (every other implementation runs)."""
+    monkeypatch.setitem(sys.modules, "cct_loss.triton_kernels", None)  # an import that fails
+    q, p = torch.randn(4, 8), torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match=r"pip install cct-loss\[triton\].*'chunked'"):
+        cct_loss(q, p, impl="triton")
+    for impl in ("auto", "dense", "chunked", "sdpa"):
+        assert torch.isfinite(cct_loss(q, p, impl=impl))
+
+
+@pytest.mark.cpu_only
+def test_triton_on_the_cpu_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        cct_loss(torch.randn(4, 8), torch.randn(4, 8), impl="triton")

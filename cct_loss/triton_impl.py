@@ -1,0 +1,318 @@
+"""``impl="triton"``: the expected cost from hand-written Triton kernels (cct_loss/triton_kernels.py).
+
+One forward kernel streams over blocks of keys with a running maximum, normaliser and weighted
+cost per query, and emits the diagnostics (entropy, extreme cost) in the same pass; the backward
+pass is two kernels that recompute each block's costs and weights from the saved
+log-normaliser. No ``Q x K`` tensor is ever written, and which keys take part (the in-batch
+exclusion, labels) is computed from integer ids inside the kernels: memory is ``O(Q D + K D)``.
+Both ``detach_weights`` settings are exact; a backward pass that must itself be differentiable
+(``create_graph=True``) differentiates the formula in plain autograd, as ``chunked`` does.
+
+Triton is optional (``pip install cct-loss[triton]``). The kernels run on CUDA devices, or on
+the CPU through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before ``triton`` was
+imported (how the test suite checks them). Inputs are float32, float16 or bfloat16 (the
+precision policy's products' dtype), with float32 accumulation; float32 products are IEEE
+unless TF32 is enabled in PyTorch (``torch.backends.cuda.matmul.allow_tf32``). ``D`` up to
+:data:`MAX_DIM`. Not supported, each with an error naming the path that is: per-query
+``(Q, K, D)`` keys, float64, ``torch.func.vmap`` and ``torch.compile``. The block sizes have not
+been tuned on a GPU yet.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._validation import is_functorch_wrapped
+from .precision import backward_in_own_precision
+from .transport import (
+    ConditionalExpectation,
+    Membership,
+    cache_forward_signature,
+    differentiable_backward,
+    logit_scale,
+)
+
+if TYPE_CHECKING:
+    from .options import CCTOptions, Side
+
+#: Largest embedding dimension the kernels take (the feature block is ``D`` rounded up to a
+#: power of two, at least 16, and held in registers).
+MAX_DIM = 256
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Blocks(NamedTuple):
+    """Rows of queries and of keys per program."""
+
+    queries: int
+    keys: int
+
+
+#: Block sizes on a GPU (not yet tuned there) and in the CPU interpreter (small blocks: the
+#: interpreter's cost is per block iteration, and the tests need sizes that end mid-block).
+GPU_BLOCKS = Blocks(64, 64)
+INTERPRETER_BLOCKS = Blocks(16, 32)
+
+
+def interpreting() -> bool:
+    """Whether Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _kernels() -> Any:
+    """The kernel module, or a clear error when Triton is missing."""
+    try:
+        from . import triton_kernels
+    except ImportError as error:
+        raise RuntimeError(
+            "impl='triton' needs the optional dependency triton (pip install cct-loss[triton]); "
+            f"importing it failed ({error}). Use impl='chunked', which streams the same way in "
+            "plain PyTorch"
+        ) from error
+    return triton_kernels
+
+
+def check_supported(query: Tensor, keys: Tensor) -> None:
+    """Refuse, naming the path that works, what the kernels do not take."""
+    device = query.device
+    if device.type == "cpu" and not interpreting():
+        raise RuntimeError(
+            "impl='triton' runs on CUDA devices (or on the CPU through Triton's interpreter, "
+            "with TRITON_INTERPRET=1 set before triton is imported); got tensors on the CPU. "
+            "Use impl='chunked' or 'dense'"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"impl='triton' runs on CUDA devices; got {device}. Use impl='chunked'")
+    if keys.dim() == 3:
+        raise ValueError(
+            "impl='triton' takes shared (K, D) keys; per-query (N, K, D) negatives go through "
+            "impl='dense' or 'chunked'"
+        )
+    if query.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"impl='triton' computes in float32, float16 or bfloat16; got {query.dtype}. "
+            "Use impl='dense' or 'chunked' for float64"
+        )
+    if query.shape[-1] > MAX_DIM:
+        raise ValueError(
+            f"impl='triton' takes embedding dims up to D = {MAX_DIM}; got D = {query.shape[-1]}. "
+            "Use impl='chunked'"
+        )
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            "impl='triton' is not supported under torch.compile yet; use impl='dense' or "
+            "'chunked', which compile with fullgraph=True"
+        )
+    if is_functorch_wrapped(query) or is_functorch_wrapped(keys):
+        raise RuntimeError(
+            "impl='triton' does not support torch.func transforms; use impl='dense' or 'chunked'"
+        )
+
+
+def _launch_options(query: Tensor, num_dims: int) -> dict[str, Any]:
+    interpret = interpreting()
+    blocks = INTERPRETER_BLOCKS if interpret else GPU_BLOCKS
+    tf32 = query.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return {
+        # Triton's interpreter computes bfloat16 tl.dot wrongly: widen half operands there.
+        "UPCAST": interpret and query.dtype != torch.float32,
+        "PRECISION": "tf32" if tf32 and not interpret else "ieee",
+        "BLOCK_Q": blocks.queries,
+        "BLOCK_K": blocks.keys,
+        "BLOCK_D": max(16, 1 << (num_dims - 1).bit_length()),
+    }
+
+
+def _id_args(ids: tuple[Tensor | None, ...], device: torch.device) -> list[Tensor]:
+    """The four id arrays as int64 pointers (an empty array where there are none)."""
+    empty = torch.empty(0, dtype=torch.int64, device=device)
+    return [empty if x is None else x.to(torch.int64).contiguous() for x in ids]
+
+
+def _flags(ids: tuple[Tensor | None, ...], same_group: bool, cost: str) -> dict[str, bool]:
+    return {
+        "HAS_GROUPS": ids[0] is not None and ids[1] is not None,
+        "SAME_GROUP": same_group,
+        "HAS_SELF": ids[2] is not None and ids[3] is not None,
+        "COSINE": cost == "cosine",
+    }
+
+
+class _TritonExpectedCost(torch.autograd.Function):
+    """``E_q = sum_k softmax_k(s c_qk) c_qk`` over shared keys, by the Triton kernels."""
+
+    @staticmethod
+    def forward(
+        query: Tensor,
+        keys: Tensor,
+        query_groups: Tensor | None,
+        key_groups: Tensor | None,
+        query_self: Tensor | None,
+        key_self: Tensor | None,
+        same_group: bool,
+        cost: str,
+        scale: Tensor,
+        detach_weights: bool,
+        return_details: bool,
+        farther: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        kernels = _kernels()
+        q, k = query.contiguous(), keys.contiguous()
+        (num_queries, num_dims), num_keys = q.shape, k.shape[0]
+        ids = (query_groups, key_groups, query_self, key_self)
+        launch = _launch_options(q, num_dims)
+        outputs = [torch.empty(num_queries, dtype=torch.float32, device=q.device) for _ in range(2)]
+        details = [
+            torch.full((num_queries,), float("nan"), dtype=torch.float32, device=q.device)
+            for _ in range(2)
+        ]
+        grid = (triton_cdiv(num_queries, launch["BLOCK_Q"]),)
+        kernels.expected_cost_forward[grid](
+            q,
+            k,
+            *_id_args(ids, q.device),
+            scale,
+            *outputs,
+            *details,
+            num_queries,
+            num_keys,
+            num_dims,
+            **_flags(ids, same_group, cost),
+            FARTHER=farther,
+            DETAILS=return_details,
+            **launch,
+        )
+        expected, log_normaliser = outputs
+        entropy, extreme = details
+        return expected, log_normaliser, extreme, entropy
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        query, keys, *ids = inputs[:6]
+        same_group, cost, scale, detach_weights = inputs[6:10]
+        expected, log_normaliser, extreme, entropy = output
+        ctx.save_for_backward(query, keys, *ids, scale, expected, log_normaliser)
+        ctx.options = (same_group, cost, detach_weights)
+        ctx.mark_non_differentiable(log_normaliser, extreme, entropy)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: Any, *args: Any) -> Any:
+        raise RuntimeError(
+            "impl='triton' has no torch.func.vmap rule; use impl='dense' or 'chunked'"
+        )
+
+    @staticmethod
+    @backward_in_own_precision
+    def backward(
+        ctx: Any,
+        grad_expected: Tensor,
+        _grad_lse: Tensor | None,
+        _grad_extreme: Tensor | None,
+        _grad_entropy: Tensor | None,
+    ) -> tuple[Tensor | None, ...]:
+        query, keys, *saved_ids, scale, expected, log_normaliser = ctx.saved_tensors
+        ids = (saved_ids[0], saved_ids[1], saved_ids[2], saved_ids[3])
+        same_group, cost, detach_weights = ctx.options
+        nones = [None] * 10
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+            excluded = None
+            if ids[0] is not None and ids[1] is not None:
+                excluded = Membership(ids[0], ids[1], same_group, ids[2], ids[3]).excluded_mask()
+            grads = differentiable_backward(
+                grad_expected,
+                query,
+                keys,
+                excluded,
+                ctx.needs_input_grad,
+                cost=cost,
+                scale=scale,
+                detach_weights=detach_weights,
+            )
+            return *grads, *nones
+        kernels = _kernels()
+        q, k = query.contiguous(), keys.contiguous()
+        (num_queries, num_dims), num_keys = q.shape, k.shape[0]
+        launch = _launch_options(q, num_dims)
+        common = (
+            *_id_args(ids, q.device),
+            scale,
+            grad_expected.to(torch.float32).contiguous(),
+            expected,
+            log_normaliser,
+        )
+        flags = {**_flags(ids, same_group, cost), "DETACH": detach_weights, **launch}
+        grad_query = grad_keys = None
+        if ctx.needs_input_grad[0]:
+            dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+            grid = (triton_cdiv(num_queries, launch["BLOCK_Q"]),)
+            kernels.expected_cost_grad_query[grid](
+                q, k, *common, dq, num_queries, num_keys, num_dims, **flags
+            )
+            grad_query = dq.to(query.dtype)
+        if ctx.needs_input_grad[1]:
+            dk = torch.empty(k.shape, dtype=torch.float32, device=k.device)
+            grid = (triton_cdiv(num_keys, launch["BLOCK_K"]),)
+            kernels.expected_cost_grad_keys[grid](
+                q, k, *common, dk, num_queries, num_keys, num_dims, **flags
+            )
+            grad_keys = dk.to(keys.dtype)
+        return grad_query, grad_keys, *nones
+
+
+cache_forward_signature(_TritonExpectedCost)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    """Blocks of ``b`` that cover ``a``."""
+    return -(-a // b)
+
+
+def triton_expected_cost(
+    query: Tensor,
+    keys: Tensor,
+    members: Membership | None,
+    *,
+    side: Side,
+    options: CCTOptions,
+) -> ConditionalExpectation:
+    """Expected cost over the keys that take part, by the Triton kernels; same contract as
+    dense (see :class:`cct_loss.transport.ExpectedCostKernel`).
+
+    Args:
+        query: ``(Q, D)`` prepared queries; keys: ``(K, D)`` shared keys.
+        members: which keys take part, or ``None`` (all).
+        side: ``"positives"`` or ``"negatives"``.
+        options: cost, sharpness, ``detach_weights``, ``return_details``.
+
+    Returns:
+        :class:`ConditionalExpectation` without weights; the entropy and the extreme cost come
+        from the forward kernel.
+    """
+    _kernels()  # a clear error first where triton is not installed
+    check_supported(query, keys)
+    signed_t = logit_scale(options, side)
+    scale = torch.as_tensor(signed_t, dtype=torch.float32, device=query.device).detach()
+    ids: tuple[Tensor | None, ...] = (None, None, None, None)
+    if members is not None:
+        ids = (members.query_groups, members.key_groups, members.query_self, members.key_self)
+    same_group = members is not None and members.same_group
+    expected, log_normaliser, extreme, entropy = _TritonExpectedCost.apply(  # type: ignore[no-untyped-call]
+        query,
+        keys,
+        *ids,
+        same_group,
+        options.cost,
+        scale.reshape(1),
+        options.detach_weights,
+        bool(options.return_details),
+        side == "positives",
+    )
+    present = None
+    if members is not None and members.may_be_empty:
+        present = torch.isfinite(log_normaliser)
+        entropy = torch.where(present, entropy, 0.0)
+    return ConditionalExpectation(expected, entropy, extreme, None, present)

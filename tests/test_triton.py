@@ -1,0 +1,230 @@
+"""``impl="triton"`` against the float64 loop reference: values, gradients, diagnostics.
+
+On the CPU these run through Triton's interpreter, which must be switched on before ``triton``
+is imported: ``make test`` runs this file on its own as ``TRITON_INTERPRET=1 pytest -m triton``
+(the main run leaves it out). On CUDA (``make gpu-check``) the kernels run natively. The
+interpreter costs about 15 ms per block iteration, so the shapes are small (N <= 64, K <= 512,
+D <= 64), with sizes that end mid-block (blocks of 16 queries and 32 keys there).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cct_loss import CCTDetails, cct_loss, cct_loss_multiview, triton_impl
+from cct_loss.triton_impl import INTERPRETER_BLOCKS, interpreting
+
+from .helpers import LABEL_PATTERNS, TEST_DEVICE, Case, cases, grads_of, random_embeddings
+from .reference import reduce_results, reference_paper, reference_queries
+from .test_reference_agreement import check_against_reference
+
+pytestmark = [
+    pytest.mark.triton,
+    # The interpreter's own numpy warnings (an index from a 1-element array; log(0) for a
+    # query without keys, whose -inf is intended).
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.runtime.interpreter"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
+    pytest.mark.skipif(
+        TEST_DEVICE.type != "cuda" and not interpreting(),
+        reason="impl='triton' on the CPU needs TRITON_INTERPRET=1 before triton is imported "
+        "(make test runs this file that way)",
+    ),
+]
+RTOL = 1e-5
+
+
+@settings(max_examples=min(20, settings().max_examples))  # the profile's, at most 20
+@given(
+    case=cases(
+        modes=("in_batch", "shared"), layouts=("all", "cross"), label_patterns=LABEL_PATTERNS
+    )
+)
+def test_matches_reference(case: Case) -> None:
+    """Random layouts, label patterns and options (both detach settings, both costs, every
+    reduction): values, gradients, entropies, counts, as every other implementation."""
+    check_against_reference(case, "triton")
+
+
+def edge_inputs(n: int, k: int, d: int, m: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    q = random_embeddings((n, d), n * 1000 + k).float()
+    p = random_embeddings((n, m, d) if m > 1 else (n, d), n + 7).float()
+    negatives = random_embeddings((k, d), k + 11).float()
+    return q, p, negatives
+
+
+#: (N, K, D): 17 queries (one past a block of 16), 33 queries in-batch with M = 1 (66 rows),
+#: K one short of, one past and two blocks of 32 keys, D mid-block (5, 17) and a full 64.
+EDGES = [(17, 31, 5), (17, 33, 17), (33, 64, 64), (40, 65, 8), (64, 512, 32)]
+
+
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize(("n", "k", "d"), EDGES)
+def test_block_edges_shared_negatives(n: int, k: int, d: int, detach: bool) -> None:
+    assert n % INTERPRETER_BLOCKS.queries or k % INTERPRETER_BLOCKS.keys or (n, k) == (64, 512)
+    q, p, negatives = edge_inputs(n, k, d)
+    compare(q, p, negatives, {"detach_weights": detach, "t_neg": 3.0, "t_pos": 2.0})
+
+
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize(("n", "d"), [(17, 5), (33, 20)])
+@pytest.mark.parametrize("m", [1, 3])
+def test_block_edges_in_batch(n: int, d: int, m: int, detach: bool) -> None:
+    q, p, _ = edge_inputs(n, 1, d, m)
+    compare(q, p, None, {"detach_weights": detach, "cost": "cosine" if m > 1 else "sqeuclidean"})
+
+
+@pytest.mark.parametrize("call", ["cross", "labels", "negative_labels", "cross_labels"])
+def test_block_edges_layouts_and_labels(call: str) -> None:
+    q, p, negatives = edge_inputs(37, 45, 12)
+    labels = torch.arange(37) % 5
+    options: dict[str, Any] = {"detach_weights": False, "t_neg": 2.0, "t_pos": 1.5}
+    if call == "cross":
+        compare(q, p, None, {**options, "layout": "cross"})
+    elif call == "labels":
+        compare(q, p, None, {**options, "labels": labels})
+    elif call == "negative_labels":
+        compare(
+            q, p, negatives, {**options, "labels": labels, "negative_labels": torch.arange(45) % 4}
+        )
+    else:
+        compare(q, p, None, {**options, "layout": "cross", "labels": labels})
+
+
+def compare(q: Tensor, p: Tensor, negatives: Tensor | None, options: dict[str, Any]) -> None:
+    """Loss, gradients and the diagnostics of triton against the float64 reference."""
+    leaves = [
+        x.clone().requires_grad_() for x in (q, p) + ((negatives,) if negatives is not None else ())
+    ]
+    out = cct_loss(*leaves, impl="triton", return_details=True, **options)
+    assert isinstance(out, CCTDetails)
+    ref_leaves = [x.double().requires_grad_() for x in leaves]
+    opts = {"t_pos": 1.0, "t_neg": 1.0, **options}
+    results = reference_queries(*ref_leaves, **opts)
+    expected = reduce_results(results, "mean", opts)
+    loss, want_loss = float(out.loss.detach()), float(expected.detach())
+    assert abs(loss - want_loss) <= RTOL * (abs(want_loss) + 1.0), (loss, want_loss)
+    got_grads = grads_of(out.loss, list[Tensor | None](leaves))
+    want_grads = grads_of(expected, list[Tensor | None](ref_leaves))
+    for got, want in zip(got_grads, want_grads, strict=True):
+        assert got is not None and want is not None
+        err = float((got.double() - want).abs().max())
+        assert err <= RTOL * (float(want.abs().max()) + 1e-3), err
+    has_neg = [r.has_negatives for r in results]
+    entropies = [r.neg_entropy for r, f in zip(results, has_neg, strict=True) if f]
+    want_entropy = sum(entropies) / max(len(entropies), 1)
+    assert abs(float(out.neg_entropy) - want_entropy) <= 1e-4
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_paper_layout(detach: bool) -> None:
+    views = [random_embeddings((21, 10), seed).float().requires_grad_() for seed in range(3)]
+    loss = cct_loss_multiview(
+        views, layout="paper", impl="triton", detach_weights=detach, t_neg=0.9
+    )
+    ref_views = [v.detach().double().requires_grad_() for v in views]
+    expected = reference_paper(ref_views, t_neg=0.9, detach_weights=detach)
+    assert abs(float(loss) - float(expected)) <= RTOL * (float(expected.abs()) + 1.0)
+    assert isinstance(loss, Tensor)
+    for got, want in zip(
+        torch.autograd.grad(loss, views), torch.autograd.grad(expected, ref_views), strict=True
+    ):
+        assert float((got.double() - want).abs().max()) <= RTOL * (float(want.abs().max()) + 1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_follows_the_policy(dtype: torch.dtype) -> None:
+    """Half inputs (and float32 under autocast) against dense under the same policy."""
+    q, p, negatives = edge_inputs(19, 40, 24)
+    for detach in (True, False):
+        for half_inputs in (True, False):
+            leaves = [
+                x.to(dtype if half_inputs else torch.float32).requires_grad_()
+                for x in (q, p, negatives)
+            ]
+            results = []
+            for impl in ("triton", "dense"):
+                with torch.autocast(TEST_DEVICE.type, dtype=dtype, enabled=not half_inputs):
+                    loss = cct_loss(*leaves, impl=impl, detach_weights=detach, t_neg=2.0)
+                assert loss.dtype == torch.float32
+                results.append([loss, *torch.autograd.grad(loss, leaves)])
+            for got, want in zip(*results, strict=True):
+                assert got.dtype == want.dtype
+                assert float((got.float() - want.float()).abs().max()) <= 2e-2 * (
+                    float(want.float().abs().max()) + 1.0
+                )
+
+
+def test_second_derivatives_are_exact() -> None:
+    q, p, negatives = edge_inputs(9, 20, 6)
+    direction = random_embeddings((9, 6), 99).float()
+    hvps = []
+    for impl in ("triton", "dense"):
+        x = q.clone().requires_grad_()
+        loss = cct_loss(x, p, negatives, impl=impl, detach_weights=False)
+        (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+        (hvp,) = torch.autograd.grad((grad * direction).sum(), x)
+        hvps.append(hvp)
+    torch.testing.assert_close(hvps[0], hvps[1], rtol=1e-4, atol=1e-6)
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most elements of any tensor a PyTorch operator produces."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.largest = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for x in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(x, Tensor):
+                self.largest = max(self.largest, x.numel())
+        return out
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+def test_never_forms_a_query_key_tensor(labelled: bool) -> None:
+    """No ``Q x K`` tensor forward or backward, and no mask tensor: the exclusions come from
+    ids inside the kernels (in-batch: Q = K = 2 x 40 rows, D = 8)."""
+    q, p, _ = edge_inputs(40, 1, 8)
+    q.requires_grad_()
+    labels = torch.arange(40) % 3 if labelled else None
+    with LargestTensor() as seen:
+        loss = cct_loss(q, p, impl="triton", labels=labels, return_details=True)
+        assert isinstance(loss, CCTDetails)
+        loss.loss.backward()
+    assert seen.largest < 80 * 80, seen.largest
+
+
+def test_unsupported_calls_name_the_path_that_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, p, negatives = edge_inputs(6, 10, 4)
+    with pytest.raises(ValueError, match=r"per-query .* impl='dense' or 'chunked'"):
+        cct_loss(q, p, torch.stack([negatives] * 6), impl="triton")
+    with pytest.raises(TypeError, match=r"float64.*'dense' or 'chunked'"):
+        cct_loss(q.double(), p.double(), negatives.double(), impl="triton")
+    wide = random_embeddings((4, 300), 1).float()
+    with pytest.raises(ValueError, match="D = 256"):
+        cct_loss(wide, wide.flip(0), impl="triton")
+    with pytest.raises(RuntimeError, match=r"torch\.func"):
+        torch.func.vmap(lambda x: cct_loss(x, p, negatives, impl="triton"))(q.unsqueeze(0))
+    compiled = torch.compile(
+        lambda x: cct_loss(x, p, negatives, impl="triton"), backend="eager", fullgraph=True
+    )
+    with pytest.raises(Exception, match=r"torch\.compile"):
+        compiled(q)
+    if TEST_DEVICE.type == "cpu":
+        monkeypatch.setattr(triton_impl, "interpreting", lambda: False)
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            cct_loss(q, p, negatives, impl="triton")
+
+
+def test_weights_are_refused() -> None:
+    q, p, negatives = edge_inputs(6, 10, 4)
+    with pytest.raises(ValueError, match="weights"):
+        cct_loss(q, p, negatives, impl="triton", return_details="weights")
