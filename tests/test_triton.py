@@ -115,6 +115,15 @@ def compare(q: Tensor, p: Tensor, negatives: Tensor | None, options: dict[str, A
         assert got is not None and want is not None
         err = float((got.double() - want).abs().max())
         assert err <= RTOL * (float(want.abs().max()) + 1e-3), err
+    per_query = cct_loss(
+        *[x.detach() for x in leaves],
+        impl="triton",
+        reduction="none",
+        return_details=True,
+        **options,
+    )
+    assert isinstance(per_query, CCTDetails)
+    assert per_query.accuracy.tolist() == [float(r.correct) for r in results]  # extreme costs
     has_neg = [r.has_negatives for r in results]
     entropies = [r.neg_entropy for r, f in zip(results, has_neg, strict=True) if f]
     want_entropy = sum(entropies) / max(len(entropies), 1)
