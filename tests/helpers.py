@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from hypothesis import strategies as st
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cct_loss.dispatch import KERNELS
 
@@ -203,3 +204,18 @@ def grads_of(loss: Tensor, inputs: list[Tensor | None]) -> list[Tensor | None]:
 def impl_options(impl: str, chunk_size: int | None = None) -> dict[str, Any]:
     """``impl`` and, for chunked only, ``chunk_size`` (the other implementations refuse it)."""
     return {"impl": impl, "chunk_size": chunk_size if impl == "chunked" else None}
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the number of elements of the largest tensor any operator produces."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.largest = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for x in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(x, torch.Tensor):
+                self.largest = max(self.largest, x.numel())
+        return out

@@ -8,27 +8,11 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo.testing
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from cct_loss import CCTLoss, CCTMultiviewLoss, cct_loss, cct_loss_multiview
 
-from .helpers import IMPLS, impl_options, random_embeddings
+from .helpers import IMPLS, LargestTensor, impl_options, random_embeddings
 from .reference import reference_loss, reference_multiview, unit
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the number of elements of the largest tensor any operator produces."""
-
-    def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.largest = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for x in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(x, torch.Tensor):
-                self.largest = max(self.largest, x.numel())
-        return out
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -15,12 +15,19 @@ import pytest
 import torch
 from hypothesis import given, settings
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from cct_loss import CCTDetails, cct_loss, cct_loss_multiview, triton_impl
 from cct_loss.triton_impl import INTERPRETER_BLOCKS, interpreting
 
-from .helpers import LABEL_PATTERNS, TEST_DEVICE, Case, cases, grads_of, random_embeddings
+from .helpers import (
+    LABEL_PATTERNS,
+    TEST_DEVICE,
+    Case,
+    LargestTensor,
+    cases,
+    grads_of,
+    random_embeddings,
+)
 from .reference import reduce_results, reference_paper, reference_queries
 from .test_reference_agreement import check_against_reference
 
@@ -180,21 +187,6 @@ def test_second_derivatives_are_exact() -> None:
         (hvp,) = torch.autograd.grad((grad * direction).sum(), x)
         hvps.append(hvp)
     torch.testing.assert_close(hvps[0], hvps[1], rtol=1e-4, atol=1e-6)
-
-
-class LargestTensor(TorchDispatchMode):
-    """The most elements of any tensor a PyTorch operator produces."""
-
-    def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.largest = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for x in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(x, Tensor):
-                self.largest = max(self.largest, x.numel())
-        return out
 
 
 @pytest.mark.parametrize("labelled", [False, True])
