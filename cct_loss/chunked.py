@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .costs import cost_block, cost_vjp, weights_vjp
+from .costs import cost_block, cost_vjp, shifted_logits, weights_vjp
 from .precision import as_input_grads, backward_in_own_precision, squared_norms
 from .transport import (
     ConditionalExpectation,
@@ -183,10 +183,20 @@ class _StreamingExpectedCost(torch.autograd.Function):
         key_blocks: list[Tensor] = []
         # A query without keys has log Z = -inf; shifting its (all -inf) logits by 0 gives 0.
         lse = torch.where(torch.isinf(log_normaliser), 0.0, log_normaliser)
+        # Detached weights over shared keys need only the weights: from the logits without the
+        # per-query constant s |q|^2 (or s for cosine), one product per block, with the
+        # log-normaliser shifted alike (as dense's forward pass).
+        shifted = detach_weights and keys.dim() == 2 and not isinstance(scale, Tensor)
+        if shifted:
+            lse = lse - scale * (1.0 if cost == "cosine" else query_sq[..., 0])
         for start, stop in _blocks(num_keys, chunk_size):
             block = keys[..., start:stop, :]
-            costs = cost_block(query, query_sq, block, cost)
-            logits = costs * scale
+            if shifted:
+                costs = None
+                logits = shifted_logits(query, block, cost, float(scale))
+            else:
+                costs = cost_block(query, query_sq, block, cost)
+                logits = costs * scale
             excluded = _excluded(ids, same_group, start, stop)
             if excluded is not None:
                 logits.masked_fill_(excluded, float("-inf"))
@@ -205,6 +215,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
                 if detach_weights:
                     grad_cost = weights.mul_(grad_expected[..., None])
                 else:
+                    assert costs is not None
                     grad_cost = (costs - expected[..., None]).mul_(scale).add_(1.0)
                     grad_cost.mul_(weights).mul_(grad_expected[..., None])
                 block_query, block_keys = cost_vjp(
