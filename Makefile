@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 DEV_STAMP := $(VENV)/.dev-installed
 EXAMPLES_STAMP := $(VENV)/.examples-installed
 
-.PHONY: demo test lint typecheck unit unit-triton gpu-check-smoke gpu-check bench bench-suite clean
+.PHONY: demo experiment test lint typecheck unit unit-triton gpu-check-smoke gpu-check bench bench-suite clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ $(EXAMPLES_STAMP): requirements-examples.txt $(DEV_STAMP)
 
 demo: $(EXAMPLES_STAMP)
 	$(PY) examples/demo.py
+
+# The science comparison on Fashion-MNIST (a long run, not part of make test: about 40 minutes
+# on 2 CPU threads). The data come from the Debian package dataset-fashion-mnist.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+experiment: $(EXAMPLES_STAMP)
+	@test -f $(FASHION_MNIST) || apt-get install -y --no-install-recommends dataset-fashion-mnist \
+		|| sudo -n apt-get install -y --no-install-recommends dataset-fashion-mnist \
+		|| { echo "make experiment needs Fashion-MNIST: install the Debian package dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist), then rerun"; exit 1; }
+	$(PY) examples/experiment.py --out experiment_output
 
 lint: $(EXAMPLES_STAMP)
 	$(PY) -m ruff check .

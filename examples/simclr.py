@@ -64,6 +64,10 @@ def contrastive_loss(z: torch.Tensor, cfg: Config, labels: torch.Tensor) -> torc
     if cfg.loss == "cct":
         # CCT (with 2 views this is exactly cct_loss(z[0], z[1])): V - 1 positives per query
         return cct_loss_multiview(list(z), t_pos=cfg.t_pos, t_neg=cfg.t_neg)
+    if cfg.loss == "cct_paper":  # the paper's small-scale configuration
+        return cct_loss_multiview(
+            list(z), layout="paper", detach_weights=False, t_pos=cfg.t_pos, t_neg=cfg.t_neg
+        )
     return info_nce_multiview(z, temperature=cfg.temperature)  # InfoNCE / NT-Xent
 
 
@@ -116,7 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--loss", choices=["infonce", "cct"], default="cct")
+    parser.add_argument("--loss", choices=["infonce", "cct", "cct_paper"], default="cct")
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument(
         "--supervised", action="store_true", help="CCT with the batch's class labels"
@@ -132,7 +136,7 @@ def main() -> None:
         help="CCT negative sharpness (an InfoNCE temperature tau corresponds to 1 / (2 tau))",
     )
     parser.add_argument("--temperature", type=float, default=0.2, help="InfoNCE temperature")
-    parser.add_argument("--dataset", choices=["mnist", "digits"], default="mnist")
+    parser.add_argument("--dataset", choices=["mnist", "digits", "fashion"], default="mnist")
     parser.add_argument(
         "--limit", type=int, default=None, help="use at most this many training images"
     )

@@ -8,19 +8,23 @@ asserted: at this scale that is a measurement (see ``make demo``), not a guarant
 
 from __future__ import annotations
 
+import gzip
+import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
+import common  # noqa: E402
 import moco  # noqa: E402
-from common import Encoder, Split, augment, knn_of, load_dataset  # noqa: E402
+from common import Encoder, Split, augment, knn_of, load_dataset, paired_difference  # noqa: E402
 from simclr import Config, train  # noqa: E402
 
 #: The examples train on the CPU (MNIST-5k, digits).
@@ -93,6 +97,7 @@ def test_moco_learns(digits: Split, random_knn: float) -> None:
     [
         ["simclr.py", "--loss", "infonce", "--views", "3"],
         ["simclr.py", "--loss", "cct", "--views", "3"],
+        ["simclr.py", "--loss", "cct_paper", "--views", "3"],
         ["moco.py", "--loss", "infonce"],
         ["moco.py", "--loss", "cct"],
     ],
@@ -147,7 +152,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "within the spread" in result.stdout or "larger than the spread" in result.stdout
+    assert "cct_paper - InfoNCE" in result.stdout and "95% t-interval" in result.stdout
     for name in ("results.json", "learning_curves.png", "weights.png"):
         assert (tmp_path / name).stat().st_size > 0
 
@@ -171,3 +176,82 @@ def test_quickstart_runs() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "step    0" in result.stdout
+
+
+def write_synthetic_fashion(folder: Path, per_class: int = 600) -> None:
+    """IDX files like the Debian package's: 10 classes, each image's pixels encode its index."""
+    count = 10 * per_class
+    labels = (np.arange(count) % 10).astype(np.uint8)
+    images = np.zeros((count, 28, 28), dtype=np.uint8)
+    images[:, 0, 0] = np.arange(count) % 256
+    images[:, 0, 1] = np.arange(count) // 256
+    header = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (count, 28, 28))
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images.tobytes()))
+    label_header = bytes([0, 0, 8, 1]) + count.to_bytes(4, "big")
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(label_header + labels.tobytes())
+    )
+
+
+def image_ids(x: torch.Tensor) -> set[int]:
+    pixels = (x[:, 0, 0, :2] * 255).round().long()
+    return set((pixels[:, 0] + 256 * pixels[:, 1]).tolist())
+
+
+def test_fashion_split_is_fixed_stratified_and_disjoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_synthetic_fashion(tmp_path)
+    monkeypatch.setattr(common, "FASHION_MNIST_DIR", tmp_path)
+    validation, test = common.load_fashion_mnist("validation"), common.load_fashion_mnist("test")
+    assert torch.equal(validation.train_x, test.train_x)  # the same training images
+    for split, held in ((validation, 100), (test, 100)):
+        assert torch.bincount(split.train_y).tolist() == [400] * 10
+        assert torch.bincount(split.test_y).tolist() == [held] * 10
+    train, val, tst = image_ids(test.train_x), image_ids(validation.test_x), image_ids(test.test_x)
+    assert len(train) == 4000 and len(val) == 1000 and len(tst) == 1000
+    assert not (train & val) and not (train & tst) and not (val & tst)
+    assert torch.equal(common.load_fashion_mnist("test").test_x, test.test_x)  # fixed
+
+
+def test_missing_fashion_mnist_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(common, "FASHION_MNIST_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        common.load_fashion_mnist()
+
+
+def test_paired_difference_by_hand() -> None:
+    d = paired_difference([0.81, 0.82, 0.83, 0.80], [0.80, 0.80, 0.80, 0.80])
+    # differences 0.01, 0.02, 0.03, 0.00: mean 0.015, sd 0.01291, se 0.006455; t(0.975, 3) = 3.1824
+    assert d["n"] == 4
+    assert d["mean"] == pytest.approx(0.015)
+    assert d["se"] == pytest.approx(0.0064550, rel=1e-4)
+    assert d["high"] - d["mean"] == pytest.approx(3.1824 * 0.0064550, rel=1e-3)
+
+
+def test_experiment_runs_end_to_end(tmp_path: Path) -> None:
+    """make experiment's pipeline (tuning, paired finals, table, JSON, figure) on a synthetic
+    Fashion-MNIST and a tiny budget."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_synthetic_fashion(data)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "experiment.py"),
+            *("--seeds", "2", "--epochs", "1", "--tune-epochs", "1", "--limit", "256"),
+            *("--out", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, "FASHION_MNIST_DIR": str(data)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "cct_paper - infonce" in result.stdout and "95% t-interval" in result.stdout
+    for name in ("results.json", "results.md", "paired_differences.png"):
+        assert (out / name).stat().st_size > 0

@@ -1,0 +1,221 @@
+"""``make experiment``: does CCT help? A comparison that can tell, on Fashion-MNIST.
+
+The same encoder, augmentations, optimiser and epochs for every loss; rows at 2 and 5 views:
+
+* ``infonce``: multi-positive InfoNCE (NT-Xent for 2 views), temperature ``tau``;
+* ``cct``: CCT in the NT-Xent layout (detached weights, ``t_pos = 1``), sharpness ``t_neg``;
+* ``cct_paper``: the paper's small-scale configuration (``layout="paper"``,
+  ``detach_weights=False``, ``t_pos = 1``), sharpness ``t_neg``.
+
+Each loss gets the same tuning budget on the validation split, on matched grids (InfoNCE
+``tau`` in {0.1, 0.25, 0.5, 1}; CCT ``t_neg`` in {5, 2, 1, 0.5}, their equivalents
+``1 / (2 tau)``), selected by validation kNN accuracy; tuning uses fewer seeds and epochs than
+the final runs. The final runs train each loss at its best setting with the same seeds (the same
+initialisation and augmentations per seed), evaluate on the test split, and report the paired
+differences against InfoNCE with a 95% t-interval. Results (every run) go to
+``experiment_output/results.json``, the table to ``results.md``, the figure to
+``paired_differences.png``.
+
+    python examples/experiment.py [--seeds 16] [--epochs 8] [--tune-seeds 1] [--tune-epochs 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from common import Split, load_fashion_mnist, paired_difference
+from simclr import Config, train
+
+LOSSES = ("infonce", "cct", "cct_paper")
+VIEWS = (2, 5)
+TAUS = (0.1, 0.25, 0.5, 1.0)
+METRICS = (("knn", "kNN"), ("linear", "linear probe"))
+TUNE_SEED_BASE = 100  # tuning seeds are not the final seeds
+
+
+def setting(loss: str, tau: float) -> dict[str, float]:
+    """The loss's hyper-parameter at the grid point of InfoNCE temperature ``tau``."""
+    return {"temperature": tau} if loss == "infonce" else {"t_neg": 1.0 / (2.0 * tau)}
+
+
+def run(loss: str, views: int, tau: float, seed: int, epochs: int, split: Split) -> dict[str, Any]:
+    cfg = Config(
+        loss=loss,
+        views=views,
+        epochs=epochs,
+        seed=seed,
+        dataset="fashion",
+        progress=False,
+        track_knn=False,
+    )
+    if loss == "infonce":
+        cfg.temperature = tau
+    else:
+        cfg.t_neg = 1.0 / (2.0 * tau)
+    result = train(cfg, split)
+    return {
+        "loss": loss,
+        "views": views,
+        "tau_equivalent": tau,
+        **setting(loss, tau),
+        "seed": seed,
+        "epochs": epochs,
+        **result.metrics,
+        "seconds": result.seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--tune-seeds", type=int, default=1)
+    parser.add_argument("--tune-epochs", type=int, default=6)
+    parser.add_argument("--out", type=Path, default=Path("experiment_output"))
+    parser.add_argument("--limit", type=int, default=None, help="training images (smoke tests)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    validation = load_fashion_mnist("validation", limit=args.limit)
+    test = load_fashion_mnist("test", limit=args.limit)
+    print(
+        f"Fashion-MNIST: {len(test.train_x)} training, {len(validation.test_x)} validation, "
+        f"{len(test.test_x)} test images; tuning {args.tune_seeds} seed(s) x {args.tune_epochs} "
+        f"epochs, final {args.seeds} seeds x {args.epochs} epochs",
+        flush=True,
+    )
+
+    tuning: list[dict[str, Any]] = []
+    best: dict[tuple[str, int], float] = {}
+    for views in VIEWS:
+        for loss in LOSSES:
+            scores = {}
+            for tau in TAUS:
+                runs = [
+                    run(loss, views, tau, TUNE_SEED_BASE + s, args.tune_epochs, validation)
+                    for s in range(args.tune_seeds)
+                ]
+                tuning.extend(runs)
+                scores[tau] = statistics.fmean(r["knn"] for r in runs)
+                print(
+                    f"  tune {loss:<9} V={views} tau~{tau:<4}: val kNN {scores[tau]:.3f}",
+                    flush=True,
+                )
+            best[(loss, views)] = max(scores, key=lambda t: scores[t])
+
+    final: list[dict[str, Any]] = []
+    for views in VIEWS:
+        for loss in LOSSES:
+            tau = best[(loss, views)]
+            for seed in range(args.seeds):
+                r = run(loss, views, tau, seed, args.epochs, test)
+                final.append(r)
+                print(
+                    f"  final {loss:<9} V={views} {setting(loss, tau)} seed={seed}: "
+                    f"kNN {r['knn']:.3f} probe {r['linear']:.3f} ({r['seconds']:.0f} s)",
+                    flush=True,
+                )
+
+    def metric(loss: str, views: int, key: str) -> list[float]:
+        rows = sorted(
+            (r for r in final if r["loss"] == loss and r["views"] == views), key=lambda r: r["seed"]
+        )
+        return [float(r[key]) for r in rows]
+
+    differences = {}
+    lines = [
+        "| views | loss | setting | kNN (test) | linear probe (test) |",
+        "|---|---|---|---|---|",
+    ]
+    for views in VIEWS:
+        for loss in LOSSES:
+            cells = [
+                f"{statistics.fmean(metric(loss, views, k)):.3f} ± {statistics.stdev(metric(loss, views, k)):.3f}"
+                for k, _ in METRICS
+            ]
+            lines.append(
+                f"| {views} | {loss} | {setting(loss, best[(loss, views)])} | {cells[0]} | {cells[1]} |"
+            )
+    lines += [
+        "",
+        "| views | paired difference | metric | mean | SE | 95% t-interval | excludes 0 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for views in VIEWS:
+        for loss in LOSSES[1:]:
+            for key, name in METRICS:
+                d = paired_difference(metric(loss, views, key), metric("infonce", views, key))
+                differences[f"{loss}-infonce/{views}/{key}"] = d
+                excludes = d["low"] > 0 or d["high"] < 0
+                lines.append(
+                    f"| {views} | {loss} - infonce | {name} | {d['mean']:+.4f} | {d['se']:.4f} | "
+                    f"[{d['low']:+.4f}, {d['high']:+.4f}] | {'yes' if excludes else 'no'} |"
+                )
+    minutes = (time.perf_counter() - start) / 60
+    lines.append(
+        f"\n{args.seeds} seeds, {args.epochs} epochs; {minutes:.0f} minutes on {torch.get_num_threads()} threads"
+    )
+    table = "\n".join(lines)
+    print("\n" + table)
+    (args.out / "results.md").write_text(table + "\n")
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {
+                "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist), 4000/1000/1000 stratified",
+                "tuning": {
+                    "seeds": args.tune_seeds,
+                    "epochs": args.tune_epochs,
+                    "select_by": "validation kNN",
+                    "runs": tuning,
+                },
+                "best_tau_equivalent": {
+                    f"{loss}/{views}": tau for (loss, views), tau in best.items()
+                },
+                "final": {"seeds": args.seeds, "epochs": args.epochs, "runs": final},
+                "paired_differences": differences,
+                "minutes": minutes,
+            },
+            indent=1,
+        )
+    )
+    plot(differences, args.out / "paired_differences.png")
+    print(f"wrote {args.out}/results.json, results.md, paired_differences.png")
+
+
+def plot(differences: dict[str, dict[str, float]], path: Path) -> None:
+    """Each paired difference with its 95% interval."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = list(differences)
+    for i, name in enumerate(labels):
+        d = differences[name]
+        ax.errorbar(
+            i, d["mean"], yerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o", capsize=4
+        )
+    ax.axhline(0.0, color="grey", lw=1)
+    ax.set_xticks(
+        range(len(labels)), [n.replace("-infonce", " - InfoNCE\n") for n in labels], fontsize=7
+    )
+    ax.set_ylabel("test accuracy difference (paired by seed)")
+    ax.set_title("CCT - InfoNCE on Fashion-MNIST, mean and 95% t-interval")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
