@@ -31,7 +31,9 @@ from .transport import (
     Membership,
     cache_forward_signature,
     differentiable_backward,
+    excluded_from_ids,
     logit_scale,
+    membership_ids,
 )
 
 if TYPE_CHECKING:
@@ -45,21 +47,6 @@ MIN_CHUNK = 128
 def default_chunk_size(num_queries: int, num_keys: int) -> int:
     """Block width that keeps one ``(Q, chunk)`` float32 block near 8 MiB."""
     return max(1, min(num_keys, max(MIN_CHUNK, BLOCK_ELEMENTS // max(num_queries, 1))))
-
-
-def _excluded(
-    ids: tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None],
-    same_group: bool,
-    start: int,
-    stop: int,
-) -> Tensor | None:
-    """``(Q, stop - start)`` boolean, True where a key of the block sits out; ``None`` when
-    every key takes part."""
-    query_groups, key_groups, query_self, key_self = ids
-    if query_groups is None or key_groups is None:
-        return None
-    members = Membership(query_groups, key_groups, same_group, query_self, key_self)
-    return members.excluded_mask(start, stop)
 
 
 def _blocks(num_keys: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -111,7 +98,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
         for start, stop in _blocks(num_keys, chunk_size):
             costs = cost_block(query, query_sq, keys[..., start:stop, :], cost)
             logits = costs * scale  # a fresh tensor: updated in place
-            excluded = _excluded(ids, same_group, start, stop)
+            excluded = excluded_from_ids(ids, same_group, start, stop)
             if excluded is not None:
                 logits.masked_fill_(excluded, float("-inf"))
             if return_details:
@@ -171,7 +158,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
                 grad_expected,
                 query,
                 keys,
-                _excluded(ids, same_group, 0, num_keys),
+                excluded_from_ids(ids, same_group, 0, num_keys),
                 ctx.needs_input_grad,
                 cost=cost,
                 scale=scale,
@@ -197,7 +184,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
             else:
                 costs = cost_block(query, query_sq, block, cost)
                 logits = costs * scale
-            excluded = _excluded(ids, same_group, start, stop)
+            excluded = excluded_from_ids(ids, same_group, start, stop)
             if excluded is not None:
                 logits.masked_fill_(excluded, float("-inf"))
             weights = logits.sub_(lse[..., None]).exp_()  # pi, recomputed in place
@@ -256,9 +243,7 @@ def chunked_expected_cost(
     """
     chunk = options.chunk_size or default_chunk_size(query.shape[0], keys.shape[-2])
     signed_t = logit_scale(options, side)
-    ids: tuple[Tensor | None, ...] = (None, None, None, None)
-    if members is not None:
-        ids = (members.query_groups, members.key_groups, members.query_self, members.key_self)
+    ids = membership_ids(members)
     same_group = members is not None and members.same_group
     expected, log_normaliser, extreme, entropy = _StreamingExpectedCost.apply(  # type: ignore[no-untyped-call]
         query,

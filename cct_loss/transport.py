@@ -93,6 +93,30 @@ class Membership(NamedTuple):
         return excluded
 
 
+#: A :class:`Membership` as the four id arrays a streaming kernel passes to autograd:
+#: ``(query_groups, key_groups, query_self, key_self)``, ``None`` where absent.
+MembershipIds = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]
+
+
+def membership_ids(members: Membership | None) -> MembershipIds:
+    """The id arrays of ``members`` (all ``None`` when every key takes part)."""
+    if members is None:
+        return (None, None, None, None)
+    return (members.query_groups, members.key_groups, members.query_self, members.key_self)
+
+
+def excluded_from_ids(
+    ids: MembershipIds, same_group: bool, start: int = 0, stop: int | None = None
+) -> Tensor | None:
+    """:meth:`Membership.excluded_mask` for keys ``start:stop`` rebuilt from
+    :func:`membership_ids`; ``None`` when every key takes part."""
+    query_groups, key_groups, query_self, key_self = ids
+    if query_groups is None or key_groups is None:
+        return None
+    members = Membership(query_groups, key_groups, same_group, query_self, key_self)
+    return members.excluded_mask(start, stop)
+
+
 class ExpectedCostKernel(Protocol):
     """An implementation (``impl``): the expected cost of each query over a set of keys.
 

@@ -33,7 +33,9 @@ from .transport import (
     Membership,
     cache_forward_signature,
     differentiable_backward,
+    excluded_from_ids,
     logit_scale,
+    membership_ids,
 )
 
 if TYPE_CHECKING:
@@ -219,14 +221,11 @@ class _TritonExpectedCost(torch.autograd.Function):
         same_group, cost, detach_weights = ctx.options
         nones = [None] * 10
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
-            excluded = None
-            if ids[0] is not None and ids[1] is not None:
-                excluded = Membership(ids[0], ids[1], same_group, ids[2], ids[3]).excluded_mask()
             grads = differentiable_backward(
                 grad_expected,
                 query,
                 keys,
-                excluded,
+                excluded_from_ids(ids, same_group),
                 ctx.needs_input_grad,
                 cost=cost,
                 scale=scale,
@@ -296,9 +295,7 @@ def triton_expected_cost(
     check_supported(query, keys)
     signed_t = logit_scale(options, side)
     scale = torch.as_tensor(signed_t, dtype=torch.float32, device=query.device).detach()
-    ids: tuple[Tensor | None, ...] = (None, None, None, None)
-    if members is not None:
-        ids = (members.query_groups, members.key_groups, members.query_self, members.key_self)
+    ids = membership_ids(members)
     same_group = members is not None and members.same_group
     expected, log_normaliser, extreme, entropy = _TritonExpectedCost.apply(  # type: ignore[no-untyped-call]
         query,
