@@ -164,6 +164,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.use_deterministic_algorithms(True)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     split = load_dataset("mnist", limit=args.limit)
