@@ -29,8 +29,9 @@ $(EXAMPLES_STAMP): requirements-examples.txt $(DEV_STAMP)
 demo: $(EXAMPLES_STAMP)
 	$(PY) examples/demo.py
 
-# The science comparison on Fashion-MNIST (a long run, not part of make test: about 40 minutes
-# on 2 CPU threads). The data come from the Debian package dataset-fashion-mnist.
+# The science comparison on Fashion-MNIST (a long run, not part of make test: 35 minutes on an
+# idle 2-core machine, set-up included). The data come from the Debian package
+# dataset-fashion-mnist.
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 experiment: $(EXAMPLES_STAMP)
 	@test -f $(FASHION_MNIST) || apt-get install -y --no-install-recommends dataset-fashion-mnist \
