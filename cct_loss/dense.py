@@ -68,13 +68,12 @@ class _DenseExpectedCost(torch.autograd.Function):
         may_be_empty: bool,
         keep_costs: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        query_sq = squared_norms(query, keepdim=True)
         if keep_costs:
-            costs = cost_block(query, query_sq, keys, cost)
+            costs = cost_block(query, squared_norms(query, keepdim=True), keys, cost)
             logits = costs * scale  # a fresh tensor: updated in place (batched under vmap alike)
         else:  # the logits in the product's pass; E from the weights' moments (no costs)
-            costs = query_sq.new_empty(0)
             logits = shifted_logits(query, keys, cost, float(scale))
+            costs = logits.new_empty(0)
         if excluded is not None:
             logits.masked_fill_(excluded, float("-inf"))
         weights = torch.softmax(logits, dim=-1)

@@ -53,9 +53,7 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 def resolve_precision(device: torch.device, *tensors: Tensor) -> Precision:
     """The policy (module docs) for inputs ``tensors`` on ``device``; call it before
     :func:`own_precision` disables autocast."""
-    promoted = tensors[0].dtype
-    for t in tensors[1:]:
-        promoted = torch.promote_types(promoted, t.dtype)
+    promoted = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
     if promoted == torch.float64:
         return Precision(torch.float64, torch.float64)
     low = autocast_dtype(device)

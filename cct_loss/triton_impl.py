@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ._validation import is_functorch_wrapped
-from .precision import backward_in_own_precision
+from .precision import as_input_grads, backward_in_own_precision
 from .transport import (
     ConditionalExpectation,
     Membership,
@@ -246,20 +246,19 @@ class _TritonExpectedCost(torch.autograd.Function):
         flags = {**_flags(ids, same_group, cost), "DETACH": detach_weights, **launch}
         grad_query = grad_keys = None
         if ctx.needs_input_grad[0]:
-            dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+            grad_query = torch.empty(q.shape, dtype=torch.float32, device=q.device)
             grid = (triton_cdiv(num_queries, launch["BLOCK_Q"]),)
             kernels.expected_cost_grad_query[grid](
-                q, k, *common, dq, num_queries, num_keys, num_dims, **flags
+                q, k, *common, grad_query, num_queries, num_keys, num_dims, **flags
             )
-            grad_query = dq.to(query.dtype)
         if ctx.needs_input_grad[1]:
-            dk = torch.empty(k.shape, dtype=torch.float32, device=k.device)
+            grad_keys = torch.empty(k.shape, dtype=torch.float32, device=k.device)
             grid = (triton_cdiv(num_keys, launch["BLOCK_K"]),)
             kernels.expected_cost_grad_keys[grid](
-                q, k, *common, dk, num_queries, num_keys, num_dims, **flags
+                q, k, *common, grad_keys, num_queries, num_keys, num_dims, **flags
             )
-            grad_keys = dk.to(keys.dtype)
-        return grad_query, grad_keys, *nones
+        grads = as_input_grads(ctx.needs_input_grad, (query, keys), (grad_query, grad_keys))
+        return *grads, *nones
 
 
 cache_forward_signature(_TritonExpectedCost)

@@ -29,33 +29,29 @@ import triton.language as tl
 
 
 @triton.jit
-def _block_costs(
-    q,
-    q_sq,
-    k_ptr,
-    rk,
-    rd,
-    K,
-    D,
-    COSINE: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Clamped costs of a query block against the key rows ``rk``, and those rows."""
-    k_in = rk < K
-    keys = tl.load(
-        k_ptr + rk[:, None] * D + rd[None, :], mask=k_in[:, None] & (rd[None, :] < D), other=0.0
+def _load_block(ptr, rows, rd, N, D, UPCAST: tl.constexpr):
+    """Rows ``rows`` of a row-major ``(N, D)`` array of embeddings (queries or keys), zero beyond
+    ``N`` and ``D``: in the products' dtype, in float32, and their squared norms (float32)."""
+    x = tl.load(
+        ptr + rows[:, None] * D + rd[None, :],
+        mask=(rows[:, None] < N) & (rd[None, :] < D),
+        other=0.0,
     )
-    keys_f = keys.to(tl.float32)
+    x_f = x.to(tl.float32)
     if UPCAST:
-        keys = keys_f
+        x = x_f
+    return x, x_f, tl.sum(x_f * x_f, axis=1)
+
+
+@triton.jit
+def _costs(q, q_sq, keys, k_sq, COSINE: tl.constexpr, PRECISION: tl.constexpr):
+    """``(BLOCK_Q, BLOCK_K)`` clamped costs of a query block against a key block."""
     gram = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
     if COSINE:
         cost = 1.0 - gram
     else:
-        k_sq = tl.sum(keys_f * keys_f, axis=1)
         cost = q_sq[:, None] + k_sq[None, :] - 2.0 * gram
-    return tl.maximum(cost, 0.0), keys
+    return tl.maximum(cost, 0.0)
 
 
 @triton.jit
@@ -91,14 +87,13 @@ def _takes_part(
 
 
 @triton.jit
-def _load_queries(q_ptr, rq, rd, Q, D, UPCAST: tl.constexpr):
-    q = tl.load(
-        q_ptr + rq[:, None] * D + rd[None, :], mask=(rq[:, None] < Q) & (rd[None, :] < D), other=0.0
-    )
-    q_f = q.to(tl.float32)
-    if UPCAST:
-        q = q_f
-    return q, q_f, tl.sum(q_f * q_f, axis=1)
+def _load_query_stats(grad_ptr, expected_ptr, lse_ptr, rq, Q):
+    """Per query: the upstream gradient, the expected cost and the saved log-normaliser."""
+    q_in = rq < Q
+    g = tl.load(grad_ptr + rq, mask=q_in, other=0.0)
+    expected = tl.load(expected_ptr + rq, mask=q_in, other=0.0)
+    lse = tl.load(lse_ptr + rq, mask=q_in, other=0.0)
+    return g, expected, lse
 
 
 @triton.jit
@@ -131,7 +126,7 @@ def expected_cost_forward(
 ):
     rq = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     rd = tl.arange(0, BLOCK_D)
-    q, _q_f, q_sq = _load_queries(q_ptr, rq, rd, Q, D, UPCAST)
+    q, _q_f, q_sq = _load_block(q_ptr, rq, rd, Q, D, UPCAST)
     scale = tl.load(scale_ptr)
     running_max = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
     normaliser = tl.zeros((BLOCK_Q,), tl.float32)
@@ -143,7 +138,8 @@ def expected_cost_forward(
         extreme = tl.full((BLOCK_Q,), float("inf"), tl.float32)
     for start in range(0, K, BLOCK_K):
         rk = start + tl.arange(0, BLOCK_K)
-        cost, _keys = _block_costs(q, q_sq, k_ptr, rk, rd, K, D, COSINE, UPCAST, PRECISION)
+        keys, _keys_f, k_sq = _load_block(k_ptr, rk, rd, K, D, UPCAST)
+        cost = _costs(q, q_sq, keys, k_sq, COSINE, PRECISION)
         take = _takes_part(
             rq, rk, Q, K, qg_ptr, kg_ptr, qs_ptr, ks_ptr, HAS_GROUPS, SAME_GROUP, HAS_SELF
         )
@@ -217,16 +213,15 @@ def expected_cost_grad_query(
     rq = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     rd = tl.arange(0, BLOCK_D)
     q_in = rq < Q
-    q, q_f, q_sq = _load_queries(q_ptr, rq, rd, Q, D, UPCAST)
+    q, q_f, q_sq = _load_block(q_ptr, rq, rd, Q, D, UPCAST)
     scale = tl.load(scale_ptr)
-    g = tl.load(grad_ptr + rq, mask=q_in, other=0.0)
-    expected = tl.load(expected_ptr + rq, mask=q_in, other=0.0)
-    lse = tl.load(lse_ptr + rq, mask=q_in, other=0.0)
+    g, expected, lse = _load_query_stats(grad_ptr, expected_ptr, lse_ptr, rq, Q)
     toward = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)  # sum_k G_qk n_k
     row_sums = tl.zeros((BLOCK_Q,), tl.float32)
     for start in range(0, K, BLOCK_K):
         rk = start + tl.arange(0, BLOCK_K)
-        cost, keys = _block_costs(q, q_sq, k_ptr, rk, rd, K, D, COSINE, UPCAST, PRECISION)
+        keys, _keys_f, k_sq = _load_block(k_ptr, rk, rd, K, D, UPCAST)
+        cost = _costs(q, q_sq, keys, k_sq, COSINE, PRECISION)
         take = _takes_part(
             rq, rk, Q, K, qg_ptr, kg_ptr, qs_ptr, ks_ptr, HAS_GROUPS, SAME_GROUP, HAS_SELF
         )
@@ -270,20 +265,16 @@ def expected_cost_grad_keys(
     rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     rd = tl.arange(0, BLOCK_D)
     k_in = rk < K
-    keys_f = tl.load(
-        k_ptr + rk[:, None] * D + rd[None, :], mask=k_in[:, None] & (rd[None, :] < D), other=0.0
-    ).to(tl.float32)
+    # This program's keys, loaded once for every block of queries.
+    keys, keys_f, k_sq = _load_block(k_ptr, rk, rd, K, D, UPCAST)
     scale = tl.load(scale_ptr)
     toward = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)  # sum_q G_qk q_q
     column_sums = tl.zeros((BLOCK_K,), tl.float32)
     for start in range(0, Q, BLOCK_Q):
         rq = start + tl.arange(0, BLOCK_Q)
-        q_in = rq < Q
-        q, _q_f, q_sq = _load_queries(q_ptr, rq, rd, Q, D, UPCAST)
-        g = tl.load(grad_ptr + rq, mask=q_in, other=0.0)
-        expected = tl.load(expected_ptr + rq, mask=q_in, other=0.0)
-        lse = tl.load(lse_ptr + rq, mask=q_in, other=0.0)
-        cost, _keys = _block_costs(q, q_sq, k_ptr, rk, rd, K, D, COSINE, UPCAST, PRECISION)
+        q, _q_f, q_sq = _load_block(q_ptr, rq, rd, Q, D, UPCAST)
+        g, expected, lse = _load_query_stats(grad_ptr, expected_ptr, lse_ptr, rq, Q)
+        cost = _costs(q, q_sq, keys, k_sq, COSINE, PRECISION)
         take = _takes_part(
             rq, rk, Q, K, qg_ptr, kg_ptr, qs_ptr, ks_ptr, HAS_GROUPS, SAME_GROUP, HAS_SELF
         )
