@@ -34,6 +34,7 @@ from .transport import (
     excluded_from_ids,
     logit_scale,
     membership_ids,
+    streamed_expectation,
 )
 
 if TYPE_CHECKING:
@@ -257,8 +258,4 @@ def chunked_expected_cost(
         bool(options.return_details),
         side == "positives",
     )
-    present = None
-    if members is not None and members.may_be_empty:
-        present = torch.isfinite(log_normaliser)
-        entropy = torch.where(present, entropy, 0.0)
-    return ConditionalExpectation(expected, entropy, extreme, None, present)
+    return streamed_expectation(expected, log_normaliser, extreme, entropy, members)

@@ -117,6 +117,23 @@ def excluded_from_ids(
     return members.excluded_mask(start, stop)
 
 
+def streamed_expectation(
+    expected: Tensor,
+    log_normaliser: Tensor,
+    extreme: Tensor,
+    entropy: Tensor,
+    members: Membership | None,
+) -> ConditionalExpectation:
+    """The result of a kernel that streams over the keys and keeps no weights (chunked,
+    triton), from its per-query statistics: where some query may have no key taking part, its
+    log-normaliser is ``-inf``; it is marked absent and its entropy is 0."""
+    present = None
+    if members is not None and members.may_be_empty:
+        present = torch.isfinite(log_normaliser)
+        entropy = torch.where(present, entropy, 0.0)
+    return ConditionalExpectation(expected, entropy, extreme, None, present)
+
+
 class ExpectedCostKernel(Protocol):
     """An implementation (``impl``): the expected cost of each query over a set of keys.
 
