@@ -25,11 +25,15 @@ import torch
 from torch import Tensor
 
 from .costs import cost_block, cost_vjp, shifted_logits, weights_vjp
-from .precision import as_input_grads, backward_in_own_precision, squared_norms
+from .precision import (
+    as_input_grads,
+    backward_in_own_precision,
+    cache_forward_signature,
+    squared_norms,
+)
 from .transport import (
     ConditionalExpectation,
     Membership,
-    cache_forward_signature,
     differentiable_backward,
     excluded_from_ids,
     logit_scale,
@@ -86,9 +90,9 @@ class _StreamingExpectedCost(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         ids = (query_groups, key_groups, query_self, key_self)
         num_keys = keys.shape[-2]
-        query_sq = squared_norms(query, keepdim=True)
+        query_sq = squared_norms(query)
         # The running statistics: (Q,) in the accumulation dtype (float32 for half embeddings)
-        running_max = torch.full_like(query_sq[..., 0], float("-inf"))
+        running_max = torch.full_like(query_sq, float("-inf"))
         normaliser = torch.zeros_like(running_max)
         weighted = torch.zeros_like(running_max)
         fill = float("-inf") if farther else float("inf")
@@ -166,7 +170,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
                 detach_weights=detach_weights,
             )
             return *grads, *nones
-        query_sq = squared_norms(query, keepdim=True)
+        query_sq = squared_norms(query)
         grad_query = torch.zeros_like(query, dtype=query_sq.dtype)
         key_blocks: list[Tensor] = []
         # A query without keys has log Z = -inf; shifting its (all -inf) logits by 0 gives 0.
@@ -176,7 +180,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
         # log-normaliser shifted alike (as dense's forward pass).
         shifted = detach_weights and keys.dim() == 2 and not isinstance(scale, Tensor)
         if shifted:
-            lse = lse - scale * (1.0 if cost == "cosine" else query_sq[..., 0])
+            lse = lse - scale * (1.0 if cost == "cosine" else query_sq)
         for start, stop in _blocks(num_keys, chunk_size):
             block = keys[..., start:stop, :]
             if shifted:
@@ -244,7 +248,7 @@ def chunked_expected_cost(
     """
     chunk = options.chunk_size or default_chunk_size(query.shape[0], keys.shape[-2])
     signed_t = logit_scale(options, side)
-    ids = membership_ids(members)
+    ids = membership_ids(members, keys.shape[-2], query.device)
     same_group = members is not None and members.same_group
     expected, log_normaliser, extreme, entropy = _StreamingExpectedCost.apply(  # type: ignore[no-untyped-call]
         query,
@@ -258,4 +262,6 @@ def chunked_expected_cost(
         bool(options.return_details),
         side == "positives",
     )
+    if not options.return_details:  # the kernel wrote placeholders
+        entropy = extreme = None
     return streamed_expectation(expected, log_normaliser, extreme, entropy, members)

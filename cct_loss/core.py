@@ -7,7 +7,6 @@ Each entry point builds (or holds) one :class:`cct_loss.options.CCTOptions` and 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -31,7 +30,7 @@ from .layouts import (
     paper_terms,
 )
 from .options import CCTOptions
-from .precision import Precision, own_precision, resolve_precision
+from .precision import Precision, own_precision, promoted_dtype, resolve_precision
 
 #: The layouts each entry point takes.
 PAIR_LAYOUTS = ("all", "cross")
@@ -129,7 +128,6 @@ def loss_of_pairs(
     device = check_same_device(tensors)
     counts = distributed.row_counts(n, device) if gathering else None
 
-    positives = positive if positive.dim() == 3 else positive.unsqueeze(1)
     precision = resolve_precision(
         device, query, positive, *([] if negatives is None else [negatives])
     )
@@ -138,26 +136,38 @@ def loss_of_pairs(
         def prepare(x: Tensor) -> Tensor:
             return _prepare(x, precision, options)
 
-        q, p = prepare(query), prepare(positives)
-        if cross:
-            terms = cross_terms(
-                q,
-                p,
-                options,
-                negatives=None if negatives is None else prepare(negatives),
-                labels=labels,
-                negative_labels=negative_labels,
-                global_rows=_gather(p, labels, counts),
-            )
-        elif negatives is None:
-            views = torch.cat([q.unsqueeze(0), p.transpose(0, 1)], dim=0)  # (M + 1, N, D)
+        if negatives is None and not cross:  # in-batch: one (M + 1, N, D) stack of views
+            if positive.dim() == 2:
+                raw = torch.stack([query, positive])
+            else:
+                raw = torch.cat([query.unsqueeze(0), positive.transpose(0, 1)])
+            views = prepare(raw)
             terms = in_batch_terms(
                 views, options, labels=labels, global_rows=_gather_views(views, labels, counts)
             )
         else:
-            terms = explicit_negatives_terms(
-                q, p, prepare(negatives), options, labels=labels, negative_labels=negative_labels
-            )
+            q = prepare(query)
+            p = prepare(positive if positive.dim() == 3 else positive.unsqueeze(1))
+            if cross:
+                terms = cross_terms(
+                    q,
+                    p,
+                    options,
+                    negatives=None if negatives is None else prepare(negatives),
+                    labels=labels,
+                    negative_labels=negative_labels,
+                    global_rows=_gather(p, labels, counts),
+                )
+            else:
+                assert negatives is not None
+                terms = explicit_negatives_terms(
+                    q,
+                    p,
+                    prepare(negatives),
+                    options,
+                    labels=labels,
+                    negative_labels=negative_labels,
+                )
         return _reduce(terms, options, row_counts=counts)
 
 
@@ -234,6 +244,8 @@ def _gather_views(
     views: Tensor, labels: Tensor | None, counts: list[int] | None
 ) -> GlobalRows | None:
     """:func:`_gather` of ``(V, N, D)`` views along their rows."""
+    if counts is None:
+        return None
     gathered = _gather(views.transpose(0, 1), labels, counts)
     if gathered is None:
         return None
@@ -296,7 +308,7 @@ def _stack_views(views: Sequence[Tensor], *, labels: bool, gathering: bool) -> T
                 "expected every view to be (N, D) with the same N and D"
             )
     check_same_device({f"views[{i}]": v for i, v in enumerate(checked)})
-    dtype = functools.reduce(torch.promote_types, [v.dtype for v in checked])
+    dtype = promoted_dtype([v.dtype for v in checked])
     stacked = torch.stack([view.to(dtype) for view in checked])
     _, n, d = stacked.shape
     if n < 2 and not (gathering or labels):

@@ -11,11 +11,19 @@ gradient are float32 (float64 for float64 embeddings).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .precision import accumulation_dtype, product, squared_norms
+from .precision import (
+    accumulation_dtype,
+    backward_in_own_precision,
+    cache_forward_signature,
+    product,
+    squared_norms,
+)
 
 #: ``eps`` of :func:`torch.nn.functional.normalize`: a zero vector stays zero instead of NaN.
 NORMALIZE_EPS = 1e-12
@@ -36,8 +44,57 @@ def prepare_embeddings(x: Tensor, *, cost: str, normalize: bool) -> Tensor:
         ``(..., D)`` tensor.
     """
     if normalize or cost == "cosine":
-        return F.normalize(x, p=2.0, dim=-1, eps=NORMALIZE_EPS)
+        return unit_rows(x)
     return x
+
+
+def unit_rows(x: Tensor) -> Tensor:
+    """``torch.nn.functional.normalize(x, dim=-1)``: the same values and gradients (zero
+    vectors stay zero), with a closed-form backward of a few operators instead of autograd's
+    graph through the norm, the clamp and the division."""
+    unit: Tensor = _UnitRows.apply(x)[0]  # type: ignore[no-untyped-call]
+    return unit
+
+
+class _UnitRows(torch.autograd.Function):
+    """``y = x / max(|x|, eps)`` over the last dim. Backward: ``(g - y (y . g)) / |x|`` where
+    ``|x| > eps``, ``g / eps`` where the clamp holds (as for :func:`F.normalize`). A backward
+    recorded by autograd (``create_graph=True``) differentiates ``F.normalize`` itself."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
+        scale = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(NORMALIZE_EPS)
+        return x / scale, scale
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        unit, scale = output
+        ctx.save_for_backward(inputs[0], unit, scale)
+        ctx.mark_non_differentiable(scale)
+
+    @staticmethod
+    @backward_in_own_precision
+    def backward(ctx: Any, grad: Tensor, _grad_scale: Tensor | None) -> Tensor:
+        x, unit, scale = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+            with torch.enable_grad():
+                fresh = x.clone()
+                unit = F.normalize(fresh, dim=-1, eps=NORMALIZE_EPS)
+                differentiable: Tensor = torch.autograd.grad(unit, fresh, grad, create_graph=True)[
+                    0
+                ]
+            return differentiable
+        # The radial part of g, where the norm (not eps) divides: a clamped row has none.
+        radial = (
+            torch.linalg.vecdot(unit, grad).unsqueeze_(-1).masked_fill_(scale <= NORMALIZE_EPS, 0.0)
+        )
+        result: Tensor = grad.sub(unit * radial).div_(scale)
+        return result
+
+
+cache_forward_signature(_UnitRows)
 
 
 def cost_matrix(query: Tensor, keys: Tensor, cost: str) -> Tensor:
@@ -86,34 +143,47 @@ def _rowwise_gram(query: Tensor, keys: Tensor) -> Tensor:
     return gram
 
 
-def cost_block(query: Tensor, query_sq: Tensor, keys: Tensor, cost: str) -> Tensor:
+def cost_block(
+    query: Tensor,
+    query_sq: Tensor | None,
+    keys: Tensor,
+    cost: str,
+    *,
+    keys_sq: Tensor | None = None,
+) -> Tensor:
     """Clamped costs of every query against a block of keys (no autograd graph needed).
 
     Args:
-        query: ``(Q, D)`` prepared queries; query_sq: ``(Q, 1)`` their squared norms
-            (:func:`cct_loss.precision.squared_norms`).
+        query: ``(Q, D)`` prepared queries; query_sq: ``(Q,)`` their squared norms
+            (:func:`cct_loss.precision.squared_norms`; sqeuclidean only).
         keys: ``(C, D)`` keys shared by all queries, or ``(Q, C, D)`` keys per query.
         cost: ``"sqeuclidean"`` or ``"cosine"``.
+        keys_sq: the keys' squared norms when the caller has them (else computed here).
 
     Returns:
         ``(Q, C)`` costs in the accumulation dtype, a fresh tensor.
     """
-    keys_sq = squared_norms(keys) if cost != "cosine" else None
+    if cost != "cosine" and keys_sq is None:
+        keys_sq = squared_norms(keys)
     if keys.dim() == 2 and keys.dtype == accumulation_dtype(keys):  # one BLAS call
         if keys_sq is None:  # 1 - q.n
             costs = torch.addmm(keys.new_ones(keys.shape[0]), query, keys.T, alpha=-1.0)
         else:  # |q|^2 + |n|^2 - 2 q.n, in place after the product
-            costs = torch.addmm(keys_sq, query, keys.T, alpha=-2.0).add_(query_sq)
+            assert query_sq is not None
+            costs = torch.addmm(keys_sq, query, keys.T, alpha=-2.0).add_(query_sq[:, None])
     else:
         costs = _gram(query, keys)  # a fresh tensor, updated in place
         if keys_sq is None:
             costs.neg_().add_(1.0)
         else:
-            costs.mul_(-2.0).add_(keys_sq).add_(query_sq)
+            assert query_sq is not None
+            costs.mul_(-2.0).add_(keys_sq).add_(query_sq[:, None])
     return costs.clamp_min_(0.0)
 
 
-def shifted_logits(query: Tensor, keys: Tensor, cost: str, scale: float) -> Tensor:
+def shifted_logits(
+    query: Tensor, keys: Tensor, cost: str, scale: float, *, keys_sq: Tensor | None = None
+) -> Tensor:
     """``scale * c(q, n_k)`` up to a constant per query, which a softmax over ``k`` ignores:
     ``scale (|n_k|^2 - 2 q.n_k)`` (sqeuclidean, without ``|q|^2``) or ``-scale q.n_k``
     (cosine), in one matrix product with shared keys and no further pass over ``(Q, K)``.
@@ -122,25 +192,29 @@ def shifted_logits(query: Tensor, keys: Tensor, cost: str, scale: float) -> Tens
         query: ``(Q, D)``; keys: ``(K, D)``, in the products' dtype.
         cost: ``"sqeuclidean"`` or ``"cosine"``.
         scale: the sharpness with its sign (see :func:`cct_loss.transport.logit_scale`).
+        keys_sq: the keys' squared norms when the caller has them (else computed here).
 
     Returns:
         ``(Q, K)`` logits in the accumulation dtype, a fresh tensor.
     """
+    if cost != "cosine" and keys_sq is None:
+        keys_sq = squared_norms(keys)
     if keys.dtype != accumulation_dtype(keys):  # half-precision product, then scaled
         logits = _gram(query, keys).mul_(-scale if cost == "cosine" else -2.0 * scale)
-        return logits if cost == "cosine" else logits.add_(squared_norms(keys), alpha=scale)
-    if cost == "cosine":
+        return logits if keys_sq is None else logits.add_(keys_sq, alpha=scale)
+    if keys_sq is None:
         return torch.mm(query * -scale, keys.T)
-    return torch.addmm(squared_norms(keys).mul_(scale), query, keys.T, alpha=-2.0 * scale)
+    return torch.addmm(keys_sq * scale, query, keys.T, alpha=-2.0 * scale)
 
 
 def expected_cost_of_moments(
     weights: Tensor,
     weighted_keys: Tensor,
     query: Tensor,
-    keys: Tensor,
     cost: str,
     *,
+    query_sq: Tensor | None,
+    keys_sq: Tensor | None,
     rows_sum_to_one: bool,
 ) -> Tensor:
     """``E_q = sum_k pi_qk c(q, n_k)`` from the weights' moments, without the ``(Q, K)`` costs:
@@ -150,8 +224,10 @@ def expected_cost_of_moments(
     Args:
         weights: ``(Q, K)`` weights (rows sum to 1, or are 0 for a query without keys).
         weighted_keys: ``(Q, D)`` ``weights @ keys`` (:func:`cct_loss.precision.product`).
-        query: ``(Q, D)``; keys: ``(K, D)`` shared keys.
+        query: ``(Q, D)`` queries.
         cost: ``"sqeuclidean"`` or ``"cosine"``.
+        query_sq, keys_sq: ``(Q,)`` and ``(K,)`` squared norms (:func:`squared_norms`;
+            sqeuclidean only).
         rows_sum_to_one: every row of ``weights`` sums to 1 (else their sums are taken).
 
     Returns:
@@ -163,8 +239,8 @@ def expected_cost_of_moments(
         return (toward.neg_().add_(1.0) if row_sums is None else row_sums.sub_(toward)).clamp_min_(
             0.0
         )
-    expected = torch.mv(weights, squared_norms(keys)).sub_(toward, alpha=2.0)
-    query_sq = squared_norms(query)
+    assert query_sq is not None and keys_sq is not None
+    expected = torch.mv(weights, keys_sq).sub_(toward, alpha=2.0)
     expected.add_(query_sq if row_sums is None else query_sq * row_sums)
     return expected.clamp_min_(0.0)
 

@@ -14,8 +14,9 @@ class QueryTerms(NamedTuple):
     Attributes:
         attraction: ``(Q,)`` ``sum_m pi_m^+ d_m^+`` (0 for a query without positives).
         repulsion: ``(Q,)`` ``-sum_k pi_k^- d_k^-`` (0 for a query without negatives).
-        pos_entropy: ``(Q,)`` entropy of the positive weights (nats, no gradient).
-        neg_entropy: ``(Q,)`` entropy of the negative weights (nats, no gradient).
+        pos_entropy: ``(Q,)`` entropy of the positive weights (nats, no gradient), or ``None``
+            when the diagnostics were not asked for (so too the next two).
+        neg_entropy: ``(Q,)`` entropy of the negative weights.
         accuracy: ``(Q,)`` 1.0 where the farthest positive is closer than the nearest negative.
         pos_weights: positive weights, or ``None`` when the kernel does not hold them.
         neg_weights: negative weights, or ``None`` when the kernel does not hold them.
@@ -25,9 +26,9 @@ class QueryTerms(NamedTuple):
 
     attraction: Tensor
     repulsion: Tensor
-    pos_entropy: Tensor
-    neg_entropy: Tensor
-    accuracy: Tensor
+    pos_entropy: Tensor | None
+    neg_entropy: Tensor | None
+    accuracy: Tensor | None
     pos_weights: Tensor | None = None
     neg_weights: Tensor | None = None
     has_positives: Tensor | None = None
@@ -113,11 +114,15 @@ def reduce_terms(
     labels every query has both, and this is the plain mean). ``"sum"`` and ``"none"`` use the
     per-query values, which are 0 for a missing term.
     """
+    if not return_details and mean_scale == MeanScale():  # one reduction of the weighted sum
+        return _reduce(_weighted(terms.attraction, alpha, terms.repulsion, beta), reduction, None)
     attraction = _reduce(terms.attraction, reduction, mean_scale.attraction)
     repulsion = _reduce(terms.repulsion, reduction, mean_scale.repulsion)
-    loss = alpha * attraction + beta * repulsion
+    loss = _weighted(attraction, alpha, repulsion, beta)
     if not return_details:
         return loss
+    assert terms.pos_entropy is not None and terms.neg_entropy is not None
+    assert terms.accuracy is not None
 
     def stat(x: Tensor, flags: Tensor | None) -> Tensor:
         if reduction == "none":
@@ -146,6 +151,15 @@ def reduce_terms(
         queries_with_positives=present(terms.has_positives),
         queries_with_negatives=present(terms.has_negatives),
     )
+
+
+def _weighted(a: Tensor, alpha: float | Tensor, b: Tensor, beta: float | Tensor) -> Tensor:
+    """``alpha * a + beta * b``, without multiplying by a Python 1."""
+
+    def times(x: Tensor, w: float | Tensor) -> Tensor:
+        return x if isinstance(w, float) and w == 1.0 else x * w
+
+    return times(a, alpha) + times(b, beta)
 
 
 def _reduce(x: Tensor, reduction: str, scale: float | Tensor | None) -> Tensor:

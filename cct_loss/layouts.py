@@ -1,13 +1,13 @@
 """Who is a query, a positive and a negative, for each call shape (SPEC section 3).
 
 Each function takes prepared embeddings (see :func:`cct_loss.costs.prepare_embeddings`) and
-describes, with integer ids (:class:`cct_loss.transport.Membership`), which keys take part in
-each query's attraction and repulsion; the kernels (dense, chunked, sdpa) compute the two
-expected costs. Positives that are a fixed small set per query (``positive[i, :]``, the other
-views of a row) are computed directly; positives drawn from the batch by label go through a
-kernel like the negatives. No ``N x K x D`` tensor is formed anywhere.
+describes the call as a :class:`cct_loss.transport.Transport`: the queries, the keys, and which
+keys are each query's positives and negatives (:class:`cct_loss.transport.Membership`), from
+class labels or from the block layout of the batch's instances (:class:`OwnRows`, a few
+integers); :func:`cct_loss.dispatch.solve` computes it. No ``N x K x D`` tensor is formed
+anywhere, and without labels no mask or id tensor is built on the default path.
 
-Groups: without labels a row's group is its instance id (its global row index), so the other
+Groups: without labels a row's group is its instance (its global row index), so the other
 views of a row are its positives and every other row's embeddings its negatives; with labels it
 is the row's label.
 """
@@ -22,9 +22,9 @@ from torch import Tensor
 
 from .costs import cost_matrix
 from .details import QueryTerms
-from .dispatch import kernel_for
+from .dispatch import solve
 from .options import CCTOptions
-from .transport import ConditionalExpectation, Membership, conditional_expectation
+from .transport import ConditionalExpectation, Membership, OwnRows, Transport
 
 
 class GlobalRows(NamedTuple):
@@ -41,64 +41,35 @@ class GlobalRows(NamedTuple):
     offset: int
 
 
-def fixed_attraction(
-    query: Tensor, positives: Tensor, options: CCTOptions
-) -> ConditionalExpectation:
-    """Attraction of each query to its own ``M`` positives (a small block, plain autograd).
-
-    Args:
-        query: ``(Q, D)``.
-        positives: ``(Q, M, D)``.
-    """
-    costs = cost_matrix(query, positives, options.cost)
-    return conditional_expectation(costs, side="positives", options=options)
-
-
 def _both(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     if a is None:
         return b
     return a if b is None else a & b
 
 
-def combine(attract: ConditionalExpectation, repel: ConditionalExpectation) -> QueryTerms:
+def combine(
+    attract: ConditionalExpectation | None, repel: ConditionalExpectation | None
+) -> QueryTerms:
     """Per-query terms from the two expectations (repulsion is minus the expected cost)."""
-    accuracy = attract.extreme < repel.extreme
-    both = _both(attract.present, repel.present)
-    if both is not None:
-        accuracy = accuracy & both
+    assert attract is not None and repel is not None
+    accuracy = None
+    if attract.extreme is not None and repel.extreme is not None:
+        correct = attract.extreme < repel.extreme
+        both = _both(attract.present, repel.present)
+        if both is not None:
+            correct = correct & both
+        accuracy = correct.to(attract.value.dtype)
     return QueryTerms(
         attraction=attract.value,
         repulsion=-repel.value,
         pos_entropy=attract.entropy,
         neg_entropy=repel.entropy,
-        accuracy=accuracy.to(attract.value.dtype),
+        accuracy=accuracy,
         pos_weights=attract.weights,
         neg_weights=repel.weights,
         has_positives=attract.present,
         has_negatives=repel.present,
     )
-
-
-def same_row_positives(views: Tensor) -> Tensor:
-    """``(V * N, V - 1, D)``: for row ``v * N + i``, the other views of instance ``i``."""
-    num_views, n, d = views.shape
-    # Built by stacking slices (a loop over views, not samples): unlike an advanced-index
-    # gather, whose backward accumulates repeated indices in a thread-dependent order on the
-    # CPU, its backward is deterministic.
-    gathered = torch.stack(
-        [
-            torch.stack([views[w] for w in range(num_views) if w != v], dim=1)
-            for v in range(num_views)
-        ]
-    )  # (V, N, V-1, D)
-    return gathered.reshape(num_views * n, num_views - 1, d)
-
-
-def row_groups(labels: Tensor | None, n: int, offset: int, device: torch.device) -> Tensor:
-    """``(n,)`` group of each row: its label, or its instance id ``offset + i``."""
-    if labels is not None:
-        return labels
-    return torch.arange(offset, offset + n, device=device)
 
 
 def unused_group(groups: Tensor) -> Tensor:
@@ -134,39 +105,28 @@ def in_batch_terms(
         key does not take part).
     """
     num_views, n, d = views.shape
-    device = views.device
     flat = views.reshape(num_views * n, d)
-    if global_rows is None:
-        # The keys are the queries; a view keeps them distinct tensors for the autograd
-        # functions (torch.compile cannot trace one tensor passed twice to an autograd.Function).
-        keys, n_all, offset, key_labels = flat.view_as(flat), n, 0, labels
-    else:
+    keys, n_all, offset, key_labels = None, n, 0, labels
+    if global_rows is not None:
+        keys = global_rows.rows.reshape(-1, d)
         n_all, offset, key_labels = (
             global_rows.rows.shape[1],
             global_rows.offset,
             global_rows.labels,
         )
-        keys = global_rows.rows.reshape(num_views * n_all, d)
-    query_groups = row_groups(labels, n, offset, device).repeat(num_views)
-    key_groups = row_groups(key_labels, n_all, 0, device).repeat(num_views)
-    kernel = kernel_for(options, device, flat.shape[0], keys.shape[0], per_query=False)
+    rows = OwnRows(num_views, n, num_views, n_all, offset, includes_self=True)
     if labels is None:
-        attract = fixed_attraction(flat, same_row_positives(views), options)
+        positives = Membership(same_group=True, rows=rows)
+        negatives = Membership(rows=rows)
     else:
-        view_starts = torch.arange(num_views, device=device)[:, None] * n_all
-        own_key = (view_starts + offset + torch.arange(n, device=device)).reshape(-1)
+        assert key_labels is not None
+        query_groups = labels.repeat(num_views)
+        key_groups = query_groups if global_rows is None else key_labels.repeat(num_views)
         positives = Membership(
-            query_groups,
-            key_groups,
-            same_group=True,
-            query_self=own_key,
-            key_self=torch.arange(keys.shape[0], device=device),
-            may_be_empty=True,
+            query_groups, key_groups, same_group=True, rows=rows, may_be_empty=True
         )
-        attract = kernel(flat, keys, positives, side="positives", options=options)
-    negatives = Membership(query_groups, key_groups, may_be_empty=labels is not None)
-    repel = kernel(flat, keys, negatives, side="negatives", options=options)
-    return combine(attract, repel)
+        negatives = Membership(query_groups, key_groups, may_be_empty=True)
+    return combine(*solve(Transport(flat, keys, positives, negatives), options))
 
 
 def cross_terms(
@@ -199,32 +159,31 @@ def cross_terms(
         :class:`QueryTerms` over the ``N`` queries.
     """
     n, m, d = positive.shape
-    device = query.device
     rows, offset, row_labels = positive, 0, labels
     if global_rows is not None:
         rows, offset, row_labels = global_rows.rows, global_rows.offset, global_rows.labels
     n_all = rows.shape[0]
-    batch_keys = rows.reshape(n_all * m, d)
-    query_groups = row_groups(labels, n, offset, device)
-    batch_groups = row_groups(row_labels, n_all, 0, device).repeat_interleave(m)
-    if labels is None:
-        attract = fixed_attraction(query, positive, options)
-    else:  # row i always shares its own label: never empty
-        kernel = kernel_for(options, device, n, batch_keys.shape[0], per_query=False)
-        same = Membership(query_groups, batch_groups, same_group=True)
-        attract = kernel(query, batch_keys, same, side="positives", options=options)
-    keys, key_groups = batch_keys, batch_groups
+    keys = rows.reshape(n_all * m, d)  # key j * M + w is positive[j, w]
     if negatives is not None:
-        extra = negative_labels
-        if extra is None:  # every row of negatives is a negative of every query
-            extra = unused_group(query_groups).expand(negatives.shape[0])
-        keys = torch.cat([batch_keys, negatives])
-        key_groups = torch.cat([batch_groups, extra])
-    may_be_empty = labels is not None
-    members = Membership(query_groups, key_groups, may_be_empty=may_be_empty)
-    kernel = kernel_for(options, device, n, keys.shape[0], per_query=False)
-    repel = kernel(query, keys, members, side="negatives", options=options)
-    return combine(attract, repel)
+        keys = torch.cat([keys, negatives])
+    if labels is None:
+        own = OwnRows(1, n, m, n_all, offset, row_major=True)
+        # Its own positives are positive[i] itself; every other key is a negative (a queue's
+        # keys belong to no row).
+        problem = Transport(query, keys, positive, Membership(rows=own))
+        return combine(*solve(problem, options))
+    assert row_labels is not None
+    batch_groups = row_labels.repeat_interleave(m)
+    pos_groups = neg_groups = batch_groups
+    if negatives is not None:  # the queue holds no positives; its labelled keys no negatives
+        unused = unused_group(labels).expand(negatives.shape[0])
+        pos_groups = torch.cat([batch_groups, unused])
+        extra = unused if negative_labels is None else negative_labels
+        neg_groups = torch.cat([batch_groups, extra])
+    # Row i always shares its own label: a query always has positives.
+    same = Membership(labels, pos_groups, same_group=True)
+    other = Membership(labels, neg_groups, may_be_empty=True)
+    return combine(*solve(Transport(query, keys, same, other), options))
 
 
 def explicit_negatives_terms(
@@ -246,15 +205,10 @@ def explicit_negatives_terms(
         labels, negative_labels: ``(N,)`` and ``(K,)`` labels (shared negatives only): a
             negative whose label equals the query's is left out. Both or neither.
     """
-    attract = fixed_attraction(query, positive, options)
-    members = None
+    members = Membership()
     if labels is not None and negative_labels is not None:
         members = Membership(labels, negative_labels, may_be_empty=True)
-    per_query = negatives.dim() == 3
-    kernel = kernel_for(
-        options, query.device, query.shape[0], negatives.shape[-2], per_query=per_query
-    )
-    return combine(attract, kernel(query, negatives, members, side="negatives", options=options))
+    return combine(*solve(Transport(query, negatives, positive, members), options))
 
 
 def paper_terms(
@@ -279,37 +233,44 @@ def paper_terms(
         for the pairs in lexicographic order, zero on the diagonal.
     """
     num_views, n, d = views.shape
-    attract = fixed_attraction(views.reshape(num_views * n, d), same_row_positives(views), options)
+    own_views = OwnRows(num_views, n, num_views, n, includes_self=True)
+    flat = views.reshape(num_views * n, d)
+    attract, _ = solve(
+        Transport(flat, None, Membership(same_group=True, rows=own_views), None), options
+    )
+    assert attract is not None
     offset = 0 if global_rows is None else global_rows.offset
     keys = views if global_rows is None else global_rows.rows
-    ids = torch.arange(offset, offset + n, device=views.device)
-    members = Membership(ids, torch.arange(keys.shape[1], device=views.device))
-    kernel = kernel_for(options, views.device, n, keys.shape[1], per_query=False)
+    other_rows = Membership(rows=OwnRows(1, n, 1, keys.shape[1], offset))
     pairs = list(itertools.combinations(range(num_views), 2))
-    repels = [
-        kernel(views[x], keys[y], members, side="negatives", options=options) for x, y in pairs
-    ]
-    with torch.no_grad():
-        if options.return_details:  # does z_y[i] beat every other row of y as z_x[i]'s neighbour?
+    repels = []
+    for x, y in pairs:
+        _, repel = solve(Transport(views[x], keys[y], None, other_rows), options)
+        assert repel is not None
+        repels.append(repel)
+    accuracy = None
+    if options.return_details:  # does z_y[i] beat every other row of y as z_x[i]'s neighbour?
+        with torch.no_grad():
             own = torch.stack(
                 [cost_matrix(views[x], views[y].unsqueeze(1), options.cost) for x, y in pairs]
             ).squeeze(-1)
-            accuracy = (own < torch.stack([r.extreme for r in repels])).to(own.dtype)
-        else:
-            accuracy = torch.full(
-                (len(pairs), n), float("nan"), dtype=repels[0].value.dtype, device=views.device
-            )
+            extremes = torch.stack([r.extreme for r in repels if r.extreme is not None])
+            accuracy = (own < extremes).to(own.dtype).mean(0)
 
     def per_row(x: Tensor) -> Tensor:
         return x.reshape(-1, n).mean(0)
+
+    def mean_over_pairs(xs: list[Tensor | None]) -> Tensor | None:
+        kept = [x for x in xs if x is not None]
+        return torch.stack(kept).mean(0) if len(kept) == len(xs) else None
 
     neg_weights = [r.weights for r in repels]
     return QueryTerms(
         attraction=per_row(attract.value),
         repulsion=-torch.stack([r.value for r in repels]).mean(0),
-        pos_entropy=per_row(attract.entropy),
-        neg_entropy=torch.stack([r.entropy for r in repels]).mean(0),
-        accuracy=accuracy.mean(0),
+        pos_entropy=None if attract.entropy is None else per_row(attract.entropy),
+        neg_entropy=mean_over_pairs([r.entropy for r in repels]),
+        accuracy=accuracy,
         pos_weights=None
         if attract.weights is None
         else attract.weights.reshape(num_views, n, num_views - 1),

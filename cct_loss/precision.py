@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
@@ -50,10 +51,19 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type)
 
 
+def promoted_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
+    """:func:`torch.promote_types` over ``dtypes`` (which is itself a dispatched operator:
+    skipped when they agree, as they do in a well-formed call)."""
+    first = dtypes[0]
+    if all(d == first for d in dtypes):
+        return first
+    return functools.reduce(torch.promote_types, dtypes)
+
+
 def resolve_precision(device: torch.device, *tensors: Tensor) -> Precision:
     """The policy (module docs) for inputs ``tensors`` on ``device``; call it before
     :func:`own_precision` disables autocast."""
-    promoted = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    promoted = promoted_dtype([t.dtype for t in tensors])
     if promoted == torch.float64:
         return Precision(torch.float64, torch.float64)
     low = autocast_dtype(device)
@@ -88,9 +98,22 @@ def backward_in_own_precision(backward: _Backward) -> _Backward:
     return wrapped  # type: ignore[return-value]
 
 
+def cache_forward_signature(function: type[torch.autograd.Function]) -> None:
+    """Attach ``forward``'s signature to it: ``Function.apply`` binds the arguments of a
+    ``setup_context``-style function through ``inspect.signature`` on every call, which then
+    returns the cached one instead of rebuilding it (about 0.1 ms a call on a CPU)."""
+    forward = function.forward
+    forward.__signature__ = inspect.signature(forward)  # type: ignore[attr-defined]
+
+
 def accumulation_dtype(x: Tensor) -> torch.dtype:
     """float32 for half-precision embeddings, else their own dtype (float32 or float64)."""
-    return torch.promote_types(x.dtype, torch.float32)
+    return wide(x.dtype)
+
+
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """float32 for a half dtype, else ``dtype`` itself (float32 or float64)."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
 def product(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
@@ -105,7 +128,7 @@ def product(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     if a.dtype == b.dtype == dtype and dtype in (torch.float32, torch.float64):
         return a @ b  # full precision: no casts (a small batch's per-call overhead counts)
     out = a.to(dtype) @ b.to(dtype)
-    return out.to(torch.promote_types(dtype, torch.float32))
+    return out.to(wide(dtype))
 
 
 def squared_norms(x: Tensor, *, keepdim: bool = False) -> Tensor:

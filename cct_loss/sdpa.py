@@ -131,7 +131,8 @@ def sdpa_expected_cost(
     values = _pad_last(values, HEAD_DIM_MULTIPLE)
 
     # The attention mask is True where a key takes part.
-    mask = None if members is None else ~members.excluded_mask()
+    excluded = None if members is None else members.excluded_mask(keys.shape[-2], query.device)
+    mask = None if excluded is None else ~excluded
     present = None
     if mask is not None and members is not None and members.may_be_empty:
         # A row with no key taking part would make the kernel's softmax 0/0: let it attend to
@@ -174,5 +175,5 @@ def sdpa_expected_cost(
             )
         entropy, extreme = stats.entropy, stats.extreme
     else:
-        entropy = extreme = torch.full_like(expected, float("nan")).detach()
+        entropy = extreme = None
     return ConditionalExpectation(expected, entropy, extreme, None, present)

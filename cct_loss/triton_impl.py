@@ -27,11 +27,10 @@ import torch
 from torch import Tensor
 
 from ._validation import is_functorch_wrapped
-from .precision import as_input_grads, backward_in_own_precision
+from .precision import as_input_grads, backward_in_own_precision, cache_forward_signature
 from .transport import (
     ConditionalExpectation,
     Membership,
-    cache_forward_signature,
     differentiable_backward,
     excluded_from_ids,
     logit_scale,
@@ -295,7 +294,7 @@ def triton_expected_cost(
     check_supported(query, keys)
     signed_t = logit_scale(options, side)
     scale = torch.as_tensor(signed_t, dtype=torch.float32, device=query.device).detach()
-    ids = membership_ids(members)
+    ids = membership_ids(members, keys.shape[0], query.device)
     same_group = members is not None and members.same_group
     expected, log_normaliser, extreme, entropy = _TritonExpectedCost.apply(  # type: ignore[no-untyped-call]
         query,
@@ -308,4 +307,6 @@ def triton_expected_cost(
         bool(options.return_details),
         side == "positives",
     )
+    if not options.return_details:  # the kernel wrote placeholders
+        entropy = extreme = None
     return streamed_expectation(expected, log_normaliser, extreme, entropy, members)

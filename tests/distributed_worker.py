@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed import TCPStore  # type: ignore[attr-defined]
 from torch.nn.parallel import DistributedDataParallel
 
 from cct_loss import NegativeQueue, cct_loss, cct_loss_multiview
@@ -145,21 +147,36 @@ def train_scenarios(
     return results
 
 
-def init(rank: int, world_size: int, port: int) -> None:
+def init(rank: int, world_size: int, out_dir: str) -> None:
+    """Join the gloo group. Rank 0 opens the rendezvous store on a port the OS picks and
+    publishes it in ``out_dir``; the others read it (no free port to race for)."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=60),
-    )
+    published = Path(out_dir) / "store_port"
+    if rank == 0:
+        store = TCPStore(
+            "127.0.0.1", 0, world_size, is_master=True, timeout=_TIMEOUT, wait_for_workers=False
+        )
+        partial = published.with_suffix(".partial")
+        partial.write_text(str(store.port))
+        partial.replace(published)  # atomic: the others never read half a number
+    else:
+        deadline = time.monotonic() + _TIMEOUT.total_seconds()
+        while not published.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank 0 did not publish its store port in {out_dir}")
+            time.sleep(0.01)
+        port = int(published.read_text())
+        store = TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=_TIMEOUT)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=_TIMEOUT)
     torch.set_num_threads(1)
 
 
-def run_uneven(rank: int, world_size: int, port: int, out_dir: str) -> None:
+_TIMEOUT = timedelta(seconds=60)
+
+
+def run_uneven(rank: int, world_size: int, out_dir: str) -> None:
     """Ranks holding 4, 3 and 1 rows: training parity, the queue, and an empty rank."""
-    init(rank, world_size, port)
+    init(rank, world_size, out_dir)
     try:
         results = train_scenarios(UNEVEN_SCENARIOS, rank, UNEVEN_ROWS)
         queue = NegativeQueue(9, 2, gather_distributed=True, with_labels=True)
@@ -177,8 +194,8 @@ def run_uneven(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def run(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    init(rank, world_size, port)
+def run(rank: int, world_size: int, out_dir: str) -> None:
+    init(rank, world_size, out_dir)
     try:
         results = train_scenarios(tuple(SCENARIOS), rank, (N_PER_RANK,) * world_size)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -23,17 +22,11 @@ WORLD_SIZE = 2
 TIMEOUT_S = 120
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def spawn(target: Any, world_size: int, out: Path) -> list[dict[str, Any]]:
-    """Run ``target(rank, world_size, port, out)`` in gloo processes; their saved results."""
+    """Run ``target(rank, world_size, out)`` in gloo processes; their saved results."""
     context = mp.start_processes(  # type: ignore[attr-defined, no-untyped-call]
         target,
-        args=(world_size, free_port(), str(out)),
+        args=(world_size, str(out)),
         nprocs=world_size,
         join=False,
         start_method="spawn",
