@@ -166,15 +166,14 @@ def check_no_shared_memory(negatives: Tensor, positive: Tensor) -> None:
         or negatives.device != positive.device
         or is_functorch_wrapped(negatives)
         or is_functorch_wrapped(positive)
+        # different buffers (the usual case) cannot overlap: decided without the ranges
+        or negatives.untyped_storage().data_ptr() != positive.untyped_storage().data_ptr()
     ):
         return
     else:
         overlap = _byte_range(negatives, 0) < _byte_range(positive, 1) and _byte_range(
             positive, 0
         ) < _byte_range(negatives, 1)
-        overlap = overlap and negatives.untyped_storage().data_ptr() == (
-            positive.untyped_storage().data_ptr()
-        )
     if overlap:
         raise ValueError(
             "negatives is the same tensor as positive (or a view of its memory): each query "

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .costs import cost_block, cost_vjp, shifted_logits, weights_vjp
+from ._autograd import apply, eager_twin
+from .costs import WeightTerm, cost_block, cost_vjp, shifted_logits, weights_vjp
 from .precision import (
     as_input_grads,
     backward_in_own_precision,
-    cache_forward_signature,
     squared_norms,
 )
 from .transport import (
@@ -61,6 +61,7 @@ def _blocks(num_keys: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(b * chunk_size, min((b + 1) * chunk_size, num_keys)) for b in range(num_blocks)]
 
 
+@eager_twin
 class _StreamingExpectedCost(torch.autograd.Function):
     """``E_q = sum_k softmax_k(s d_qk) d_qk`` streamed over key blocks (see module docs).
 
@@ -195,12 +196,11 @@ class _StreamingExpectedCost(torch.autograd.Function):
             weights = logits.sub_(lse[..., None]).exp_()  # pi, recomputed in place
             if detach_weights and block.dim() == 2:  # two products on the weights, as dense
                 block_query, block_keys = weights_vjp(
-                    weights,
-                    grad_expected,
+                    # a block's weights do not sum to 1
+                    [WeightTerm(weights, grad_expected, None, rows_sum_to_one=False)],
                     query,
                     block,
                     cost,
-                    rows_sum_to_one=False,  # a block's weights do not sum to 1
                     need_keys=need_keys,
                 )
             else:
@@ -219,9 +219,6 @@ class _StreamingExpectedCost(torch.autograd.Function):
         grad_keys = torch.cat(key_blocks, dim=-2) if need_keys else None
         grads = as_input_grads((need_query, need_keys), (query, keys), (grad_query, grad_keys))
         return *grads, *nones
-
-
-cache_forward_signature(_StreamingExpectedCost)
 
 
 def chunked_expected_cost(
@@ -250,7 +247,8 @@ def chunked_expected_cost(
     signed_t = logit_scale(options, side)
     ids = membership_ids(members, keys.shape[-2], query.device)
     same_group = members is not None and members.same_group
-    expected, log_normaliser, extreme, entropy = _StreamingExpectedCost.apply(  # type: ignore[no-untyped-call]
+    expected, log_normaliser, extreme, entropy = apply(
+        _StreamingExpectedCost,
         query,
         keys,
         *ids,

@@ -20,17 +20,20 @@ from ._validation import (
     check_same_device,
     shape_str,
 )
-from .costs import prepare_embeddings
+from .costs import Preparation, prepare
 from .details import CCTDetails, MeanScale, QueryTerms, reduce_terms, term_counts
+from .dispatch import loss_in_one_pass
 from .layouts import (
     GlobalRows,
-    cross_terms,
-    explicit_negatives_terms,
-    in_batch_terms,
+    cross_problem,
+    explicit_negatives_problem,
+    in_batch_problem,
     paper_terms,
+    terms_of,
 )
 from .options import CCTOptions
-from .precision import Precision, own_precision, promoted_dtype, resolve_precision
+from .precision import own_precision, promoted_dtype, resolve_precision
+from .transport import Transport
 
 #: The layouts each entry point takes.
 PAIR_LAYOUTS = ("all", "cross")
@@ -131,44 +134,55 @@ def loss_of_pairs(
     precision = resolve_precision(
         device, query, positive, *([] if negatives is None else [negatives])
     )
+    preparation = Preparation.of(precision, cost=options.cost, normalize=options.normalize)
     with own_precision(device):
-
-        def prepare(x: Tensor) -> Tensor:
-            return _prepare(x, precision, options)
-
+        raw_views = None
         if negatives is None and not cross:  # in-batch: one (M + 1, N, D) stack of views
             if positive.dim() == 2:
-                raw = torch.stack([query, positive])
+                raw_views = torch.stack([query, positive])
             else:
-                raw = torch.cat([query.unsqueeze(0), positive.transpose(0, 1)])
-            views = prepare(raw)
-            terms = in_batch_terms(
-                views, options, labels=labels, global_rows=_gather_views(views, labels, counts)
-            )
+                raw_views = torch.cat([query.unsqueeze(0), positive.transpose(0, 1)])
         else:
-            q = prepare(query)
-            p = prepare(positive if positive.dim() == 3 else positive.unsqueeze(1))
-            if cross:
-                terms = cross_terms(
-                    q,
-                    p,
-                    options,
-                    negatives=None if negatives is None else prepare(negatives),
+            positives = positive if positive.dim() == 3 else positive.unsqueeze(1)
+        if counts is None:  # one process: the call, described on the raw embeddings
+            if raw_views is not None:
+                problem = in_batch_problem(raw_views, labels=labels)
+            elif cross:
+                problem = cross_problem(
+                    query,
+                    positives,
+                    negatives=negatives,
                     labels=labels,
                     negative_labels=negative_labels,
-                    global_rows=_gather(p, labels, counts),
                 )
             else:
                 assert negatives is not None
-                terms = explicit_negatives_terms(
-                    q,
-                    p,
-                    prepare(negatives),
-                    options,
-                    labels=labels,
-                    negative_labels=negative_labels,
+                problem = explicit_negatives_problem(
+                    query, positives, negatives, labels=labels, negative_labels=negative_labels
                 )
-        return _reduce(terms, options, row_counts=counts)
+            return _loss(problem, options, preparation)
+
+        # Across processes: prepare, gather the candidates, then describe the call.
+        def prep(x: Tensor) -> Tensor:
+            return prepare(x, preparation)
+
+        if raw_views is not None:
+            views = prep(raw_views)
+            problem = in_batch_problem(
+                views, labels=labels, global_rows=_gather_views(views, labels, counts)
+            )
+        else:
+            q, p = prep(query), prep(positives)
+            assert cross  # (explicit negatives in layout "all" cannot be gathered)
+            problem = cross_problem(
+                q,
+                p,
+                negatives=None if negatives is None else prep(negatives),
+                labels=labels,
+                negative_labels=negative_labels,
+                global_rows=_gather(p, labels, counts),
+            )
+        return _reduce(terms_of(problem, options), options, row_counts=counts)
 
 
 def loss_of_views(
@@ -187,15 +201,33 @@ def loss_of_views(
         labels = check_labels("labels", labels, stacked.shape[1], "N")
         check_same_device({"views": stacked, "labels": labels})
     precision = resolve_precision(stacked.device, stacked)
+    preparation = Preparation.of(precision, cost=options.cost, normalize=options.normalize)
     with own_precision(stacked.device):
-        prepared = _prepare(stacked, precision, options)
         counts = distributed.row_counts(stacked.shape[1], stacked.device) if gathering else None
+        if counts is None and options.layout != "paper":
+            return _loss(in_batch_problem(stacked, labels=labels), options, preparation)
+        prepared = prepare(stacked, preparation)
         global_rows = _gather_views(prepared, labels, counts)
         if options.layout == "paper":
             terms = paper_terms(prepared, options, global_rows=global_rows)
         else:
-            terms = in_batch_terms(prepared, options, labels=labels, global_rows=global_rows)
+            terms = terms_of(
+                in_batch_problem(prepared, labels=labels, global_rows=global_rows), options
+            )
         return _reduce(terms, options, row_counts=counts)
+
+
+def _loss(problem: Transport, options: CCTOptions, preparation: Preparation) -> Tensor | CCTDetails:
+    """The loss (or the diagnostics) of a call on one process, described on the raw
+    embeddings: in one pass where the implementation computes the reduced loss itself
+    (``"mean"`` or ``"sum"``, no diagnostics), else from the per-query terms of the prepared
+    embeddings."""
+    if options.reduction != "none" and not options.return_details:
+        loss = loss_in_one_pass(problem, options, preparation)
+        if loss is not None:
+            return loss
+    prepared = problem.prepared(lambda x: prepare(x, preparation))
+    return _reduce(terms_of(prepared, options), options, row_counts=None)
 
 
 def _reduce(
@@ -205,19 +237,18 @@ def _reduce(
     (``row_counts``: every rank's rows when gathering, else ``None``)."""
     scale = MeanScale()
     flagged = terms.has_positives is not None or terms.has_negatives is not None
-    if options.reduction == "mean" and (flagged or row_counts is not None):
-        world = 1 if row_counts is None else len(row_counts)
+    if options.reduction == "mean" and row_counts is None and flagged:
+        # One process: each term's sum over the queries that have it, divided by their count.
+        scale = MeanScale(_count(terms.has_positives), _count(terms.has_negatives))
+    elif options.reduction == "mean" and row_counts is not None:
+        world = len(row_counts)
         if flagged:  # the counts depend on the labels: one small all-reduce across processes
-            counts = term_counts(terms)
-            if row_counts is not None:
-                counts = distributed.all_reduce_sum(counts)
-            per_query = world / counts.clamp_min(1.0)
-            scale = MeanScale(per_query[0], per_query[1])
+            counts = distributed.all_reduce_sum(term_counts(terms)).clamp_min(1.0) / world
+            scale = MeanScale(counts[0], counts[1])
         else:  # every query has both terms: the global count is known on the host
             rank, _ = distributed.rank_and_world_size()
-            assert row_counts is not None
             queries_per_row = terms.attraction.shape[0] // row_counts[rank]
-            same = world / (queries_per_row * sum(row_counts))
+            same = queries_per_row * sum(row_counts) / world
             scale = MeanScale(same, same)
     return reduce_terms(
         terms,
@@ -228,6 +259,12 @@ def _reduce(
         weights=options.wants_weights,
         mean_scale=scale,
     )
+
+
+def _count(flags: Tensor | None) -> Tensor | None:
+    """How many queries have a term (at least 1, so that an absent term divides 0 by 1), or
+    ``None`` when every query has it."""
+    return None if flags is None else flags.sum().clamp_min(1)
 
 
 def _gather(rows: Tensor, labels: Tensor | None, counts: list[int] | None) -> GlobalRows | None:
@@ -320,12 +357,3 @@ def _stack_views(views: Sequence[Tensor], *, labels: bool, gathering: bool) -> T
     if d == 0:
         raise ValueError(f"views have embedding dim D = 0: got shape {shape_str(stacked)}")
     return stacked
-
-
-def _prepare(x: Tensor, precision: Precision, options: CCTOptions) -> Tensor:
-    """Normalise (as the options say) in the compute dtype, then cast to the products' dtype:
-    the embeddings every layout and kernel receives (see :mod:`cct_loss.precision`)."""
-    prepared = prepare_embeddings(
-        x.to(precision.compute), cost=options.cost, normalize=options.normalize
-    )
-    return prepared.to(precision.products)

@@ -11,22 +11,74 @@ gradient are float32 (float64 for float64 embeddings).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._autograd import apply, eager_twin
 from .precision import (
+    Precision,
     accumulation_dtype,
     backward_in_own_precision,
-    cache_forward_signature,
+    cast,
     product,
     squared_norms,
 )
 
 #: ``eps`` of :func:`torch.nn.functional.normalize`: a zero vector stays zero instead of NaN.
 NORMALIZE_EPS = 1e-12
+
+
+class Preparation(NamedTuple):
+    """How raw embeddings become what the costs are computed on (:mod:`cct_loss.precision`):
+    cast to the compute dtype, projected onto the unit sphere (``unit``: ``normalize=True``,
+    or the cosine cost, which is scale invariant), cast to the products' dtype."""
+
+    compute: torch.dtype
+    products: torch.dtype
+    unit: bool
+
+    @classmethod
+    def of(cls, precision: Precision, *, cost: str, normalize: bool) -> Preparation:
+        return cls(precision.compute, precision.products, normalize or cost == "cosine")
+
+
+def prepare(x: Tensor, preparation: Preparation) -> Tensor:
+    """``x`` prepared (see :class:`Preparation`), differentiable by autograd.
+
+    Args:
+        x: ``(..., D)`` raw embeddings.
+        preparation: the dtypes, and whether to normalise.
+
+    Returns:
+        ``(..., D)`` in the products' dtype.
+    """
+    x = cast(x, preparation.compute)
+    if preparation.unit:
+        x = unit_rows(x)
+    return cast(x, preparation.products)
+
+
+def prepare_rows(x: Tensor, preparation: Preparation) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`prepare` without autograd, for a function that computes its own gradients:
+    ``(prepared, unit, scale)``, where ``unit`` (compute dtype) and ``scale`` (``max(|x|, eps)``,
+    ``None`` without normalising) are what :func:`prepare_rows_vjp` needs."""
+    x = cast(x, preparation.compute)
+    if not preparation.unit:
+        return cast(x, preparation.products), x, None
+    unit, scale = _unit_forward(x)
+    return cast(unit, preparation.products), unit, scale
+
+
+def prepare_rows_vjp(grad: Tensor, unit: Tensor, scale: Tensor | None, like: Tensor) -> Tensor:
+    """The gradient of :func:`prepare_rows`'s input from that of its output, in ``like``'s
+    dtype (the raw embeddings')."""
+    if scale is not None:
+        grad = _unit_vjp(cast(grad, unit.dtype), unit, scale)
+    return cast(grad, like.dtype)
 
 
 def prepare_embeddings(x: Tensor, *, cost: str, normalize: bool) -> Tensor:
@@ -52,49 +104,58 @@ def unit_rows(x: Tensor) -> Tensor:
     """``torch.nn.functional.normalize(x, dim=-1)``: the same values and gradients (zero
     vectors stay zero), with a closed-form backward of a few operators instead of autograd's
     graph through the norm, the clamp and the division."""
-    unit: Tensor = _UnitRows.apply(x)[0]  # type: ignore[no-untyped-call]
+    unit: Tensor = apply(_UnitRows, x)[0]
     return unit
 
 
+def _unit_forward(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x / max(|x|, eps), max(|x|, eps))`` over the last dim."""
+    scale = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(NORMALIZE_EPS)
+    return x / scale, scale
+
+
+def _unit_vjp(grad: Tensor, unit: Tensor, scale: Tensor) -> Tensor:
+    """``(g - y (y . g)) / |x|`` where ``|x| > eps``, ``g / eps`` where the clamp holds (as for
+    :func:`F.normalize`): the radial part of ``g`` goes where the norm, not eps, divides."""
+    radial = (unit * grad).sum(-1, keepdim=True).masked_fill_(scale <= NORMALIZE_EPS, 0.0)
+    result: Tensor = grad.sub(unit * radial).div_(scale)
+    return result
+
+
+@eager_twin
 class _UnitRows(torch.autograd.Function):
-    """``y = x / max(|x|, eps)`` over the last dim. Backward: ``(g - y (y . g)) / |x|`` where
-    ``|x| > eps``, ``g / eps`` where the clamp holds (as for :func:`F.normalize`). A backward
-    recorded by autograd (``create_graph=True``) differentiates ``F.normalize`` itself."""
+    """``y = x / max(|x|, eps)`` over the last dim, with the closed-form backward of
+    :func:`_unit_vjp`. A backward recorded by autograd (``create_graph=True``) differentiates
+    ``F.normalize`` itself."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor) -> tuple[Tensor, Tensor]:
-        scale = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(NORMALIZE_EPS)
-        return x / scale, scale
+        return _unit_forward(x)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
         unit, scale = output
         ctx.save_for_backward(inputs[0], unit, scale)
         ctx.mark_non_differentiable(scale)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for ``scale``
 
     @staticmethod
     @backward_in_own_precision
-    def backward(ctx: Any, grad: Tensor, _grad_scale: Tensor | None) -> Tensor:
+    def backward(ctx: Any, grad: Tensor | None, _grad_scale: Tensor | None) -> Tensor | None:
+        if grad is None:  # the unit vectors were not used (only their scale)
+            return None
         x, unit, scale = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
             with torch.enable_grad():
                 fresh = x.clone()
-                unit = F.normalize(fresh, dim=-1, eps=NORMALIZE_EPS)
-                differentiable: Tensor = torch.autograd.grad(unit, fresh, grad, create_graph=True)[
-                    0
-                ]
+                normalized = F.normalize(fresh, dim=-1, eps=NORMALIZE_EPS)
+                differentiable: Tensor = torch.autograd.grad(
+                    normalized, fresh, grad, create_graph=True
+                )[0]
             return differentiable
-        # The radial part of g, where the norm (not eps) divides: a clamped row has none.
-        radial = (
-            torch.linalg.vecdot(unit, grad).unsqueeze_(-1).masked_fill_(scale <= NORMALIZE_EPS, 0.0)
-        )
-        result: Tensor = grad.sub(unit * radial).div_(scale)
-        return result
-
-
-cache_forward_signature(_UnitRows)
+        return _unit_vjp(grad, unit, scale)
 
 
 def cost_matrix(query: Tensor, keys: Tensor, cost: str) -> Tensor:
@@ -139,7 +200,7 @@ def _rowwise_gram(query: Tensor, keys: Tensor) -> Tensor:
     policy) values, so this is what a half-precision product with float32 accumulation gives.
     """
     acc = accumulation_dtype(keys)
-    gram: Tensor = torch.linalg.vecdot(query.to(acc).unsqueeze(-2), keys.to(acc))
+    gram: Tensor = torch.linalg.vecdot(cast(query, acc).unsqueeze(-2), cast(keys, acc))
     return gram
 
 
@@ -204,7 +265,7 @@ def shifted_logits(
         return logits if keys_sq is None else logits.add_(keys_sq, alpha=scale)
     if keys_sq is None:
         return torch.mm(query * -scale, keys.T)
-    return torch.addmm(keys_sq * scale, query, keys.T, alpha=-2.0 * scale)
+    return torch.addmm(keys_sq, query, keys.T, beta=scale, alpha=-2.0 * scale)
 
 
 def expected_cost_of_moments(
@@ -233,7 +294,7 @@ def expected_cost_of_moments(
     Returns:
         ``(Q,)`` expected costs in the accumulation dtype.
     """
-    toward = torch.linalg.vecdot(query.to(weighted_keys.dtype), weighted_keys)
+    toward = torch.linalg.vecdot(cast(query, weighted_keys.dtype), weighted_keys)
     row_sums = None if rows_sum_to_one else weights.sum(-1)
     if cost == "cosine":
         return (toward.neg_().add_(1.0) if row_sums is None else row_sums.sub_(toward)).clamp_min_(
@@ -268,7 +329,7 @@ def cost_vjp(
     """
     shared = keys.dim() == 2
     dtype = keys.dtype  # the products' dtype; everything else in the accumulation dtype
-    q, n = query.to(grad_cost.dtype), keys.to(grad_cost.dtype)
+    q, n = cast(query, grad_cost.dtype), cast(keys, grad_cost.dtype)
     # sum_k G_qk n_k for every query
     if shared:
         toward_keys = product(grad_cost, keys, dtype)
@@ -293,49 +354,148 @@ def cost_vjp(
     return grad_query, 2.0 * g * (n - q.unsqueeze(1))
 
 
+class WeightTerm(NamedTuple):
+    """One softmax's share of a detached-weights backward pass: ``G += grad * weights``.
+
+    Attributes:
+        weights: ``(Q, K)`` weights over shared keys (accumulation dtype).
+        grad: the upstream gradient of their expected costs, ``(Q,)``, or one value for every
+            query (a number or a 0-dim tensor).
+        weighted_keys: ``weights @ keys`` (``(Q, D)``) when the forward pass has it, else
+            ``None`` (computed here).
+        rows_sum_to_one: every row of ``weights`` sums to 1 (a query without keys has a zero
+            row otherwise, and the row sums are taken).
+    """
+
+    weights: Tensor
+    grad: Tensor | float
+    weighted_keys: Tensor | None
+    rows_sum_to_one: bool
+
+
 def weights_vjp(
-    weights: Tensor,
-    grad_expected: Tensor,
+    terms: Sequence[WeightTerm],
     query: Tensor,
     keys: Tensor,
     cost: str,
     *,
-    rows_sum_to_one: bool,
     need_keys: bool,
-    weighted_keys: Tensor | None = None,
+    keys_are_queries: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """:func:`cost_vjp` of ``grad_cost = weights * grad_expected[:, None]`` (the detached-weights
-    backward) for shared ``(K, D)`` keys, without forming that ``(Q, K)`` product.
+    """:func:`cost_vjp` of ``G = sum_t grad_t * weights_t`` (the detached-weights backward of one
+    or two softmaxes over the same shared ``(K, D)`` keys) without forming the ``(Q, K)``
+    products of one softmax.
 
-    ``sum_k G_qk n_k = g_q (W n)_q`` and ``sum_q G_qk q_q = (W^T (g q))_k``: two matrix products
-    on the weights, and the row sums of ``G`` are ``g`` itself when every row of ``W`` sums to 1
-    (``rows_sum_to_one``; a query without keys has a zero row).
+    ``sum_k G_qk n_k = sum_t g_tq (W_t n)_q`` (the forward pass's moments) and
+    ``sum_q G_qk q_q = (G^T q)_k``; the row sums of ``G`` are ``sum_t g_t`` where every row of
+    every ``W_t`` sums to 1.
 
     Args:
-        weights: ``(Q, K)`` weights; grad_expected: ``(Q,)`` (accumulation dtype).
+        terms: the softmaxes (:class:`WeightTerm`), one or more.
         query: ``(Q, D)``; keys: ``(K, D)``, in the products' dtype.
         cost: ``"sqeuclidean"`` or ``"cosine"``.
-        rows_sum_to_one: every row of ``weights`` sums to 1.
         need_keys: whether to compute the keys' gradient.
-        weighted_keys: ``weights @ keys`` (``(Q, D)``, accumulation dtype) when the forward
-            pass already has it, else computed here.
+        keys_are_queries: the keys are the queries themselves (in-batch): the first gradient
+            returned is then their total, the second ``None``.
+
+    Returns:
+        The queries' and (``need_keys``) the keys' gradients, in the accumulation dtype.
     """
-    g = grad_expected[:, None]
     dtype = keys.dtype  # the products' dtype; everything else in the accumulation dtype
-    q, n = query.to(weights.dtype), keys.to(weights.dtype)
-    if weighted_keys is None:
-        weighted_keys = product(weights, keys, dtype)
-    toward_keys = weighted_keys * g
-    if cost == "cosine":
-        grad_query = toward_keys.neg_()
+    acc = terms[0].weights.dtype
+    q = cast(query, acc)
+    if len(terms) == 1 and not (isinstance(terms[0].grad, Tensor) and terms[0].grad.dim()):
+        return _uniform_vjp(terms[0], q, keys, cost, need_keys, keys_are_queries)
+    grads = [per_row(term.grad) for term in terms]
+    # sum_k G_qk n_k, and the row sums of G
+    toward_keys: Tensor | None = None
+    row_sums: Tensor | float | None = None
+    for term, g in zip(terms, grads, strict=True):
+        weighted = term.weighted_keys
+        if weighted is None:
+            weighted = product(term.weights, keys, dtype)
+        toward_keys = weighted * g if toward_keys is None else _add_times(toward_keys, weighted, g)
+        if cost != "cosine":
+            rows = g if term.rows_sum_to_one else term.weights.sum(-1, keepdim=True).mul_(g)
+            row_sums = rows if row_sums is None else row_sums + rows
+    assert toward_keys is not None
+    if not (need_keys or keys_are_queries):
+        if cost == "cosine":
+            return toward_keys.neg_(), None
+        assert row_sums is not None
+        return (q * row_sums).sub_(toward_keys).mul_(2.0), None
+    # sum_q G_qk q_q, and the column sums of G
+    if len(terms) == 1:  # G^T q = W^T (g q): no (Q, K) product
+        (term,) = terms
+        toward_query = product(term.weights.T, q * grads[0], dtype)
+        column_sums = None
+        if cost != "cosine":
+            column_sums = (
+                term.weights.T @ term.grad
+                if isinstance(term.grad, Tensor) and term.grad.dim() == 1
+                else term.weights.sum(0).mul_(term.grad)
+            )
     else:
-        row_sums = g if rows_sum_to_one else weights.sum(-1, keepdim=True).mul_(g)
-        grad_query = torch.addcmul(toward_keys, row_sums, q, value=-1.0).mul_(-2.0)
-    if not need_keys:
-        return grad_query, None
-    toward_query = product(weights.T, q * g, dtype)
+        combined = terms[0].weights * grads[0]
+        for term, g in zip(terms[1:], grads[1:], strict=True):
+            _add_times(combined, term.weights, g)
+        toward_query = product(combined.T, q, dtype)
+        column_sums = combined.sum(0) if cost != "cosine" else None
+    if keys_are_queries:  # d/dq through both places the embeddings appear
+        toward = toward_keys.add_(toward_query)
+        if cost == "cosine":
+            return toward.neg_(), None
+        assert row_sums is not None and column_sums is not None
+        scale = column_sums.unsqueeze(-1).add_(row_sums)
+        return (q * scale).sub_(toward).mul_(2.0), None
     if cost == "cosine":
-        return grad_query, toward_query.neg_()
-    column_sums = (weights.T @ grad_expected).unsqueeze(-1)
-    grad_keys = torch.addcmul(toward_query, column_sums, n, value=-1.0)
-    return grad_query, grad_keys.mul_(-2.0)
+        return toward_keys.neg_(), toward_query.neg_()
+    assert row_sums is not None and column_sums is not None
+    grad_query = (q * row_sums).sub_(toward_keys).mul_(2.0)
+    grad_keys = (cast(keys, acc) * column_sums.unsqueeze(-1)).sub_(toward_query).mul_(2.0)
+    return grad_query, grad_keys
+
+
+def _uniform_vjp(
+    term: WeightTerm, q: Tensor, keys: Tensor, cost: str, need_keys: bool, keys_are_queries: bool
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`weights_vjp` of one softmax whose upstream gradient is one value ``g`` for every
+    query (a reduced loss's): ``g`` factors out, ``G = g W``."""
+    g = term.grad
+    weighted = term.weighted_keys
+    if weighted is None:
+        weighted = product(term.weights, keys, keys.dtype)
+    if cost == "cosine":
+        factor: Tensor | float = -g
+    else:
+        factor = g * 2.0
+    rows = None if term.rows_sum_to_one else term.weights.sum(-1, keepdim=True)
+    if not (need_keys or keys_are_queries):
+        if cost == "cosine":
+            return weighted * factor, None
+        grad_query = q - weighted if rows is None else (q * rows).sub_(weighted)
+        return grad_query.mul_(factor), None
+    toward_query = product(term.weights.T, q, keys.dtype)  # W^T q
+    if cost == "cosine":
+        if keys_are_queries:  # (weighted may be a saved tensor: not in place)
+            return (weighted + toward_query).mul_(factor), None
+        return weighted * factor, toward_query.mul_(factor)
+    column_sums = term.weights.sum(0).unsqueeze_(-1)
+    if keys_are_queries:  # d/dq through both places the embeddings appear
+        scale = column_sums.add_(1.0) if rows is None else column_sums.add_(rows)
+        return (q * scale).sub_(weighted).sub_(toward_query).mul_(factor), None
+    grad_query = q - weighted if rows is None else (q * rows).sub_(weighted)
+    grad_keys = (cast(keys, q.dtype) * column_sums).sub_(toward_query)
+    return grad_query.mul_(factor), grad_keys.mul_(factor)
+
+
+def per_row(grad: Tensor | float) -> Tensor | float:
+    """``grad`` broadcast against ``(Q, ...)`` rows: ``(Q, 1)``, or the one value itself."""
+    return grad[:, None] if isinstance(grad, Tensor) and grad.dim() == 1 else grad
+
+
+def _add_times(total: Tensor, x: Tensor, factor: Tensor | float) -> Tensor:
+    """``total += x * factor`` in place (``factor`` broadcasts against ``x``)."""
+    if isinstance(factor, Tensor):
+        return total.addcmul_(x, factor)
+    return total.add_(x, alpha=factor)

@@ -77,8 +77,9 @@ class MeanScale(NamedTuple):
     """What ``reduction="mean"`` divides each term's sum by.
 
     ``attraction`` and ``repulsion`` are numbers or 0-dim tensors (counts that depend on the
-    labels), or ``None`` for a plain mean over the queries. Across processes a term's sum is divided by its global count over the world size,
-    so that DDP's averaging gives the gradient of the mean over the concatenated batch.
+    labels), or ``None`` for a plain mean over the queries. Across processes a term's sum is
+    divided by its global count over the world size, so that DDP's averaging gives the
+    gradient of the mean over the concatenated batch.
     """
 
     attraction: float | Tensor | None = None
@@ -114,7 +115,8 @@ def reduce_terms(
     labels every query has both, and this is the plain mean). ``"sum"`` and ``"none"`` use the
     per-query values, which are 0 for a missing term.
     """
-    if not return_details and mean_scale == MeanScale():  # one reduction of the weighted sum
+    plain_mean = mean_scale.attraction is None and mean_scale.repulsion is None
+    if not return_details and plain_mean:  # one reduction of the weighted sum
         return _reduce(_weighted(terms.attraction, alpha, terms.repulsion, beta), reduction, None)
     attraction = _reduce(terms.attraction, reduction, mean_scale.attraction)
     repulsion = _reduce(terms.repulsion, reduction, mean_scale.repulsion)
@@ -162,9 +164,9 @@ def _weighted(a: Tensor, alpha: float | Tensor, b: Tensor, beta: float | Tensor)
     return times(a, alpha) + times(b, beta)
 
 
-def _reduce(x: Tensor, reduction: str, scale: float | Tensor | None) -> Tensor:
+def _reduce(x: Tensor, reduction: str, divisor: float | Tensor | None) -> Tensor:
     if reduction == "mean":
-        return x.mean() if scale is None else x.sum() * scale
+        return x.mean() if divisor is None else x.sum() / divisor
     if reduction == "sum":
         return x.sum()
     return x

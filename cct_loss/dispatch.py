@@ -41,7 +41,8 @@ from torch import Tensor
 
 from ._validation import is_functorch_wrapped
 from .chunked import chunked_expected_cost
-from .dense import dense_expected_cost, dense_transport
+from .costs import Preparation
+from .dense import dense_expected_cost, dense_loss, dense_transport
 from .sdpa import sdpa_expected_cost
 from .transport import (
     ConditionalExpectation,
@@ -142,31 +143,50 @@ def choose_impl(impl: str, call: Call) -> str:
     return "dense" if elements <= CUDA_DENSE_MAX_ELEMENTS else "sdpa"
 
 
-def describe_call(query: Tensor, keys: Tensor) -> Call:
-    """The :class:`Call` of queries ``(Q, D)`` against keys ``(K, D)`` or ``(Q, K, D)``."""
-    traced = torch.compiler.is_compiling() or is_functorch_wrapped(query)
-    on_cuda = query.device.type == "cuda"
+def describe_call(query: Tensor, keys: Tensor, dtype: torch.dtype | None = None) -> Call:
+    """The :class:`Call` of queries ``(Q, D)`` against keys ``(K, D)`` or ``(Q, K, D)``
+    (``dtype``: the products' dtype, when the embeddings are not prepared yet)."""
+    device_type = query.device.type
+    size = (query.shape[0], keys.shape[-2], query.shape[-1])
+    dtype = query.dtype if dtype is None else dtype
+    if device_type != "cuda":  # the rule reads nothing else there
+        return Call(device_type, *size, dtype, per_query=keys.dim() == 3)
     return Call(
-        device_type=query.device.type,
-        num_queries=query.shape[0],
-        num_keys=keys.shape[-2],
-        dim=query.shape[-1],
-        dtype=query.dtype,
+        device_type,
+        *size,
+        dtype,
         per_query=keys.dim() == 3,
-        traced=traced,
-        tf32=on_cuda and torch.backends.cuda.matmul.allow_tf32,
-        triton_installed=on_cuda and triton_installed(),
+        traced=torch.compiler.is_compiling() or is_functorch_wrapped(query),
+        tf32=torch.backends.cuda.matmul.allow_tf32,
+        triton_installed=triton_installed(),
     )
 
 
-def impl_for(options: CCTOptions, query: Tensor, keys: Tensor) -> str:
+def impl_for(
+    options: CCTOptions, query: Tensor, keys: Tensor, dtype: torch.dtype | None = None
+) -> str:
     """The implementation that serves queries against ``keys`` (``return_details="weights"``
-    makes ``auto`` pick dense, the implementation that holds the weights)."""
+    makes ``auto`` pick dense, the implementation that holds the weights; ``dtype``: the
+    products' dtype, when the embeddings are not prepared yet)."""
     if options.impl != "auto":
         return options.impl
     if options.wants_weights:
         return "dense"
-    return choose_impl("auto", describe_call(query, keys))
+    return choose_impl("auto", describe_call(query, keys, dtype))
+
+
+def loss_in_one_pass(
+    problem: Transport, options: CCTOptions, preparation: Preparation
+) -> Tensor | None:
+    """The reduced loss of ``problem`` (on raw embeddings) straight from the implementation,
+    where it computes one (dense, with its gradient in the forward pass:
+    :func:`cct_loss.dense.dense_loss`); ``None`` where the caller reduces the per-query terms
+    of :func:`solve` itself. For one process, ``reduction`` ``"mean"`` or ``"sum"`` and no
+    diagnostics."""
+    impl = impl_for(options, problem.query, problem.key_rows, preparation.products)
+    if impl != "dense":
+        return None
+    return dense_loss(problem, options, preparation)
 
 
 def solve(

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .core import loss_of_pairs, loss_of_views
 from .details import CCTDetails
-from .options import CCTOptions
+from .options import options_of
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -190,7 +190,7 @@ def cct_loss(
         >>> loss = cct_loss(z1, z2, layout="cross")  # MoCo v3: q1 against k2's other rows
         >>> loss = cct_loss(z1, z2, labels=torch.randint(0, 3, (8,)))  # supervised
     """
-    options = CCTOptions(
+    options = options_of(
         layout=layout,
         t_pos=t_pos,
         t_neg=t_neg,
@@ -288,7 +288,7 @@ def cct_loss_multiview(
         >>> paper = cct_loss_multiview(views, layout="paper", t_neg=0.9, detach_weights=False)
         >>> supcon = cct_loss_multiview(views[:2], labels=torch.randint(0, 3, (8,)))
     """
-    options = CCTOptions(
+    options = options_of(
         layout=layout,
         t_pos=t_pos,
         t_neg=t_neg,

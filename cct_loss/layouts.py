@@ -78,13 +78,14 @@ def unused_group(groups: Tensor) -> Tensor:
     return torch.where(low > torch.iinfo(groups.dtype).min, low - 1, groups.max() + 1)
 
 
-def in_batch_terms(
-    views: Tensor,
-    options: CCTOptions,
-    *,
-    labels: Tensor | None = None,
-    global_rows: GlobalRows | None = None,
-) -> QueryTerms:
+def terms_of(problem: Transport, options: CCTOptions) -> QueryTerms:
+    """Per-query terms of a call (:func:`cct_loss.dispatch.solve`, then :func:`combine`)."""
+    return combine(*solve(problem, options))
+
+
+def in_batch_problem(
+    views: Tensor, *, labels: Tensor | None = None, global_rows: GlobalRows | None = None
+) -> Transport:
     """Symmetric in-batch layout (``layout="all"``, NT-Xent): every embedding is a query.
 
     Row ``r = v * N + i`` is view ``v`` of instance ``i``. Without labels its positives are the
@@ -100,9 +101,9 @@ def in_batch_terms(
             this rank's offset), or ``None``: the keys are ``views`` themselves.
 
     Returns:
-        :class:`QueryTerms` over ``V * N`` queries (dense: ``pos_weights`` ``(V*N, V-1)``, or
-        ``(V*N, V*N_all)`` with labels, and ``neg_weights`` ``(V*N, V*N_all)``, zero where a
-        key does not take part).
+        The :class:`Transport` over ``V * N`` queries (dense weights: ``pos_weights``
+        ``(V*N, V-1)``, or ``(V*N, V*N_all)`` with labels, and ``neg_weights``
+        ``(V*N, V*N_all)``, zero where a key does not take part).
     """
     num_views, n, d = views.shape
     flat = views.reshape(num_views * n, d)
@@ -126,19 +127,18 @@ def in_batch_terms(
             query_groups, key_groups, same_group=True, rows=rows, may_be_empty=True
         )
         negatives = Membership(query_groups, key_groups, may_be_empty=True)
-    return combine(*solve(Transport(flat, keys, positives, negatives), options))
+    return Transport(flat, keys, positives, negatives)
 
 
-def cross_terms(
+def cross_problem(
     query: Tensor,
     positive: Tensor,
-    options: CCTOptions,
     *,
     negatives: Tensor | None = None,
     labels: Tensor | None = None,
     negative_labels: Tensor | None = None,
     global_rows: GlobalRows | None = None,
-) -> QueryTerms:
+) -> Transport:
     """Cross layout (``layout="cross"``; MoCo v3, CLIP): only ``query`` rows are queries.
 
     Without labels query ``i``'s positives are ``positive[i, :]`` and its negatives every
@@ -156,7 +156,7 @@ def cross_terms(
         global_rows: the global ``positive`` ``(N_all, M, D)`` across processes, or ``None``.
 
     Returns:
-        :class:`QueryTerms` over the ``N`` queries.
+        The :class:`Transport` over the ``N`` queries.
     """
     n, m, d = positive.shape
     rows, offset, row_labels = positive, 0, labels
@@ -167,11 +167,10 @@ def cross_terms(
     if negatives is not None:
         keys = torch.cat([keys, negatives])
     if labels is None:
-        own = OwnRows(1, n, m, n_all, offset, row_major=True)
-        # Its own positives are positive[i] itself; every other key is a negative (a queue's
-        # keys belong to no row).
-        problem = Transport(query, keys, positive, Membership(rows=own))
-        return combine(*solve(problem, options))
+        own = OwnRows(1, n, m, n_all, offset, row_major=m > 1)
+        # Its positives are its own row's keys, positive[i]; every other key is a negative (a
+        # queue's keys belong to no row).
+        return Transport(query, keys, Membership(same_group=True, rows=own), Membership(rows=own))
     assert row_labels is not None
     batch_groups = row_labels.repeat_interleave(m)
     pos_groups = neg_groups = batch_groups
@@ -183,18 +182,17 @@ def cross_terms(
     # Row i always shares its own label: a query always has positives.
     same = Membership(labels, pos_groups, same_group=True)
     other = Membership(labels, neg_groups, may_be_empty=True)
-    return combine(*solve(Transport(query, keys, same, other), options))
+    return Transport(query, keys, same, other)
 
 
-def explicit_negatives_terms(
+def explicit_negatives_problem(
     query: Tensor,
     positive: Tensor,
     negatives: Tensor,
-    options: CCTOptions,
     *,
     labels: Tensor | None = None,
     negative_labels: Tensor | None = None,
-) -> QueryTerms:
+) -> Transport:
     """MoCo mode of ``layout="all"``: only ``query`` rows are queries, their positives are
     ``positive[i, :]``; negatives shared ``(K, D)`` or per query ``(N, K, D)``.
 
@@ -208,7 +206,7 @@ def explicit_negatives_terms(
     members = Membership()
     if labels is not None and negative_labels is not None:
         members = Membership(labels, negative_labels, may_be_empty=True)
-    return combine(*solve(Transport(query, negatives, positive, members), options))
+    return Transport(query, negatives, positive, members)
 
 
 def paper_terms(

@@ -8,7 +8,7 @@ the modules take) and the docs; nothing else re-lists the options.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
 from torch import Tensor
 
@@ -97,6 +97,30 @@ class CCTOptions:
 
 #: Names of the options (the fields of :class:`CCTOptions`).
 OPTION_NAMES = frozenset(f.name for f in fields(CCTOptions))
+
+#: Validated options by their values (see :func:`options_of`), bounded in size.
+_VALIDATED: dict[tuple[tuple[str, type, object], ...], CCTOptions] = {}
+_VALIDATED_MAX = 256
+
+
+def options_of(**values: Any) -> CCTOptions:
+    """``CCTOptions(**values)``, validated once per distinct set of values: a trainer calls
+    the loss with the same options at every step, and validating thirteen of them costs a few
+    microseconds a call, which a small batch's step notices. Values are told apart by type as
+    well (``True`` is not ``1``); a tensor option (a schedule) is validated every call."""
+    if any(isinstance(v, Tensor) for v in values.values()):
+        return CCTOptions(**values)
+    key = tuple((name, type(v), v) for name, v in values.items())
+    try:
+        options = _VALIDATED.get(key)
+    except TypeError:  # an unhashable value: not an option; let validation say so
+        return CCTOptions(**values)
+    if options is None:
+        options = CCTOptions(**values)  # raises for a bad value: nothing is stored
+        if len(_VALIDATED) >= _VALIDATED_MAX:
+            _VALIDATED.clear()
+        _VALIDATED[key] = options
+    return options
 
 
 class OptionKeywords(TypedDict, total=False):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
@@ -60,9 +59,15 @@ def promoted_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
     return functools.reduce(torch.promote_types, dtypes)
 
 
+_FLOAT32 = Precision(torch.float32, torch.float32)
+
+
 def resolve_precision(device: torch.device, *tensors: Tensor) -> Precision:
     """The policy (module docs) for inputs ``tensors`` on ``device``; call it before
     :func:`own_precision` disables autocast."""
+    autocast_on = device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type)
+    if not autocast_on and all(t.dtype == torch.float32 for t in tensors):
+        return _FLOAT32  # the common case, decided without building anything
     promoted = promoted_dtype([t.dtype for t in tensors])
     if promoted == torch.float64:
         return Precision(torch.float64, torch.float64)
@@ -72,11 +77,16 @@ def resolve_precision(device: torch.device, *tensors: Tensor) -> Precision:
     return Precision(torch.float32, torch.float32 if low is None else low)
 
 
+#: Reused: entering a context costs microseconds, which a small batch's step notices.
+_NO_CONTEXT = contextlib.nullcontext()
+
+
 def own_precision(device: torch.device) -> contextlib.AbstractContextManager[object]:
-    """Disable autocast on ``device``: inside, every dtype is the one the policy casts to."""
-    if device.type in _AUTOCAST_DEVICES:
+    """Disable autocast on ``device``: inside, every dtype is the one the policy casts to.
+    Without an enabled autocast there is nothing to disable (and no context to enter)."""
+    if device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type):
         return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
+    return _NO_CONTEXT
 
 
 _Backward = TypeVar("_Backward", bound=Callable[..., Any])
@@ -89,21 +99,24 @@ def backward_in_own_precision(backward: _Backward) -> _Backward:
 
     @functools.wraps(backward)
     def wrapped(ctx: Any, *grads: Tensor | None) -> Any:
-        device = next((g.device for g in grads if g is not None), None)
+        first = grads[0]
+        device = (
+            first.device
+            if first is not None
+            else next((g.device for g in grads if g is not None), None)
+        )
         if device is None:
             return backward(ctx, *grads)
-        with own_precision(device):
+        with own_precision(device):  # (no context at all without an enabled autocast)
             return backward(ctx, *grads)
 
     return wrapped  # type: ignore[return-value]
 
 
-def cache_forward_signature(function: type[torch.autograd.Function]) -> None:
-    """Attach ``forward``'s signature to it: ``Function.apply`` binds the arguments of a
-    ``setup_context``-style function through ``inspect.signature`` on every call, which then
-    returns the cached one instead of rebuilding it (about 0.1 ms a call on a CPU)."""
-    forward = function.forward
-    forward.__signature__ = inspect.signature(forward)  # type: ignore[attr-defined]
+def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)``, without the call when ``x`` already has it (a no-op ``Tensor.to``
+    still costs most of a microsecond, which a small batch's step notices)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def accumulation_dtype(x: Tensor) -> torch.dtype:
@@ -127,13 +140,13 @@ def product(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     """
     if a.dtype == b.dtype == dtype and dtype in (torch.float32, torch.float64):
         return a @ b  # full precision: no casts (a small batch's per-call overhead counts)
-    out = a.to(dtype) @ b.to(dtype)
-    return out.to(wide(dtype))
+    out = cast(a, dtype) @ cast(b, dtype)
+    return cast(out, wide(dtype))
 
 
 def squared_norms(x: Tensor, *, keepdim: bool = False) -> Tensor:
     """``|x|^2`` over the last dim, in :func:`accumulation_dtype`."""
-    return x.to(accumulation_dtype(x)).pow(2).sum(-1, keepdim=keepdim)
+    return cast(x, accumulation_dtype(x)).pow(2).sum(-1, keepdim=keepdim)
 
 
 def as_input_grads(
@@ -144,6 +157,6 @@ def as_input_grads(
     """A custom backward's gradients for its first two inputs, each in its input's dtype (the
     products' dtype: a half dtype under the policy) or ``None`` where not needed."""
     return tuple(  # type: ignore[return-value]
-        g.to(x.dtype) if need and g is not None else None
+        cast(g, x.dtype) if need and g is not None else None
         for need, x, g in zip(needs_input_grad[:2], inputs, grads, strict=True)
     )

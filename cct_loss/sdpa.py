@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._autograd import apply, eager_twin
 from ._validation import is_functorch_wrapped
 from .chunked import chunked_expected_cost
 from .precision import accumulation_dtype, squared_norms
@@ -54,6 +55,7 @@ HEAD_DIM_MULTIPLE = 8
 SDPA_MAX_SHARPNESS = 500.0
 
 
+@eager_twin
 class _NoHigherOrder(torch.autograd.Function):
     """Identity whose backward refuses to be differentiated (``create_graph=True``): the fused
     attention kernels have no exact second derivative."""
@@ -162,7 +164,7 @@ def sdpa_expected_cost(
         expected = squared_norms(q) + out[..., d] - 2.0 * (q * out[..., :d]).sum(-1)
     if present is not None:
         expected = torch.where(present, expected, 0.0)
-    expected = _NoHigherOrder.apply(expected)  # type: ignore[no-untyped-call]
+    expected = apply(_NoHigherOrder, expected)
 
     if options.return_details:
         with torch.no_grad():

@@ -21,6 +21,7 @@ are each query's positives and negatives (:func:`cct_loss.dispatch.solve` comput
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
@@ -87,10 +88,10 @@ class OwnRows(NamedTuple):
         return self.key_views * self.key_rows
 
     def covers(self, num_keys: int) -> bool:
-        """The own-row keys of the queries are all ``num_keys`` keys, view-major (in-batch on
-        one process)."""
+        """The own-row keys of the queries are all ``num_keys`` keys, in view-major order (one
+        process, no queue): a ``(W, N, ...)`` view of them reshapes to all the keys."""
         return (
-            not self.row_major
+            (not self.row_major or self.key_views == 1)
             and self.batch_keys == num_keys
             and self.rows == self.key_rows
             and self.offset == 0
@@ -319,6 +320,15 @@ class Transport(NamedTuple):
     @property
     def num_keys(self) -> int:
         return self.key_rows.shape[-2]
+
+    def prepared(self, prepare: Callable[[Tensor], Tensor]) -> Transport:
+        """The same call on prepared embeddings (``prepare`` maps each tensor of embeddings:
+        the queries, the keys, fixed positives)."""
+        positives = self.positives
+        if isinstance(positives, Tensor):
+            positives = prepare(positives)
+        keys = None if self.keys is None else prepare(self.keys)
+        return Transport(prepare(self.query), keys, positives, self.negatives)
 
 
 def streamed_expectation(

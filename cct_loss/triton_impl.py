@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ._autograd import apply, eager_twin
 from ._validation import is_functorch_wrapped
-from .precision import as_input_grads, backward_in_own_precision, cache_forward_signature
+from .precision import as_input_grads, backward_in_own_precision
 from .transport import (
     ConditionalExpectation,
     Membership,
@@ -144,6 +145,7 @@ def _flags(ids: tuple[Tensor | None, ...], same_group: bool, cost: str) -> dict[
     }
 
 
+@eager_twin
 class _TritonExpectedCost(torch.autograd.Function):
     """``E_q = sum_k softmax_k(s c_qk) c_qk`` over shared keys, by the Triton kernels."""
 
@@ -261,9 +263,6 @@ class _TritonExpectedCost(torch.autograd.Function):
         return *grads, *nones
 
 
-cache_forward_signature(_TritonExpectedCost)
-
-
 def triton_cdiv(a: int, b: int) -> int:
     """Blocks of ``b`` that cover ``a``."""
     return -(-a // b)
@@ -296,7 +295,8 @@ def triton_expected_cost(
     scale = torch.as_tensor(signed_t, dtype=torch.float32, device=query.device).detach()
     ids = membership_ids(members, keys.shape[0], query.device)
     same_group = members is not None and members.same_group
-    expected, log_normaliser, extreme, entropy = _TritonExpectedCost.apply(  # type: ignore[no-untyped-call]
+    expected, log_normaliser, extreme, entropy = apply(
+        _TritonExpectedCost,
         query,
         keys,
         *ids,
