@@ -27,21 +27,33 @@ _TWINS: dict[type[torch.autograd.Function], type[torch.autograd.Function]] = {}
 
 def eager_twin(function: _Function) -> _Function:
     """Register a classic-style twin of ``function`` (a ``setup_context``-style autograd
-    function) for :func:`apply`; returns ``function`` itself (a class decorator)."""
+    function) for :func:`apply`; returns ``function`` itself (a class decorator).
+
+    A function may set ``saved_outputs = True``: its outputs after the first exist only to be
+    saved for the backward pass (``setup_context`` can save nothing else). The twin then
+    returns the first output alone and keeps the rest internal, which costs less per call;
+    :func:`apply` returns the same tuple either way."""
     forward, setup_context, backward = function.forward, function.setup_context, function.backward
+    first_only = getattr(function, "saved_outputs", False)
 
     class Twin(torch.autograd.Function):
         @staticmethod
         def forward(ctx: Any, *inputs: Any) -> Any:
             output = forward(*inputs)
             setup_context(ctx, inputs, output)
-            return output
+            return output[0] if first_only else output
 
     Twin.backward = staticmethod(backward)  # type: ignore[method-assign]
     Twin.__name__ = Twin.__qualname__ = f"{function.__name__}Eager"
     _TWINS[function] = Twin
+    if first_only:
+        _FIRST_ONLY.add(function)
     cache_forward_signature(function)
     return function
+
+
+#: The registered functions whose twin returns the first output alone.
+_FIRST_ONLY: set[type[torch.autograd.Function]] = set()
 
 
 def apply(function: type[torch.autograd.Function], *inputs: Any) -> Any:
@@ -49,7 +61,10 @@ def apply(function: type[torch.autograd.Function], *inputs: Any) -> Any:
     and ``torch.compile``."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return function.apply(*inputs)
-    return _TWINS[function].apply(*inputs)
+    twin = _TWINS[function]
+    if function in _FIRST_ONLY:
+        return (twin.apply(*inputs),)
+    return twin.apply(*inputs)
 
 
 def cache_forward_signature(function: type[torch.autograd.Function]) -> None:

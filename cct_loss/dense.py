@@ -6,7 +6,7 @@ autograd function with closed-form gradients, so that no operator of autograd's 
 between the embeddings and the loss: every operator costs a kernel launch on a GPU, and
 microseconds on a CPU, whatever its size, which is what a small batch's step is made of.
 
-* :func:`dense_loss` (:class:`_DenseLoss`): the reduced loss of a call on one process
+* :func:`one_pass` (:class:`_DenseLoss`): the reduced loss of a call on one process
   (``"mean"`` or ``"sum"``, no diagnostics). It prepares the raw embeddings itself (precision
   casts and normalisation), and computes the loss's gradient in the forward pass, as
   Liger-Kernel's fused losses do: a scalar loss's gradient is the upstream gradient times a
@@ -67,7 +67,7 @@ from .costs import (
     shifted_logits,
     weights_vjp,
 )
-from .precision import backward_in_own_precision, cast, product, squared_norms, wide
+from .precision import backward_in_own_precision, cast, own_precision, product, squared_norms, wide
 from .transport import (
     ConditionalExpectation,
     Membership,
@@ -105,6 +105,7 @@ class DensePlan(NamedTuple):
             :data:`PER_QUERY`).
         rows: the batch's block layout (own-row positives, and the keys the negatives skip).
         exclude_own: the negatives skip the own-row keys of ``rows``.
+        labels: a side is drawn from the keys by label (the call has label masks).
         pos_may_be_empty, neg_may_be_empty: a query may have no such key (labels).
         keep_pos_costs, keep_neg_costs: a shared side keeps its cost matrix (diagnostics,
             gradients through the weights, a tensor sharpness); else it works from moments.
@@ -116,6 +117,7 @@ class DensePlan(NamedTuple):
     negatives: str
     rows: OwnRows | None = None
     exclude_own: bool = False
+    labels: bool = False
     pos_may_be_empty: bool = False
     neg_may_be_empty: bool = False
     keep_pos_costs: bool = False
@@ -221,15 +223,23 @@ def _grad_of_costs(
     return (side.costs - expected).mul_(scale).add_(1.0).mul_(side.weights).mul_(grad)
 
 
-def _one_forward(a: Tensor, b: Tensor, cost: str) -> _Side:
+def _one_forward(a: Tensor, b: Tensor, cost: str, *, total: bool = False) -> _Side:
     """``(N,)`` costs of ``a[i]`` against ``b[i]``, each query's single positive: ``|a - b|^2``
-    from the difference (kept for the gradient) or ``1 - a.b`` (unit vectors), in float32."""
+    from the difference (kept for the gradient) or ``1 - a.b`` (unit vectors), in float32;
+    ``total``: their sum alone (0-dim), all a reduced loss needs."""
     acc = wide(a.dtype)
     wide_a, wide_b = cast(a, acc), cast(b, acc)
     if cost == "cosine":
-        return _Side(torch.linalg.vecdot(wide_a, wide_b).neg_().add_(1.0), operands=(a, b))
+        if total:
+            value = (wide_a * wide_b).sum().neg_().add_(float(a.shape[0]))
+        else:
+            value = torch.linalg.vecdot(wide_a, wide_b).neg_().add_(1.0)
+        return _Side(value, operands=(a, b))
     difference = wide_a - wide_b
-    value = torch.linalg.vecdot(difference, difference)
+    if total:
+        value = (difference * difference).sum()
+    else:
+        value = torch.linalg.vecdot(difference, difference)
     return _Side(value, difference=difference, operands=(a, b))
 
 
@@ -318,7 +328,7 @@ def _one_operands(inputs: _Inputs) -> tuple[Tensor, Tensor]:
     positive, or its row's one key; a two-view batch's view 0 and view 1 of each row)."""
     query, fixed, plan = inputs.query, inputs.fixed, inputs.plan
     if fixed is not None:
-        return query, fixed[:, 0]
+        return query, (fixed if fixed.dim() == 2 else fixed[:, 0])
     if plan.positives == TWO_VIEWS:
         first, second = query.view(2, -1, query.shape[-1]).unbind(0)
         return first, second
@@ -336,8 +346,9 @@ def _pairs_operands(inputs: _Inputs) -> tuple[Tensor, Tensor]:
     return query.view(rows.query_views, rows.rows, -1), rows.own_keys(inputs.shared)
 
 
-def _sides_forward(inputs: _Inputs) -> tuple[_Side, _Side]:
-    """Both sides' forward results (see the module docs)."""
+def _sides_forward(inputs: _Inputs, *, totals: bool = False) -> tuple[_Side, _Side]:
+    """Both sides' forward results (see the module docs); ``totals``: one positive per query
+    gives the sum of its costs alone (a reduced loss needs no more)."""
     query, keys, _, pos_excluded, neg_excluded, t_pos, t_neg, plan = inputs
     shared = inputs.shared
     sqeuclidean = plan.cost != "cosine"
@@ -348,7 +359,7 @@ def _sides_forward(inputs: _Inputs) -> tuple[_Side, _Side]:
             keys_sq = query_sq if keys is None else squared_norms(shared)
     pos = neg = _Side()
     if plan.positives in (ONE, TWO_VIEWS):
-        pos = _one_forward(*_one_operands(inputs), plan.cost)
+        pos = _one_forward(*_one_operands(inputs), plan.cost, total=totals)
     elif plan.positives == PAIRS:
         queries, own = _pairs_operands(inputs)
         exclude_self = inputs.fixed is None and plan.rows is not None and plan.rows.includes_self
@@ -425,7 +436,7 @@ def _input_grads(
                 grad_pos, a, b, pos.difference, plan.cost, need_b=need_b
             )
             if grad_b is not None and fixed is not None:
-                grad_fixed = grad_b.unsqueeze(1)
+                grad_fixed = grad_b if fixed.dim() == 2 else grad_b.unsqueeze(1)
             elif grad_b is not None:
                 assert plan.rows is not None
                 grad_keys = _scatter_own(grad_b.unsqueeze(0), plan.rows, shared)
@@ -636,7 +647,8 @@ def _reduced(
         grad_pos = reduction.alpha / divisor
         # a two-view batch holds one cost per row, for its two queries
         weight = grad_pos * 2.0 if plan.positives == TWO_VIEWS else grad_pos
-        loss = pos.value.sum().mul_(weight)
+        total = pos.value if pos.value.dim() == 0 else pos.value.sum()
+        loss = total.mul_(weight)
     if neg.value is not None:
         divisor = (
             float(num_queries)
@@ -667,6 +679,7 @@ class _DenseLoss(torch.autograd.Function):
     """
 
     generate_vmap_rule = True
+    saved_outputs = True  # the outputs after the loss are its gradients, saved (_autograd)
 
     @staticmethod
     def forward(
@@ -696,7 +709,7 @@ class _DenseLoss(torch.autograd.Function):
             t_neg,
             plan,
         )
-        pos, neg = _sides_forward(inputs)
+        pos, neg = _sides_forward(inputs, totals=True)
         loss, grad_pos, grad_neg = _reduced(pos, neg, inputs, reduction)
         if not any(needs):
             return loss, None, None, None
@@ -717,14 +730,16 @@ class _DenseLoss(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
     @staticmethod
-    @backward_in_own_precision
     def backward(ctx: Any, grad_loss: Tensor | None, *_: Any) -> Any:
+        # (A scaling: autocast would leave it alone; only the differentiable backward, which
+        # recomputes the loss, runs in the library's own precision.)
         nones = (None,) * 8
         if grad_loss is None:
             return None, None, None, *nones
         saved = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
-            return (*_differentiable_loss_vjp(ctx, saved[3:], grad_loss), *nones)
+            with own_precision(grad_loss.device):
+                return (*_differentiable_loss_vjp(ctx, saved[3:], grad_loss), *nones)
         return (*(None if g is None else g * grad_loss for g in saved[:3]), *nones)
 
 
@@ -806,6 +821,8 @@ def _terms_by_autograd(inputs: _Inputs) -> tuple[Tensor | None, Tensor | None]:
         if fixed is None:
             assert plan.rows is not None
             fixed = plan.rows.fixed_positives(shared)
+        elif fixed.dim() == 2:
+            fixed = fixed.unsqueeze(1)
         costs = cost_matrix(query, fixed, plan.cost)
         logits = (costs.detach() if plan.detach else costs) * t_pos
         attraction = (torch.softmax(logits, dim=-1) * costs).sum(-1)
@@ -853,7 +870,8 @@ def _plan_positives(problem: Transport) -> tuple[str, Tensor | None, OwnRows | N
     if positives is None:
         return NONE, None, None
     if isinstance(positives, Tensor):
-        return (ONE if positives.shape[1] == 1 else PAIRS), positives, None
+        one = positives.dim() == 2 or positives.shape[1] == 1
+        return (ONE if one else PAIRS), positives, None
     if positives.own_rows_only:
         rows = positives.rows
         assert rows is not None
@@ -889,38 +907,46 @@ def _label_masks(problem: Transport, num_keys: int) -> tuple[Tensor | None, Tens
     return pos_excluded, neg_excluded
 
 
-def _call_inputs(problem: Transport, options: CCTOptions) -> _Inputs:
-    """The inputs of either autograd function for ``problem``: its tensors, the label masks
-    and the static plan."""
+def _plan(problem: Transport, options: CCTOptions) -> DensePlan:
+    """The static description of ``problem`` (the same for every call with its signature)."""
     shared = problem.key_rows
-    num_keys = shared.shape[-2]
     details = bool(options.return_details)
     through = not options.detach_weights
-    positives, fixed, rows = _plan_positives(problem)
-    pos_excluded, neg_excluded = _label_masks(problem, num_keys)
+    positives, _, rows = _plan_positives(problem)
     negatives, exclude_own = NONE, False
     neg_members = problem.negatives
     if neg_members is not None:
         negatives = PER_QUERY if shared.dim() == 3 else SHARED
         if negatives == SHARED and not neg_members.labelled and neg_members.rows is not None:
             rows, exclude_own = neg_members.rows, True
-    plan = DensePlan(
+    return DensePlan(
         cost=options.cost,
         detach=options.detach_weights,
         positives=positives,
         negatives=negatives,
         rows=rows,
         exclude_own=exclude_own,
+        labels=(isinstance(problem.positives, Membership) and problem.positives.labelled)
+        or (neg_members is not None and neg_members.labelled),
         pos_may_be_empty=isinstance(problem.positives, Membership)
         and problem.positives.may_be_empty,
         neg_may_be_empty=neg_members is not None and neg_members.may_be_empty,
         keep_pos_costs=details or through or isinstance(options.t_pos, Tensor),
         keep_neg_costs=details or through or isinstance(options.t_neg, Tensor),
     )
+
+
+def _call_inputs(problem: Transport, options: CCTOptions, plan: DensePlan) -> _Inputs:
+    """The inputs of either autograd function for ``problem``: its tensors and label masks,
+    the sharpness and the plan."""
+    positives = problem.positives
+    pos_excluded = neg_excluded = None
+    if plan.labels:
+        pos_excluded, neg_excluded = _label_masks(problem, problem.key_rows.shape[-2])
     return _Inputs(
         problem.query,
         problem.keys,
-        fixed,
+        positives if isinstance(positives, Tensor) else None,
         pos_excluded,
         neg_excluded,
         options.t_pos,
@@ -929,32 +955,45 @@ def _call_inputs(problem: Transport, options: CCTOptions) -> _Inputs:
     )
 
 
-def dense_loss(problem: Transport, options: CCTOptions, preparation: Preparation) -> Tensor:
-    """The reduced loss of a whole call on one process (``reduction`` ``"mean"`` or ``"sum"``,
-    no diagnostics), from raw embeddings, with its gradient computed in the forward pass
-    (:class:`_DenseLoss`).
+class OnePass(NamedTuple):
+    """The static half of a call's one-pass loss (:class:`_DenseLoss`): everything but its
+    tensors and label masks. A call with the same signature (options, shapes, dtypes, devices)
+    has the same one, so it can be kept and replayed (see :mod:`cct_loss.core`)."""
+
+    options: CCTOptions
+    plan: DensePlan
+    preparation: Preparation
+    reduction: Reduction
+
+    def loss(self, problem: Transport) -> Tensor:
+        """The reduced loss of ``problem`` (on raw embeddings), its gradient computed in the
+        forward pass where an input needs one."""
+        inputs = _call_inputs(problem, self.options, self.plan)
+        needs = (False, False, False)
+        if torch.is_grad_enabled():
+            query, keys, fixed = inputs.query, inputs.keys, inputs.fixed
+            needs = (
+                query.requires_grad,
+                keys is not None and keys.requires_grad,
+                fixed is not None and fixed.requires_grad,
+            )
+        loss: Tensor = apply(_DenseLoss, *inputs, self.preparation, self.reduction, needs)[0]
+        return loss
+
+
+def one_pass(problem: Transport, options: CCTOptions, preparation: Preparation) -> OnePass:
+    """The one-pass loss of a whole call on one process (``reduction`` ``"mean"`` or
+    ``"sum"``, no diagnostics), from raw embeddings: ``one_pass(...).loss(problem)`` is
+    ``alpha * (mean attraction) + beta * (mean repulsion)``, each mean over the queries that
+    have the term (``"sum"``: the sums), with its gradient computed in the forward pass.
 
     Args:
         problem: the call on raw embeddings; both terms.
         options: cost, sharpness, ``alpha``, ``beta``, ``detach_weights``, ``reduction``.
         preparation: how the raw embeddings are cast and normalised.
-
-    Returns:
-        The loss: ``alpha * (mean attraction) + beta * (mean repulsion)``, each mean over the
-        queries that have the term (``"sum"``: the sums).
     """
-    inputs = _call_inputs(problem, options)
-    needs = (False, False, False)
-    if torch.is_grad_enabled():
-        query, keys, fixed = inputs.query, inputs.keys, inputs.fixed
-        needs = (
-            query.requires_grad,
-            keys is not None and keys.requires_grad,
-            fixed is not None and fixed.requires_grad,
-        )
     reduction = Reduction(options.reduction, options.alpha, options.beta)
-    loss: Tensor = apply(_DenseLoss, *inputs, preparation, reduction, needs)[0]
-    return loss
+    return OnePass(options, _plan(problem, options), preparation, reduction)
 
 
 def dense_transport(
@@ -973,7 +1012,7 @@ def dense_transport(
         the problem does not have). The weights, when asked for: ``(Q, K)`` over shared keys,
         ``(Q, M)`` for a query's own positives (the other views of its row, in view order).
     """
-    inputs = _call_inputs(problem, options)
+    inputs = _call_inputs(problem, options, _plan(problem, options))
     plan, details = inputs.plan, bool(options.return_details)
     pos_value, neg_value, pos_weights, neg_weights, pos_costs, neg_costs, *_ = apply(
         _DenseTransport, *inputs

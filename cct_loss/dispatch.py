@@ -42,7 +42,7 @@ from torch import Tensor
 from ._validation import is_functorch_wrapped
 from .chunked import chunked_expected_cost
 from .costs import Preparation
-from .dense import dense_expected_cost, dense_loss, dense_transport
+from .dense import OnePass, dense_expected_cost, dense_transport, one_pass
 from .sdpa import sdpa_expected_cost
 from .transport import (
     ConditionalExpectation,
@@ -177,16 +177,16 @@ def impl_for(
 
 def loss_in_one_pass(
     problem: Transport, options: CCTOptions, preparation: Preparation
-) -> Tensor | None:
-    """The reduced loss of ``problem`` (on raw embeddings) straight from the implementation,
-    where it computes one (dense, with its gradient in the forward pass:
-    :func:`cct_loss.dense.dense_loss`); ``None`` where the caller reduces the per-query terms
-    of :func:`solve` itself. For one process, ``reduction`` ``"mean"`` or ``"sum"`` and no
+) -> OnePass | None:
+    """How ``problem`` (on raw embeddings) gets its reduced loss straight from the
+    implementation, where it computes one (dense, with its gradient in the forward pass:
+    :func:`cct_loss.dense.one_pass`); ``None`` where the caller reduces the per-query terms of
+    :func:`solve` itself. For one process, ``reduction`` ``"mean"`` or ``"sum"`` and no
     diagnostics."""
     impl = impl_for(options, problem.query, problem.key_rows, preparation.products)
     if impl != "dense":
         return None
-    return dense_loss(problem, options, preparation)
+    return one_pass(problem, options, preparation)
 
 
 def solve(
@@ -210,7 +210,8 @@ def solve(
     attract = repel = None
     positives = problem.positives
     if isinstance(positives, Tensor):
-        attract = fixed_attraction(query, positives, options)
+        fixed = positives if positives.dim() == 3 else positives.unsqueeze(1)
+        attract = fixed_attraction(query, fixed, options)
     elif positives is not None and positives.own_rows_only:
         assert positives.rows is not None
         attract = fixed_attraction(query, positives.rows.fixed_positives(keys), options)

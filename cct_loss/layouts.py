@@ -14,6 +14,7 @@ is the row's label.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import NamedTuple
 
@@ -115,11 +116,12 @@ def in_batch_problem(
             global_rows.offset,
             global_rows.labels,
         )
-    rows = OwnRows(num_views, n, num_views, n_all, offset, includes_self=True)
     if labels is None:
-        positives = Membership(same_group=True, rows=rows)
-        negatives = Membership(rows=rows)
+        # (the cache is for eager steps: a trace runs once)
+        instances = _instances.__wrapped__ if torch.compiler.is_compiling() else _instances
+        positives, negatives = instances(num_views, n, n_all, offset)
     else:
+        rows = OwnRows(num_views, n, num_views, n_all, offset, includes_self=True)
         assert key_labels is not None
         query_groups = labels.repeat(num_views)
         key_groups = query_groups if global_rows is None else key_labels.repeat(num_views)
@@ -128,6 +130,14 @@ def in_batch_problem(
         )
         negatives = Membership(query_groups, key_groups, may_be_empty=True)
     return Transport(flat, keys, positives, negatives)
+
+
+@functools.lru_cache(maxsize=64)
+def _instances(num_views: int, n: int, n_all: int, offset: int) -> tuple[Membership, Membership]:
+    """The in-batch positives and negatives without labels: a row's other views, and every
+    other row's embeddings (a few integers, the same at every step: built once)."""
+    rows = OwnRows(num_views, n, num_views, n_all, offset, includes_self=True)
+    return Membership(same_group=True, rows=rows), Membership(rows=rows)
 
 
 def cross_problem(
@@ -197,9 +207,9 @@ def explicit_negatives_problem(
     ``positive[i, :]``; negatives shared ``(K, D)`` or per query ``(N, K, D)``.
 
     Args:
-        query: ``(N, D)`` prepared queries.
-        positive: ``(N, M, D)`` prepared positives.
-        negatives: ``(K, D)`` or ``(N, K, D)`` prepared negatives.
+        query: ``(N, D)`` queries.
+        positive: ``(N, M, D)`` positives, or ``(N, D)`` for one.
+        negatives: ``(K, D)`` or ``(N, K, D)`` negatives.
         labels, negative_labels: ``(N,)`` and ``(K,)`` labels (shared negatives only): a
             negative whose label equals the query's is left out. Both or neither.
     """

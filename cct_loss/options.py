@@ -7,9 +7,11 @@ the modules take) and the docs; nothing else re-lists the options.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import functools
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypedDict
 
+import torch
 from torch import Tensor
 
 from ._validation import (
@@ -80,6 +82,12 @@ class CCTOptions:
                 "return_details=True for the statistics without the matrices"
             )
         check_flag("gather_distributed", self.gather_distributed)
+        numbers = (self.t_pos, self.t_neg, self.alpha, self.beta)
+        object.__setattr__(self, "constant", not any(isinstance(x, Tensor) for x in numbers))
+
+    #: No option is a tensor (a schedule's value can change between calls with the same
+    #: options object); set by validation.
+    constant: bool = field(default=True, init=False, repr=False, compare=False)
 
     @property
     def wants_weights(self) -> bool:
@@ -92,15 +100,11 @@ class CCTOptions:
 
     def as_dict(self) -> dict[str, object]:
         """The options by name (for ``repr`` and :func:`dataclasses.replace`)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
 
 #: Names of the options (the fields of :class:`CCTOptions`).
-OPTION_NAMES = frozenset(f.name for f in fields(CCTOptions))
-
-#: Validated options by their values (see :func:`options_of`), bounded in size.
-_VALIDATED: dict[tuple[tuple[str, type, object], ...], CCTOptions] = {}
-_VALIDATED_MAX = 256
+OPTION_NAMES = frozenset(f.name for f in fields(CCTOptions) if f.init)
 
 
 def options_of(**values: Any) -> CCTOptions:
@@ -108,19 +112,25 @@ def options_of(**values: Any) -> CCTOptions:
     the loss with the same options at every step, and validating thirteen of them costs a few
     microseconds a call, which a small batch's step notices. Values are told apart by type as
     well (``True`` is not ``1``); a tensor option (a schedule) is validated every call."""
-    if any(isinstance(v, Tensor) for v in values.values()):
+    if torch.compiler.is_compiling() or any(
+        isinstance(values.get(name), Tensor) for name in _NUMBERS
+    ):  # (a trace runs once; the cache is for eager steps)
         return CCTOptions(**values)
-    key = tuple((name, type(v), v) for name, v in values.items())
     try:
-        options = _VALIDATED.get(key)
-    except TypeError:  # an unhashable value: not an option; let validation say so
+        return _validated(tuple(values), *values.values())
+    except TypeError as error:  # an unhashable value: not an option; let validation say so
+        if "unhashable" not in str(error):
+            raise
         return CCTOptions(**values)
-    if options is None:
-        options = CCTOptions(**values)  # raises for a bad value: nothing is stored
-        if len(_VALIDATED) >= _VALIDATED_MAX:
-            _VALIDATED.clear()
-        _VALIDATED[key] = options
-    return options
+
+
+@functools.lru_cache(maxsize=256, typed=True)  # typed: each value's type is part of the key
+def _validated(names: tuple[str, ...], *values: Any) -> CCTOptions:
+    return CCTOptions(**dict(zip(names, values, strict=True)))
+
+
+#: The options that may be tensors (the others are refused as such by validation).
+_NUMBERS = ("t_pos", "t_neg", "alpha", "beta")
 
 
 class OptionKeywords(TypedDict, total=False):

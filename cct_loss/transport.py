@@ -303,7 +303,8 @@ class Transport(NamedTuple):
         keys: ``(K, D)`` keys shared by all queries, ``(Q, K, D)`` keys per query (negatives
             only), or ``None``: the keys are the queries themselves (in-batch, one process).
         positives: a :class:`Membership` of the keys (``same_group=True``), a ``(Q, M, D)``
-            tensor of each query's own positives (MoCo), or ``None`` (no attraction term).
+            tensor of each query's own positives (``(Q, D)`` for one: MoCo), or ``None`` (no
+            attraction term).
         negatives: a :class:`Membership` of the keys, or ``None`` (no repulsion term).
     """
 
