@@ -8,8 +8,11 @@ rank computed for the gathered tensor and hands each rank the slice of its own r
 rank's loss its share of the global mean (scaled by the world size, see
 :func:`cct_loss.cct_loss`) and DDP averaging parameter gradients over ranks, the gradient every
 rank applies equals the single-process gradient of the mean loss over the concatenated global
-batch. Ranks may hold different numbers of rows: the counts are exchanged first (one small
-all-gather and a host synchronisation per call) and the rows padded to the largest.
+batch. Ranks may hold different numbers of rows: the counts are exchanged first and the rows
+padded to the largest. The counts are host values, and they travel through a process group
+that works on the CPU (:func:`host_group`: the group itself under gloo, else a gloo group over
+the same ranks), so that reading them never waits for the GPU: a small all-gather between
+processes, and no device synchronisation.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def rank_and_world_size(group: Any = None) -> tuple[int, int]:
 
 
 def row_counts(rows: int, device: torch.device, group: Any = None) -> list[int]:
-    """Every rank's number of rows, in rank order (one small all-gather and a host sync).
+    """Every rank's number of rows, in rank order (one small all-gather on the CPU).
 
     Raises ``ValueError`` on every rank (so that none hangs in a later collective) when a rank
     has no rows: a query set needs at least one row per rank.
@@ -57,11 +60,36 @@ def gathered_counts(x: Tensor, group: Any = None) -> list[int]:
 
 
 def _gather_counts(rows: int, device: torch.device, group: Any) -> list[int]:
+    """Every rank's ``rows``, exchanged on the CPU (``device`` is where the rows live; the
+    counts never go there)."""
+    del device
+    host = host_group(group)
     _, world = rank_and_world_size(group)
-    mine = torch.tensor([rows], dtype=torch.long, device=device)
+    mine = torch.tensor([rows], dtype=torch.long, device="cpu")
     parts = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(parts, mine, group=group)
-    return [int(p) for p in torch.cat(parts).tolist()]
+    dist.all_gather(parts, mine, group=host)
+    counts: list[int] = torch.cat(parts).tolist()  # CPU values: no device to wait for
+    return counts
+
+
+#: The CPU-capable twin of each process group (``None``: the default group).
+_HOST_GROUPS: dict[Any, Any] = {}
+
+
+def host_group(group: Any = None) -> Any:
+    """A process group over ``group``'s ranks that exchanges CPU tensors: ``group`` itself when
+    its backend works on the CPU (gloo, or a mixed ``"cpu:gloo,cuda:nccl"``), else a gloo group
+    created once, on the first call, by every rank (as every collective is)."""
+    if group in _HOST_GROUPS:
+        return _HOST_GROUPS[group]
+    backend = str(dist.get_backend(group)).lower()
+    if "gloo" in backend or "mpi" in backend:
+        host = group
+    else:
+        ranks = None if group is None else dist.get_process_group_ranks(group)
+        host = dist.new_group(ranks=ranks, backend="gloo")
+    _HOST_GROUPS[group] = host
+    return host
 
 
 def _all_gather_rows(x: Tensor, counts: list[int], group: Any) -> Tensor:

@@ -16,6 +16,7 @@ import copy
 import time
 
 import torch
+import torch.nn.functional as F
 from common import Encoder, Split, augment, evaluate, knn_of, load_dataset, projection_head
 from tqdm import tqdm
 
@@ -51,7 +52,8 @@ def train(
     queue = NegativeQueue(queue_size, 32)
     n = len(split.train_x)
     with torch.no_grad():  # prime the queue with keys of one batch, so step 1 has negatives
-        queue.enqueue(encoder_k(augment(split.train_x[:batch_size], gen)))
+        # (MoCo keeps normalised keys; CCT normalises its negatives anyway)
+        queue.enqueue(F.normalize(encoder_k(augment(split.train_x[:batch_size], gen)), dim=1))
 
     losses: list[float] = []
     steps = 0
@@ -72,7 +74,7 @@ def train(
                 loss = cct_loss(q, k, queue.negatives(), t_neg=t_neg)  # CCT
             else:
                 loss = info_nce_queue(q, k, queue.negatives(), temperature)  # InfoNCE
-            queue.enqueue(k)
+            queue.enqueue(F.normalize(k, dim=1))
             opt.zero_grad()
             loss.backward()
             opt.step()

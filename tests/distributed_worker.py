@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from torch.distributed import TCPStore  # type: ignore[attr-defined]
 from torch.nn.parallel import DistributedDataParallel
 
 from cct_loss import NegativeQueue, cct_loss, cct_loss_multiview
+
+from .helpers import OperatorLog
 
 N_PER_RANK = 4
 DIM_IN, DIM_OUT = 6, 5
@@ -194,10 +197,33 @@ def run_uneven(rank: int, world_size: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def synchronising_operators() -> list[str]:
+    """The operators that made the host wait, or depended on data for their shape, in one
+    forward and backward of each gathering call shape (the second call: a steady step)."""
+    g = torch.Generator().manual_seed(7)
+    z1, z2 = (torch.randn(N_PER_RANK, DIM_OUT, generator=g).requires_grad_() for _ in range(2))
+    labels = torch.tensor([0, 1, 0, 2])[:N_PER_RANK]
+    calls: list[Callable[[], Any]] = [
+        lambda: cct_loss(z1, z2, gather_distributed=True),
+        lambda: cct_loss(z1, z2, layout="cross", gather_distributed=True),
+        lambda: cct_loss(z1, z2, labels=labels, gather_distributed=True),
+        lambda: cct_loss_multiview([z1, z2, z2 * 2], gather_distributed=True),
+        lambda: cct_loss_multiview([z1, z2, z2 * 2], layout="paper", gather_distributed=True),
+    ]
+    found: list[str] = []
+    for call in calls:
+        for _ in range(2):
+            with OperatorLog() as log:
+                call().backward()
+            found += log.synchronising
+    return found
+
+
 def run(rank: int, world_size: int, out_dir: str) -> None:
     init(rank, world_size, out_dir)
     try:
         results = train_scenarios(tuple(SCENARIOS), rank, (N_PER_RANK,) * world_size)
+        results["synchronising"] = synchronising_operators()
 
         queue = NegativeQueue(7, 3, gather_distributed=True)
         g = torch.Generator().manual_seed(100 + rank)

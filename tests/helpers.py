@@ -219,3 +219,64 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(x, torch.Tensor):
                 self.largest = max(self.largest, x.numel())
         return out
+
+
+class OperatorLog(TorchDispatchMode):
+    """Records the name of every aten operator dispatched (``aten.mm``), and the operators
+    that make the host wait for a device or depend on data for their shape."""
+
+    #: A host synchronisation (a value read back), or an output shape that depends on data.
+    SYNCHRONISING = frozenset(
+        {
+            "_local_scalar_dense",
+            "item",
+            "is_nonzero",
+            "equal",
+            "allclose",
+            "nonzero",
+            "nonzero_static",
+            "masked_select",
+            "unique_dim",
+            "_unique",
+            "_unique2",
+            "unique_consecutive",
+        }
+    )
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.names: list[str] = []
+        self.synchronising: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        self.names.append(name)
+        if name in self.SYNCHRONISING or _boolean_index(func, args) or _to_host(func, args, kwargs):
+            self.synchronising.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _boolean_index(func: Any, args: Any) -> bool:
+    """``x[mask]``: an output as long as the mask has True entries."""
+    if func.overloadpacket.__name__ not in ("index", "index_put", "index_put_"):
+        return False
+    indices = args[1] if len(args) > 1 else []
+    return any(
+        isinstance(i, Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or []
+    )
+
+
+def _to_host(func: Any, args: Any, kwargs: Any) -> bool:
+    """A copy from a device to the CPU (``.cpu()``, ``.tolist()`` of a CUDA tensor)."""
+    if func.overloadpacket.__name__ not in ("_to_copy", "copy_"):
+        return False
+    source = args[0] if func.overloadpacket.__name__ == "_to_copy" else args[1]
+    target = (kwargs or {}).get("device")
+    if func.overloadpacket.__name__ == "copy_":
+        target = args[0].device
+    return (
+        isinstance(source, Tensor)
+        and source.device.type != "cpu"
+        and target is not None
+        and torch.device(target).type == "cpu"
+    )

@@ -71,6 +71,13 @@ def test_ddp_with_gathered_negatives_equals_single_process(
             )
 
 
+def test_gathering_calls_do_not_synchronise(results: list[dict[str, Any]]) -> None:
+    """Across processes too: the row counts travel on the CPU (no device value is read back),
+    and nothing depends on data for its shape."""
+    for rank, result in enumerate(results):
+        assert result["synchronising"] == [], f"rank {rank}: {result['synchronising']}"
+
+
 def test_queues_agree_across_ranks_after_wrapping(results: list[dict[str, Any]]) -> None:
     states = [r["queue"] for r in results]
     for key in states[0]:

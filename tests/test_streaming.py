@@ -13,7 +13,6 @@ import torch
 
 from cct_loss import cct_loss, cct_loss_multiview
 from cct_loss.chunked import default_chunk_size
-from cct_loss.dispatch import AUTO_DENSE_MAX_ELEMENTS, Call, choose_impl
 
 from .helpers import impl_options, random_embeddings
 from .reference import reference_loss, reference_paper, reference_queries
@@ -161,16 +160,6 @@ def test_no_grad_inputs_and_no_grad_mode() -> None:
     with torch.no_grad():
         for impl in ("chunked", "sdpa"):
             assert torch.isfinite(cct_loss(xs[0], xs[1], xs[2], impl=impl))
-
-
-def test_auto_rule_on_the_cpu() -> None:
-    def cpu(q: int, k: int, per_query: bool = False) -> str:
-        return choose_impl("auto", Call("cpu", q, k, 128, torch.float32, per_query=per_query))
-
-    assert cpu(512, 16384) == "dense"
-    assert cpu(512, AUTO_DENSE_MAX_ELEMENTS // 512 + 1) == "chunked"
-    assert cpu(4096, 65536, per_query=True) == "dense"
-    assert choose_impl("chunked", Call("cpu", 2, 2, 8, torch.float32)) == "chunked"
 
 
 def test_default_chunk_size() -> None:
