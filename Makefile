@@ -1,7 +1,7 @@
 # Two commands for a fresh clone: `make demo` and `make test`. `make bench` prints the benchmark table.
 # Each target creates (or reuses) a virtual environment in .venv and installs pinned requirements,
 # except `make gpu-check`, which runs on a machine that has PyTorch with CUDA and no network: it
-# uses the interpreter $(GPU_PYTHON) as it is, with the checkout on PYTHONPATH.
+# uses the interpreter $(GPU_PYTHON) as it is, from the checkout.
 
 PYTHON ?= python3
 GPU_PYTHON ?= python3
@@ -59,10 +59,11 @@ test: lint typecheck unit unit-triton gpu-check-smoke
 gpu-check-smoke: $(EXAMPLES_STAMP)
 	$(MAKE) --no-print-directory gpu-check GPU_PYTHON="$(abspath $(PY))" GPU_CHECK_OUT="$(VENV)/gpu-check-smoke"
 
-# On a CUDA machine: tests, fused-kernel survey and benchmark tables (about 6 minutes); without
-# CUDA the same steps in a smoke mode (under 2 minutes).
+# On a CUDA machine: tests, fused-kernel survey, sync check, fixed cost against InfoNCE, a
+# trainer's step and the benchmark tables (at most 4 minutes); without CUDA the same steps in a
+# smoke mode (under a minute). The script finds the checkout itself: no PYTHONPATH.
 gpu-check:
-	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" GPU_CHECK_OUT="$(GPU_CHECK_OUT)" $(GPU_PYTHON) benchmarks/gpu_check.py
+	GPU_CHECK_OUT="$(GPU_CHECK_OUT)" $(GPU_PYTHON) benchmarks/gpu_check.py
 
 bench: $(DEV_STAMP)
 	$(PY) benchmarks/run.py

@@ -1,14 +1,19 @@
 """Benchmark problems and the methods compared on them (forward + backward, one step).
 
-Shared by ``benchmarks/run.py`` (the side-by-side table of ``make bench``) and the
-pytest-benchmark suite (``benchmarks/test_benchmarks.py``).
+Shared by ``benchmarks/run.py`` (the side-by-side table of ``make bench``), the pytest-benchmark
+suite (``benchmarks/test_benchmarks.py``) and ``make gpu-check``.
 
-Baselines, written here for comparison only:
+Methods on each problem:
 
-* ``infonce``: :mod:`cct_loss.baselines` (NT-Xent, multi-positive for ``M > 1``; MoCo's
-  InfoNCE with a queue) on the same shapes.
-* ``matmul``: the one matrix product every method needs, forward and backward.
-* ``triton`` (CUDA only: on the CPU it runs in Triton's interpreter, far too slow to time).
+* ``auto``: ``cct_loss`` at its defaults (what a user gets), beside each implementation
+  (``dense``, ``chunked``, ``sdpa``; ``triton`` on CUDA only: on the CPU it runs in Triton's
+  interpreter, far too slow to time).
+* ``infonce``: the loss cct-loss replaces, as trainers write it (:mod:`cct_loss.baselines`):
+  the README's NT-Xent (multi-positive NT-Xent for ``M > 1``), MoCo's InfoNCE with the
+  positive in column 0, CLIP's cross-entropy in one direction, SupCon. The temperature is
+  ``1 / (2 t_neg)``, the one whose softmax weights CCT's negatives share.
+* ``matmul``: the query-key product alone, forward and backward (the three products every
+  method needs): the floor.
 * ``official``: the small-scale paper objective computed the way the official code lays it
   out, with pairwise distances by broadcasting an ``N x N x D`` tensor (written by us from
   SPEC section 3, not taken from that code).
@@ -25,15 +30,26 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cct_loss import cct_loss, cct_loss_multiview
-from cct_loss.baselines import info_nce_multiview, info_nce_queue
+from cct_loss.baselines import (
+    clip_info_nce,
+    info_nce_multiview,
+    info_nce_queue,
+    nt_xent,
+    supcon,
+)
 
 Step = Callable[[], None]
+
+#: CCT's sharpness in the benchmarks, and the InfoNCE temperature that matches it.
+T_NEG = 2.0
+TEMPERATURE = 1.0 / (2.0 * T_NEG)
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One benchmark shape. ``kind`` is "simclr", "moco" or "paper"; ``only`` restricts the
-    methods (a stress shape that only some of them can hold)."""
+    """One benchmark shape. ``kind`` is "simclr", "moco", "cross" (CLIP, one direction),
+    "labels" (SupCon, two views, ten classes) or "paper"; ``only`` restricts the methods (a
+    stress shape that only some of them can hold)."""
 
     kind: str
     n: int
@@ -49,6 +65,10 @@ class Problem:
             return f"SimCLR N={self.n} M={self.m} D={self.d}"
         if self.kind == "moco":
             return f"MoCo N={self.n} K={self.k} D={self.d}"
+        if self.kind == "cross":
+            return f"CLIP N={self.n} D={self.d}"
+        if self.kind == "labels":
+            return f"SupCon N={self.n} D={self.d}"
         return f"paper V={self.views} N={self.n} D={self.d}"
 
     @property
@@ -58,14 +78,19 @@ class Problem:
         if self.kind == "simclr":
             rows = (self.m + 1) * self.n
             return 6.0 * rows * rows * self.d
+        if self.kind == "labels":
+            return 6.0 * (2 * self.n) ** 2 * self.d
         if self.kind == "moco":
             return 6.0 * self.n * self.k * self.d
+        if self.kind == "cross":
+            return 6.0 * self.n * self.n * self.d
         pairs = self.views * (self.views - 1) // 2
         return 6.0 * pairs * self.n * self.n * self.d
 
 
 SIMCLR = [Problem("simclr", n, m=m) for n in (256, 1024) for m in (1, 4)]
 MOCO = [Problem("moco", n, k=k) for n in (256, 512) for k in (16384, 65536)]
+CROSS = [Problem("cross", 256), Problem("labels", 256)]
 PAPER = [Problem("paper", 256, views=5)]
 MEMORY = Problem("moco", 4096, k=65536)
 #: The small-batch shape of the overhead target (dense at most 1.15x InfoNCE on the CPU).
@@ -76,8 +101,20 @@ SMALL_BATCH = SIMCLR[0]
 GPU_EXTRA = [
     Problem("simclr", 8192),
     MEMORY,
-    Problem("simclr", 65536, only=("chunked", "triton")),
+    Problem("simclr", 65536, only=("auto", "chunked", "triton")),
 ]
+#: On a GPU, first: the shapes on either side of ``auto``'s thresholds (dense below, triton
+#: above), so that a run cut short still says whether the rule holds.
+GPU_DECIDING = [
+    Problem("simclr", 256),
+    Problem("moco", 512, k=65536),
+    Problem("simclr", 1024, m=4),
+    Problem("simclr", 4096),
+    Problem("moco", 4096, k=65536),
+    Problem("simclr", 8192),
+]
+#: The per-call overhead shape: compute is nil, what a step costs is its fixed cost.
+PER_CALL = [Problem("simclr", 8, d=16), Problem("moco", 8, d=16, k=64)]
 
 
 def official_paper_objective(views: Tensor, t_pos: float, t_neg: float) -> Tensor:
@@ -132,39 +169,53 @@ def _methods(problem: Problem, seed: int, device: torch.device) -> dict[str, Ste
     def randn(*shape: int) -> Tensor:
         return torch.randn(*shape, generator=g).to(device)
 
+    impls = ["auto", "dense", "chunked", "sdpa"] + (["triton"] if device.type == "cuda" else [])
     d = problem.d
-    if problem.kind == "simclr":
+    if problem.kind in ("simclr", "labels", "cross"):
         z = randn(problem.m + 1, problem.n, d).requires_grad_()
+        labels = torch.arange(problem.n, device=device) % 10
 
         def cct(impl: str) -> Step:
-            return lambda: cct_loss(z[0], z[1:].transpose(0, 1), t_neg=2.0, impl=impl).backward()
+            if problem.kind == "labels":
+                return lambda: cct_loss(
+                    z[0], z[1], labels=labels, t_neg=T_NEG, impl=impl
+                ).backward()
+            if problem.kind == "cross":
+                return lambda: cct_loss(
+                    z[0], z[1], layout="cross", t_neg=T_NEG, impl=impl
+                ).backward()
+            # two views as users pass them, (N, D) each; more as (N, M, D)
+            positive = z[1] if problem.m == 1 else z[1:].transpose(0, 1)
+            return lambda: cct_loss(z[0], positive, t_neg=T_NEG, impl=impl).backward()
+
+        def infonce() -> None:
+            if problem.kind == "labels":
+                loss = supcon(z[0], z[1], labels, TEMPERATURE)
+            elif problem.kind == "cross":
+                loss = clip_info_nce(z[0], z[1], TEMPERATURE)
+            elif problem.m == 1:
+                loss = nt_xent(z[0], z[1], TEMPERATURE)
+            else:
+                loss = info_nce_multiview(z, TEMPERATURE)
+            loss.backward()
 
         def matmul() -> None:
-            flat = z.reshape(-1, d)
-            (flat @ flat.T).sum().backward()
+            rows = z[0] if problem.kind == "cross" else z.reshape(-1, d)
+            keys = z[1] if problem.kind == "cross" else rows
+            (rows @ keys.T).sum().backward()
 
-        return {
-            "dense": cct("dense"),
-            "chunked": cct("chunked"),
-            "sdpa": cct("sdpa"),
-            **({"triton": cct("triton")} if device.type == "cuda" else {}),
-            "infonce": lambda: info_nce_multiview(z).backward(),
-            "matmul": matmul,
-        }
+        return {**{impl: cct(impl) for impl in impls}, "infonce": infonce, "matmul": matmul}
     if problem.kind == "moco":
         q = randn(problem.n, d).requires_grad_()
         k = randn(problem.n, d)
         queue = F.normalize(randn(problem.k, d), dim=-1)
 
         def cct_moco(impl: str) -> Step:
-            return lambda: cct_loss(q, k, queue, t_neg=2.0, impl=impl).backward()
+            return lambda: cct_loss(q, k, queue, t_neg=T_NEG, impl=impl).backward()
 
         return {
-            "dense": cct_moco("dense"),
-            "chunked": cct_moco("chunked"),
-            "sdpa": cct_moco("sdpa"),
-            **({"triton": cct_moco("triton")} if device.type == "cuda" else {}),
-            "infonce": lambda: info_nce_queue(q, k, queue).backward(),
+            **{impl: cct_moco(impl) for impl in impls},
+            "infonce": lambda: info_nce_queue(q, k, queue, TEMPERATURE).backward(),
             "matmul": lambda: (q @ queue.T).sum().backward(),
         }
     views = randn(problem.views, problem.n, d).requires_grad_()
@@ -175,8 +226,6 @@ def _methods(problem: Problem, seed: int, device: torch.device) -> dict[str, Ste
         ).backward()
 
     return {
-        "dense": paper("dense"),
-        "chunked": paper("chunked"),
-        **({"triton": paper("triton")} if device.type == "cuda" else {}),
+        **{impl: paper(impl) for impl in impls if impl != "sdpa"},
         "official": lambda: official_paper_objective(views, 1.0, 0.9).backward(),
     }

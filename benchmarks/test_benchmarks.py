@@ -15,13 +15,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from problems import MOCO, PAPER, SIMCLR, Problem, methods
+from problems import CROSS, MOCO, PAPER, SIMCLR, Problem, methods
 
 torch.set_num_threads(2)
 
 CASES = [
     (problem, name)
-    for problem in [SIMCLR[0], SIMCLR[1], MOCO[0], MOCO[2], *PAPER]
+    for problem in [SIMCLR[0], SIMCLR[1], MOCO[0], MOCO[2], *CROSS, *PAPER]
     for name in methods(Problem(problem.kind, 8, d=4, m=problem.m, k=16, views=problem.views))
 ]
 

@@ -292,7 +292,12 @@ def triton_expected_cost(
     _kernels()  # a clear error first where triton is not installed
     check_supported(query, keys)
     signed_t = logit_scale(options, side)
-    scale = torch.as_tensor(signed_t, dtype=torch.float32, device=query.device).detach()
+    # The kernels read the sharpness from memory. A number is written there by a fill on the
+    # device (a copy from the host would wait for it); a tensor is cast where it is.
+    if isinstance(signed_t, torch.Tensor):
+        scale = signed_t.detach().to(device=query.device, dtype=torch.float32)
+    else:
+        scale = torch.full((), signed_t, dtype=torch.float32, device=query.device)
     ids = membership_ids(members, keys.shape[0], query.device)
     same_group = members is not None and members.same_group
     expected, log_normaliser, extreme, entropy = apply(

@@ -56,3 +56,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=f"CPU only; testing on {TEST_DEVICE}"))
         if not on_cuda and item.get_closest_marker("cuda_only"):
             item.add_marker(pytest.mark.skip(reason="needs CCT_TEST_DEVICE=cuda"))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With ``CCT_FAILURE_LOG`` set (``make gpu-check``), append each failure's reason to that
+    file as it happens, so that a run cut short by its time limit still says why each test
+    failed (the summary at the end would be lost). Under pytest-xdist the controller writes."""
+    path = os.environ.get("CCT_FAILURE_LOG")
+    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    reason = report.longreprtext.strip()
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(f"## {report.nodeid} ({report.when})\n\n```\n{reason[-6000:]}\n```\n\n")

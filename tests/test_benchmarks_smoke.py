@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,5 +39,28 @@ def test_benchmark_script_quick_run() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    for method in ("dense", "chunked", "sdpa", "infonce", "matmul", "official"):
+    for method in ("auto", "dense", "chunked", "sdpa", "infonce", "matmul", "official"):
         assert method in result.stdout
+    for shape in ("SimCLR", "MoCo", "CLIP", "SupCon", "paper"):
+        assert shape in result.stdout
+    assert "per call, one thread" in result.stdout
+
+
+def test_failure_reasons_are_written_as_they_happen(tmp_path: Path) -> None:
+    """make gpu-check sets CCT_FAILURE_LOG: a failing test's reason is in that file even when
+    the run is cut before its summary."""
+    planted = tmp_path / "test_planted.py"
+    planted.write_text("def test_fails():\n    assert 1 == 2, 'a planted failure'\n")
+    log = tmp_path / "failures.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", str(planted)],
+        cwd=ROOT,
+        env={**os.environ, "CCT_FAILURE_LOG": str(log)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "test_planted.py::test_fails (call)" in log.read_text()
+    assert "a planted failure" in log.read_text()
