@@ -95,7 +95,10 @@ def survey(device: torch.device, n: int = 64, d: int = 64) -> list[dict[str, Any
     """One row per (call shape, dtype, backend): served or not, and the largest difference
     from dense in the loss and the gradients."""
     g = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(shape, generator=g).to(device) for shape in ((n, d), (n, d), (4 * n, d))]
+    inputs = [
+        torch.randn(shape, generator=g, device="cpu").to(device)
+        for shape in ((n, d), (n, d), (4 * n, d))
+    ]
     rows = []
     for shape, (carries, call) in SHAPES.items():
         for dtype_name, dtype in DTYPES.items():

@@ -18,7 +18,8 @@ The ``auto`` rule, from the benchmark tables in BENCHMARKS.md:
   (``Q * K >= 2**24`` and ``Q >= 1024``); below that ``dense``, while ``Q * K <= 2**28``; above
   that, without Triton, ``sdpa`` (PyTorch's fused attention: memory-lean, and exact at any
   sharpness with detached weights; with gradients through the weights above
-  :data:`cct_loss.sdpa.SDPA_MAX_SHARPNESS` it hands the call to ``chunked`` itself).
+  :data:`cct_loss.sdpa.SDPA_MAX_SHARPNESS`, 100 on CUDA, it hands the call to ``chunked``
+  itself).
   ``chunked`` is not picked on CUDA: it ran at 11-27 TFLOP/s there, a tenth of ``triton``.
   In IEEE float32 (PyTorch's default, TF32 off) ``triton`` ran at 63-111x dense, so float32
   goes there only when TF32 is allowed. Under ``torch.compile`` or a ``torch.func`` transform,

@@ -16,8 +16,8 @@ mask. The sharpness is the kernel's ``scale``; a 0-dim tensor sharpness multipli
 instead (``scale=1``). The attention runs in the embeddings' dtype: half precision under the
 precision policy (:mod:`cct_loss.precision`), which FlashAttention and cuDNN require.
 With gradients through the weights the fused kernels lose accuracy at large sharpness: above
-:data:`SDPA_MAX_SHARPNESS` (or for a tensor sharpness, whose value is not read) ``chunked``
-serves the call. Higher-order derivatives raise a clear error.
+:data:`SDPA_MAX_SHARPNESS` (per device type; or for a tensor sharpness, whose value is not
+read) ``chunked`` serves the call. Higher-order derivatives raise a clear error.
 
 That hands forward and backward to PyTorch's fused attention kernels (FlashAttention-style on
 CUDA, a memory-lean flash kernel on the CPU). ``detach_weights=True`` detaches the query and
@@ -48,11 +48,19 @@ if TYPE_CHECKING:
 HEAD_DIM_MULTIPLE = 8
 
 #: With gradients through the weights (``detach_weights=False``), the fused kernels' gradient
-#: error grows like ``1.2e-7 * t`` (measured on the CPU flash kernel: 1.1e-5 at t = 50, 3.6e-5 at
-#: 300, 1.2e-4 at 1000, 1.2e-3 at 1e4). Above this sharpness, or for a 0-dim tensor sharpness
-#: (whose value is not read: that would synchronise), such calls are served by ``chunked``.
-#: Detached weights are exact at any sharpness.
-SDPA_MAX_SHARPNESS = 500.0
+#: error grows with the sharpness: on the CPU flash kernel like ``1.2e-7 * t`` (measured: 1.1e-5
+#: at t = 50, 3.6e-5 at 300, 1.2e-4 at 1000, 1.2e-3 at 1e4). The largest sharpness, per device
+#: type, at which the 1e-4 agreement was measured to hold: the CPU 500; CUDA 100 (one H200,
+#: torch 2.11: t = 100 held, t = 500 did not). Above it, on a device type not listed, or for a
+#: 0-dim tensor sharpness (whose value is not read: that would synchronise), such calls are
+#: served by ``chunked``. Detached weights are exact at any sharpness.
+SDPA_MAX_SHARPNESS: dict[str, float] = {"cpu": 500.0, "cuda": 100.0}
+
+
+def sdpa_max_sharpness(device_type: str) -> float:
+    """The largest sharpness at which ``sdpa`` keeps gradients through the weights on its own
+    kernels on ``device_type`` (:data:`SDPA_MAX_SHARPNESS`; 0 for a device type not measured)."""
+    return SDPA_MAX_SHARPNESS.get(device_type, 0.0)
 
 
 @eager_twin
@@ -109,7 +117,9 @@ def sdpa_expected_cost(
         :class:`ConditionalExpectation` without weights.
     """
     t = options.t_for(side)
-    if not options.detach_weights and (isinstance(t, Tensor) or t > SDPA_MAX_SHARPNESS):
+    if not options.detach_weights and (
+        isinstance(t, Tensor) or t > sdpa_max_sharpness(query.device.type)
+    ):
         return chunked_expected_cost(query, keys, members, side=side, options=options)
     direction = -1.0 if side == "positives" else 1.0  # +t d = -t (-d): flip the keys' sign
     # The attention runs in the embeddings' dtype (half under the precision policy, which the

@@ -11,9 +11,9 @@ import torch
 from torch.func import grad, vmap
 
 from cct_loss import cct_loss
-from cct_loss.sdpa import SDPA_MAX_SHARPNESS
+from cct_loss.sdpa import sdpa_max_sharpness
 
-from .helpers import IMPLS, impl_options, random_embeddings, seeded
+from .helpers import IMPLS, TEST_DEVICE, impl_options, random_embeddings, seeded
 from .reference import reference_loss
 
 #: Call shapes: (layout, negatives, labels) on (N=4, D=3) queries and (N, 2, D) positives.
@@ -149,15 +149,24 @@ def test_sdpa_holds_its_agreement_at_every_sharpness(t: float, as_tensor: bool) 
 
 
 def test_sdpa_range_constant_is_where_it_still_holds() -> None:
-    """At the documented limit itself the fused kernels still hold 1e-4."""
+    """At the documented limit of the device under test the fused kernels still hold 1e-4."""
     q64, p64, n64 = (random_embeddings(s, 40 + i) for i, s in enumerate([(6, 8), (6, 8), (40, 8)]))
     xs = [x.float().requires_grad_() for x in (q64, p64, n64)]
-    t = SDPA_MAX_SHARPNESS
+    t = sdpa_max_sharpness(TEST_DEVICE.type)
+    assert t > 0, f"no sharpness range measured for {TEST_DEVICE.type}"
     loss = cct_loss(*xs, impl="sdpa", t_pos=t, t_neg=t, detach_weights=False)
     refs = [x.clone().requires_grad_() for x in (q64, p64, n64)]
     want = reference_loss(*refs, t_pos=t, t_neg=t, detach_weights=False)
     for g, w in zip(torch.autograd.grad(loss, xs), torch.autograd.grad(want, refs), strict=True):
         assert float((g.double() - w).abs().max() / w.abs().max()) < 1e-4
+
+
+def test_sdpa_range_is_per_device_type() -> None:
+    """Measured ranges only: a device type without a measurement keeps sdpa's own kernels for
+    detached weights alone (gradients through the weights go to chunked at any sharpness)."""
+    assert sdpa_max_sharpness("cpu") == 500.0
+    assert sdpa_max_sharpness("cuda") == 100.0
+    assert sdpa_max_sharpness("mps") == 0.0
 
 
 def test_functional_call_and_grad_over_parameters() -> None:

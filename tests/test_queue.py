@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from cct_loss import NegativeQueue, cct_loss
 
-from .helpers import seeded
+from .helpers import TEST_DEVICE, seeded
 
 
 class ListQueue:
@@ -198,7 +198,7 @@ def test_bad_construction(
         (
             torch.randn(3, 4, device="meta"),
             ValueError,
-            r"keys is on device meta but the queue is on cpu",
+            rf"keys is on device meta but the queue is on {TEST_DEVICE.type}",
         ),
     ],
 )

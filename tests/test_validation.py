@@ -12,6 +12,8 @@ import torch
 
 from cct_loss import CCTLoss, CCTMultiviewLoss, cct_loss, cct_loss_multiview
 
+from .helpers import TEST_DEVICE
+
 Q = torch.randn(4, 8)
 P = torch.randn(4, 8)
 
@@ -222,7 +224,9 @@ def test_bad_input_is_named(
 
 def test_mixed_devices() -> None:
     meta = torch.randn(4, 8, device="meta")
-    with pytest.raises(ValueError, match=r"positive is on device meta but query is on cpu"):
+    with pytest.raises(
+        ValueError, match=rf"positive is on device meta but query is on {TEST_DEVICE.type}"
+    ):
         call(positive=meta)
 
 
