@@ -44,14 +44,21 @@ from .transport import (
 if TYPE_CHECKING:
     from .options import CCTOptions, Side
 
-#: Elements per ``(Q, chunk)`` block when ``chunk_size`` is None (8 MiB in float32).
-BLOCK_ELEMENTS = 1 << 21
+#: Elements per ``(Q, chunk)`` block when ``chunk_size`` is None, per device type. The CPU:
+#: 8 MiB in float32 (the size behind the CPU tables in BENCHMARKS.md). CUDA: 256 MiB,
+#: because there each block costs a few dozen kernel launches whatever its size, and at 8 MiB
+#: the launches dominated (chunked ran at a tenth of triton's TFLOP/s on an H200); not yet
+#: measured on a GPU. Memory stays ``O(Q D + K D + Q chunk)``: never a ``Q x K`` tensor.
+BLOCK_ELEMENTS: dict[str, int] = {"cpu": 1 << 21, "cuda": 1 << 26}
 MIN_CHUNK = 128
 
 
-def default_chunk_size(num_queries: int, num_keys: int) -> int:
-    """Block width that keeps one ``(Q, chunk)`` float32 block near 8 MiB."""
-    return max(1, min(num_keys, max(MIN_CHUNK, BLOCK_ELEMENTS // max(num_queries, 1))))
+def default_chunk_size(num_queries: int, num_keys: int, device_type: str = "cpu") -> int:
+    """Keys per block that keep one ``(Q, chunk)`` block near :data:`BLOCK_ELEMENTS` of
+    ``device_type`` (the CPU's size for device types not listed), at least :data:`MIN_CHUNK`
+    and at most ``num_keys``."""
+    budget = BLOCK_ELEMENTS.get(device_type, BLOCK_ELEMENTS["cpu"])
+    return max(1, min(num_keys, max(MIN_CHUNK, budget // max(num_queries, 1))))
 
 
 def _blocks(num_keys: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -243,7 +250,9 @@ def chunked_expected_cost(
         :class:`ConditionalExpectation` without weights (``weights=None``); the entropy
         ``log Z - sum_k pi_k (l_k - m)`` and the extreme cost come from the running statistics.
     """
-    chunk = options.chunk_size or default_chunk_size(query.shape[0], keys.shape[-2])
+    chunk = options.chunk_size or default_chunk_size(
+        query.shape[0], keys.shape[-2], query.device.type
+    )
     signed_t = logit_scale(options, side)
     ids = membership_ids(members, keys.shape[-2], query.device)
     same_group = members is not None and members.same_group

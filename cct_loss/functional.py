@@ -149,8 +149,9 @@ def cct_loss(
             ``"sdpa"`` (PyTorch's fused attention kernels), ``"triton"`` (hand-written fused
             kernels; CUDA, optional dependency, shared keys only) or ``"auto"`` (see
             :func:`cct_loss.dispatch.choose_impl`). All give the same values and gradients.
-        chunk_size: keys per block for ``impl="chunked"`` (``None``: about 8 MiB per block);
-            with an explicit ``impl`` other than ``"chunked"`` it is an error.
+        chunk_size: keys per block for ``impl="chunked"`` (``None``: about 8 MiB per float32
+            block on the CPU, 256 MiB on CUDA); with an explicit ``impl`` other than
+            ``"chunked"`` it is an error.
         return_details: ``True`` returns a :class:`CCTDetails` with the terms, weight
             entropies, contrastive accuracy and counts (the same fields whichever
             implementation runs); ``"weights"`` adds the weight matrices, which makes ``auto``

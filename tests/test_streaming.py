@@ -167,6 +167,9 @@ def test_default_chunk_size() -> None:
     assert default_chunk_size(256, 65536) == 8192
     assert default_chunk_size(10, 7) == 7
     assert default_chunk_size(1 << 30, 100) == 100
+    assert default_chunk_size(4096, 65536, "cuda") == 16384
+    assert default_chunk_size(1 << 20, 1 << 20, "cuda") == 128
+    assert default_chunk_size(4096, 65536, "mps") == 512
 
 
 def test_details_do_not_depend_on_what_auto_picked(monkeypatch: pytest.MonkeyPatch) -> None:
