@@ -12,7 +12,9 @@ Triton is optional (``pip install cct-loss[triton]``). The kernels run on CUDA d
 the CPU through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before ``triton`` was
 imported (how the test suite checks them). Inputs are float32, float16 or bfloat16 (the
 precision policy's products' dtype), with float32 accumulation; float32 products are IEEE
-unless TF32 is enabled in PyTorch (``torch.backends.cuda.matmul.allow_tf32``). ``D`` up to
+unless TF32 is enabled in PyTorch (``torch.backends.cuda.matmul.allow_tf32``). IEEE float32
+products run on CUDA cores (63-111x ``dense`` on an H200): that path warns, and ``auto`` never
+takes it. ``D`` up to
 :data:`MAX_DIM`. Not supported, each with an error naming the path that is: per-query
 ``(Q, K, D)`` keys, float64, ``torch.func.vmap`` and ``torch.compile``. The block sizes have not
 been tuned on a GPU yet.
@@ -21,6 +23,7 @@ been tuned on a GPU yet.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -116,10 +119,21 @@ def check_supported(query: Tensor, keys: Tensor) -> None:
         )
 
 
+#: Warned (once per place, Python's default) when ``impl="triton"`` runs IEEE float32 products.
+IEEE_FLOAT32_WARNING = (
+    "impl='triton' with float32 inputs and TF32 off (PyTorch's default) computes its products "
+    "in IEEE float32 on CUDA cores: measured at 63-111x impl='dense' on an H200. impl='auto' "
+    "never sends such calls to triton. For speed use autocast (bfloat16/float16), allow TF32 "
+    "(torch.backends.cuda.matmul.allow_tf32 = True), or impl='dense'"
+)
+
+
 def _launch_options(query: Tensor, num_dims: int) -> dict[str, Any]:
     interpret = interpreting()
     blocks = INTERPRETER_BLOCKS if interpret else GPU_BLOCKS
     tf32 = query.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    if query.dtype == torch.float32 and not tf32 and not interpret:
+        warnings.warn(IEEE_FLOAT32_WARNING, stacklevel=2)
     return {
         # Triton's interpreter computes bfloat16 tl.dot wrongly: widen half operands there.
         "UPCAST": interpret and query.dtype != torch.float32,

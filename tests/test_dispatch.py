@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
+from cct_loss import triton_impl
 from cct_loss.dispatch import (
     AUTO_DENSE_MAX_ELEMENTS,
     CUDA_DENSE_MAX_ELEMENTS,
@@ -76,3 +79,23 @@ def test_describe_call_reads_the_call() -> None:
     assert (call.num_queries, call.num_keys, call.dim, call.dtype) == (6, 40, 16, q.dtype)
     assert describe_call(q, torch.zeros(6, 40, 16)).per_query
     assert describe_call(q, k, torch.bfloat16).dtype == torch.bfloat16  # before preparing
+
+
+def test_triton_warns_on_its_ieee_float32_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one path far slower than its neighbours says so when asked for explicitly."""
+    monkeypatch.setattr(triton_impl, "interpreting", lambda: False)
+    matmul = torch.backends.cuda.matmul
+    allowed = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        with pytest.warns(UserWarning, match=r"IEEE float32 .* impl='auto' never sends"):
+            launch = triton_impl._launch_options(torch.zeros(2, 4), 4)
+        assert launch["PRECISION"] == "ieee"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            half = triton_impl._launch_options(torch.zeros(2, 4, dtype=BF16), 4)
+            assert half["UPCAST"] is False
+            matmul.allow_tf32 = True
+            assert triton_impl._launch_options(torch.zeros(2, 4), 4)["PRECISION"] == "tf32"
+    finally:
+        matmul.allow_tf32 = allowed
