@@ -61,10 +61,12 @@ MIB = 1024 * 1024
 DTYPES = {"float32": None, "bf16": torch.bfloat16}
 #: On the CPU one timing sample repeats a step until it lasts this long.
 CPU_SAMPLE_SECONDS = 0.02
-#: A method whose single step takes longer than this is not timed on that problem (its row
-#: says so): one slow implementation (Triton in IEEE float32 ran at about a second a step)
-#: must not use up the time of the whole table.
-SLOW_STEP_SECONDS = 0.5
+#: A method whose single step takes longer than this (seconds, per device type) is not timed on
+#: that problem (its row says so): one slow implementation (Triton in IEEE float32 ran at about
+#: a second a step on an H200, against milliseconds for the others) must not use up the time
+#: of the whole table. On the CPU only a runaway step is given up: the official formulation's
+#: second a step at V=5, N=256 is a comparison the table exists to make.
+SLOW_STEP_SECONDS = {"cuda": 0.5, "cpu": 5.0}
 #: The implementations ``auto`` chooses among (the ``/best`` column compares with them).
 IMPLEMENTATIONS = ("dense", "chunked", "sdpa", "triton")
 Row = dict[str, Any]
@@ -168,12 +170,12 @@ def run_problem(
     memory: bool = True,
 ) -> list[Row]:
     """Time (and on CUDA, measure the memory of) every method on ``problem``; a method
-    slower than :data:`SLOW_STEP_SECONDS` a step gets a row that says so instead."""
+    slower than its device's :data:`SLOW_STEP_SECONDS` a step gets a row that says so."""
     steps = methods(problem, device=device, autocast=autocast)
     slow: dict[str, float] = {}
     for name, step in steps.items():
         seconds = one_step_seconds(step, device)
-        if seconds > SLOW_STEP_SECONDS:
+        if seconds > SLOW_STEP_SECONDS.get(device.type, SLOW_STEP_SECONDS["cpu"]):
             slow[name] = seconds
     timer = cuda_times if device.type == "cuda" else cpu_times
     times = timer({n: s for n, s in steps.items() if n not in slow}, repeats)
@@ -285,21 +287,28 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def summary(rows: list[Row], calls: list[Row]) -> str:
-    """The lines under the table: the targets these numbers are read against."""
+#: The small batch's target for ``auto`` against InfoNCE, per device type (issues 10 and 17).
+SMALL_BATCH_TARGET = {"cpu": 1.15, "cuda": 1.25}
+
+
+def summary(rows: list[Row], calls: list[Row], device_type: str = "cpu") -> str:
+    """The lines under the table: the targets these numbers are read against (the 1.2x of
+    ``auto`` against the fastest implementation is the H200's; the CPU rule keeps dense's
+    memory bound, so it may exceed it there)."""
     lines = []
     small = {r["method"]: r for r in rows if r["problem"] == SMALL_BATCH.label}
-    if small.get("auto", {}).get("vs_infonce") is not None:
+    target = SMALL_BATCH_TARGET.get(device_type)
+    if small.get("auto", {}).get("vs_infonce") is not None and target is not None:
         lines.append(
             f"small batch ({SMALL_BATCH.label}): auto / InfoNCE = "
-            f"{small['auto']['vs_infonce']:.2f}x (target on the CPU: at most 1.15x)"
+            f"{small['auto']['vs_infonce']:.2f}x (target on {device_type}: at most {target}x)"
         )
     autos = [r for r in rows if r["method"] == "auto" and r.get("vs_best") is not None]
     if autos:
         worst = max(autos, key=lambda r: r["vs_best"])
         lines.append(
             f"auto / fastest implementation: at most {worst['vs_best']:.2f}x "
-            f"({worst['problem']}; target at most 1.2x)"
+            f"({worst['problem']}; target on CUDA at most 1.2x)"
         )
     for call in calls:
         lines.append(
@@ -435,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     print("cct-loss benchmarks  " + "  ".join(f"{k}={v}" for k, v in info.items()))
     rows = run_all(args, device, print)
     calls = [] if args.no_per_call else per_call(device, 1 if args.quick else args.repeats)
-    text = table(rows) + "\n\n" + summary(rows, calls)
+    text = table(rows) + "\n\n" + summary(rows, calls, device.type)
     print(text)
     if args.json:
         report = {"environment": info, "rows": rows, "per_call": calls}
