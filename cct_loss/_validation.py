@@ -8,9 +8,13 @@ contents, so they cost no host synchronisation and trace cleanly under ``torch.c
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 from numbers import Real
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -65,16 +69,23 @@ def check_same_device(tensors: dict[str, Tensor]) -> torch.device:
     return first.device
 
 
-def check_scalar_option(name: str, value: object, *, nonnegative: bool) -> float | Tensor:
-    """Check ``t_pos``/``t_neg`` (``nonnegative``: an inverse temperature ``>= 0``) or
-    ``alpha``/``beta`` (any finite number).
+def check_scalar_option(
+    name: str, value: object, *, nonnegative: bool = False, positive: bool = False
+) -> float | Tensor:
+    """Check ``t_pos``/``t_neg`` (``nonnegative``: an inverse temperature ``>= 0``),
+    ``temperature`` (``positive``: ``> 0``) or ``alpha``/``beta`` (any finite number).
 
     A Python number is checked for its value and returned as a float. A 0-dim floating-point
     tensor is checked for its shape, dtype and ``requires_grad`` but not for its value: reading
     it would cost a host synchronisation (and a recompile per value under ``torch.compile``).
     A tensor that requires grad is refused: these are constants to autograd.
     """
-    what = "an inverse temperature >= 0" if nonnegative else "a finite number"
+    if positive:
+        what = "a temperature > 0"
+    elif nonnegative:
+        what = "an inverse temperature >= 0"
+    else:
+        what = "a finite number"
     if isinstance(value, Tensor):
         if value.dim() != 0 or not value.is_floating_point():
             raise TypeError(
@@ -94,6 +105,8 @@ def check_scalar_option(name: str, value: object, *, nonnegative: bool) -> float
             f"{name} must be a real number or a 0-dim tensor ({what}), got {type(value).__name__}"
         )
     v = float(value)
+    if positive and not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a finite number > 0 (InfoNCE's tau), got {v}")
     if nonnegative and not (math.isfinite(v) and v >= 0):
         raise ValueError(f"{name} must be a finite number >= 0 (an inverse temperature), got {v}")
     if not math.isfinite(v):
@@ -183,6 +196,75 @@ def check_no_shared_memory(negatives: Tensor, positive: Tensor) -> None:
         )
 
 
+def same_view(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are exactly the same data: one tensor, or views of one memory
+    with the same offset, shape and strides (``z`` and ``z.detach()``). Views that merely share
+    a buffer (``z.chunk(2)``, ``feats.unbind(1)``) are not. Decided from metadata only; under
+    ``torch.compile`` and ``torch.func`` (no storage to compare) only identity counts."""
+    if a is b:
+        return True
+    if torch.compiler.is_compiling() or is_functorch_wrapped(a) or is_functorch_wrapped(b):
+        return False
+    return (
+        a.device == b.device
+        and a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.numel() > 0
+    )
+
+
+def check_not_query_itself(query: Tensor, positive: Tensor, entry: str) -> None:
+    """Refuse a ``positive`` that is ``query`` itself (:func:`same_view`; also as the single
+    positive of an ``(N, 1, D)`` view): every query would be its own positive, at distance 0,
+    and the loss a number that means nothing."""
+    own = positive if positive.dim() == 2 else positive[:, 0] if positive.shape[1] == 1 else None
+    if own is None or not same_view(query, own):
+        return
+    raise ValueError(
+        "positive is query itself (the same memory, shape and strides): every query would be "
+        "its own positive, at distance 0. Pass the other augmented view: "
+        f"{entry}(z1, z2); for one view with class labels: {entry}(embeddings, "
+        "labels=labels); if a copy is really meant: "
+        f"{entry}(query, query.clone())"
+    )
+
+
+def check_distinct_views(views: Sequence[Tensor], entry: str) -> None:
+    """Refuse a view given twice (:func:`same_view`): its rows would be their own positives."""
+    for i in range(1, len(views)):
+        for j in range(i):
+            if same_view(views[i], views[j]):
+                raise ValueError(
+                    f"views[{i}] is views[{j}] (the same memory, shape and strides): each of "
+                    "its rows would be its own positive, at distance 0. Pass the different "
+                    f"augmented views of each image: {entry}([view1, view2]); for one view "
+                    f"with class labels: {entry}([embeddings], labels=labels)"
+                )
+
+
+def check_finite_inputs(tensors: dict[str, Tensor]) -> None:
+    """``check_finite=True``: raise a ``ValueError`` naming the first input that holds NaN or
+    inf, with how many and the first row. Reads the values: one host synchronisation per
+    input; refused while ``torch.compile`` traces (a graph cannot hold it)."""
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            "check_finite=True reads the inputs' values (a host synchronisation), which a "
+            "compiled graph cannot hold: leave check_finite off inside torch.compile and check "
+            "the embeddings outside it, e.g. with torch.isfinite(z).all()"
+        )
+    for name, x in tensors.items():
+        bad = ~torch.isfinite(x.detach())
+        if bool(bad.any()):
+            rows = bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()
+            count = int(bad.sum())
+            raise ValueError(
+                f"{name} holds {count} non-finite value{'s' if count > 1 else ''} (NaN or inf), "
+                f"the first in row {int(rows[0])} (check_finite=True): the loss and its "
+                "gradient would be NaN. Look for a diverged encoder or a bad batch upstream"
+            )
+
+
 def _byte_range(x: Tensor, end: int) -> int:
     """First byte (``end=0``) or one past the last byte (``end=1``) that ``x`` touches."""
     start = x.data_ptr()
@@ -199,3 +281,49 @@ def is_functorch_wrapped(x: Tensor) -> bool:
     its backward runs with grad mode on without being a ``create_graph=True`` backward."""
     check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return bool(check(x)) if check is not None else False
+
+
+_Callable = TypeVar("_Callable", bound=Callable[..., Any])
+
+
+def names_valid_keywords(function: _Callable) -> _Callable:
+    """Make an unknown keyword argument of ``function`` a ``TypeError`` that lists the valid
+    ones and suggests the closest (``tneg`` -> ``t_neg``), naming only ``function`` itself.
+
+    Only a keyword Python refuses at the call is rewritten: a ``TypeError`` raised inside
+    ``function`` passes through unchanged. A successful call costs one extra frame."""
+    parameters = inspect.signature(function).parameters
+    keywords = [
+        name
+        for name, p in parameters.items()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name != "self"
+    ]
+    method = "self" in parameters
+
+    @functools.wraps(function)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except TypeError as error:
+            unknown = [k for k in kwargs if k not in parameters]
+            raised_at_the_call = error.__traceback__ is not None and (
+                error.__traceback__.tb_next is None
+            )
+            if not (raised_at_the_call and unknown):
+                raise
+            # A constructor is named by the class called (a subclass's own name), not by
+            # the base class that defines __init__.
+            where = type(args[0]).__name__ if method and args else function.__name__
+            raise TypeError(unknown_keyword_message(where, unknown[0], keywords)) from None
+
+    return checked  # type: ignore[return-value]
+
+
+def unknown_keyword_message(where: str, name: str, valid: Sequence[str]) -> str:
+    """``where`` got ``name``, which is none of ``valid``: the message, with the closest."""
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else "."
+    return (
+        f"{where}() got an unexpected keyword argument {name!r}{hint} "
+        f"The valid keywords are: {', '.join(valid)}"
+    )

@@ -14,9 +14,12 @@ from torch import Tensor
 
 from . import distributed
 from ._validation import (
+    check_distinct_views,
+    check_finite_inputs,
     check_float_tensor,
     check_labels,
     check_no_shared_memory,
+    check_not_query_itself,
     check_same_device,
     shape_str,
 )
@@ -57,31 +60,40 @@ def check_layout(options: CCTOptions, allowed: tuple[str, ...], entry: str) -> N
 
 def loss_of_pairs(
     query: Tensor,
-    positive: Tensor,
+    positive: Tensor | None,
     negatives: Tensor | None,
     labels: Tensor | None,
     negative_labels: Tensor | None,
     options: CCTOptions,
+    *,
+    entry: str = "cct_loss",
 ) -> Tensor | CCTDetails:
-    """:func:`cct_loss.cct_loss` with its options in one object (see its docstring)."""
+    """:func:`cct_loss.cct_loss` with its options in one object (see its docstring);
+    ``entry``: how the messages spell the call (``"CCTLoss(...)"`` for the module)."""
     signature = _pairs_signature(query, positive, negatives, labels, negative_labels, options)
     replay = None if signature is None else _REPLAYS.get(signature)
     if replay is not None:  # checked before with this signature: the same checks pass
-        assert signature is not None
-        if negatives is not None:  # (what depends on the tensors themselves is checked)
+        assert signature is not None and positive is not None
+        # (what depends on the tensors themselves is checked at every call)
+        check_not_query_itself(query, positive, entry)
+        if negatives is not None:
             check_no_shared_memory(negatives, positive)
         if signature[_AUTOCAST] is None:  # nothing to disable
             return replay.loss(_describe_pairs(query, positive, negatives, options.layout))
         with own_precision(query.device):
             return replay.loss(_describe_pairs(query, positive, negatives, options.layout))
-    check_layout(options, PAIR_LAYOUTS, "cct_loss")
+    check_layout(options, PAIR_LAYOUTS, entry.removesuffix("(...)"))
     query = check_float_tensor("query", query, (2,), "(N, D)")
+    if positive is None:
+        return _one_view_with_labels(query, negatives, labels, negative_labels, options, entry)
     if isinstance(positive, Tensor) and not positive.is_floating_point():
         raise TypeError(
-            f"positive must have a floating-point dtype (embeddings), got {positive.dtype}; "
-            "to pass class labels use labels="
+            f"positive must have a floating-point dtype (embeddings), got {positive.dtype}. "
+            f"To pass class labels, name them: {entry}(query, labels=labels) for one view "
+            f"(metric learning), {entry}(query, positive, labels=labels) for two"
         )
     positive = check_float_tensor("positive", positive, (2, 3), "(N, D) or (N, M, D)")
+    check_not_query_itself(query, positive, entry)
     n, d = query.shape
     gathering = options.gather_distributed and distributed.is_active()
     if n == 0 and not gathering:  # across processes every rank raises, in row_counts
@@ -102,7 +114,7 @@ def loss_of_pairs(
         tensors["labels"] = check_labels("labels", labels, n, "N")
     cross = options.layout == "cross"
     if negatives is not None:
-        negatives = _check_negatives(negatives, n, d)
+        negatives = _check_negatives(negatives, n, d, entry)
         check_no_shared_memory(negatives, positive)
         tensors["negatives"] = negatives
         if negatives.dim() == 3 and (cross or labels is not None):
@@ -140,6 +152,8 @@ def loss_of_pairs(
             f"shape {shape_str(query)}. Pass negatives, or a batch N >= 2"
         )
     device = check_same_device(tensors)
+    if options.check_finite:
+        check_finite_inputs({k: v for k, v in tensors.items() if v.is_floating_point()})
     counts = distributed.row_counts(n, device) if gathering else None
 
     precision = resolve_precision(
@@ -174,6 +188,31 @@ def loss_of_pairs(
                 global_rows=_gather(p, labels, counts),
             )
         return _reduce(terms_of(problem, options), options, row_counts=counts)
+
+
+def _one_view_with_labels(
+    query: Tensor,
+    negatives: Tensor | None,
+    labels: Tensor | None,
+    negative_labels: Tensor | None,
+    options: CCTOptions,
+    entry: str,
+) -> Tensor | CCTDetails:
+    """``cct_loss(embeddings, labels=labels)``: the metric-learning call, one view with labels,
+    which is ``cct_loss_multiview([embeddings], labels=labels)``."""
+    if labels is None:
+        raise TypeError(
+            f"{entry}() needs positive= (the second view: {entry}(z1, z2)), or labels= for "
+            f"one view with class labels: {entry}(embeddings, labels=labels)"
+        )
+    if negatives is not None or negative_labels is not None or options.layout != "all":
+        raise ValueError(
+            "leaving out positive is the one-view call with labels (in-batch, layout='all', "
+            "no negatives): every other row with the same label is a positive. With "
+            f"explicit negatives pass each query's positive too: {entry}(query, positive, "
+            "negatives, labels=labels, negative_labels=negative_labels)"
+        )
+    return loss_of_views([query], labels, options, entry=entry)
 
 
 def _describe_pairs(
@@ -249,6 +288,8 @@ def _pairs_signature(
         return None
     if options.gather_distributed and distributed.is_active():
         return None
+    if options.check_finite:
+        return None  # the check reads the tensors at every call
     device = query.device
     keys = None if negatives is None else (negatives.shape, negatives.dtype, negatives.device)
     tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
@@ -277,12 +318,19 @@ def _remember(signature: tuple[object, ...], replay: OnePass) -> None:
 
 
 def loss_of_views(
-    views: Sequence[Tensor], labels: Tensor | None, options: CCTOptions
+    views: Sequence[Tensor],
+    labels: Tensor | None,
+    options: CCTOptions,
+    *,
+    entry: str = "cct_loss_multiview",
 ) -> Tensor | CCTDetails:
-    """:func:`cct_loss.cct_loss_multiview` with its options in one object."""
-    check_layout(options, VIEW_LAYOUTS, "cct_loss_multiview")
+    """:func:`cct_loss.cct_loss_multiview` with its options in one object; ``entry``: how
+    the messages name the call."""
+    check_layout(options, VIEW_LAYOUTS, entry.removesuffix("(...)"))
     gathering = options.gather_distributed and distributed.is_active()
-    stacked = _stack_views(views, labels=labels is not None, gathering=gathering)
+    stacked = _stack_views(views, labels=labels is not None, gathering=gathering, entry=entry)
+    if options.check_finite:
+        check_finite_inputs({f"views[{i}]": view for i, view in enumerate(stacked)})
     if labels is not None:
         if options.layout == "paper":
             raise ValueError(
@@ -388,7 +436,12 @@ def _gather_views(
     return gathered._replace(rows=gathered.rows.transpose(0, 1))
 
 
-def _check_negatives(negatives: Tensor, n: int, d: int) -> Tensor:
+def _check_negatives(negatives: Tensor, n: int, d: int, entry: str) -> Tensor:
+    if isinstance(negatives, Tensor) and not negatives.is_floating_point():
+        raise TypeError(
+            f"negatives must have a floating-point dtype (embeddings), got {negatives.dtype}. "
+            f"To pass class labels, name them: {entry}(query, positive, labels=labels)"
+        )
     negatives = check_float_tensor("negatives", negatives, (2, 3), "(K, D) or (N, K, D)")
     if negatives.dim() == 2:
         rows, cols = negatives.shape
@@ -420,13 +473,23 @@ def _check_negatives(negatives: Tensor, n: int, d: int) -> Tensor:
     return negatives
 
 
-def _stack_views(views: Sequence[Tensor], *, labels: bool, gathering: bool) -> Tensor:
+def _stack_views(views: Sequence[Tensor], *, labels: bool, gathering: bool, entry: str) -> Tensor:
     """``(V, N, D)`` from a list of ``V`` views ``(N, D)``."""
+    if isinstance(views, Tensor) and views.dim() == 2:
+        with_labels = ", labels=labels" if labels else ""
+        raise ValueError(
+            f"views must be a list of V tensors (N, D), got one tensor of shape "
+            f"{shape_str(views)}: one view. Pass it in a list: {entry}([embeddings]"
+            f"{with_labels}) (one view needs labels: every other row with the same label is "
+            "a positive), or the views of each image: "
+            f"{entry}([view1, view2]{with_labels})"
+        )
     if isinstance(views, Tensor):
         raise ValueError(
             f"views must be a list of V tensors (N, D), got one tensor of shape "
             f"{shape_str(views)}: a stacked (V, N, D) and SupCon's (N, V, D) cannot be told "
-            "apart. Pass list(x.unbind(0)) for (V, N, D) or list(x.unbind(1)) for (N, V, D)"
+            f"apart. Pass {entry}(list(x.unbind(0))) for (V, N, D) or "
+            f"{entry}(list(x.unbind(1))) for (N, V, D)"
         )
     if not isinstance(views, Sequence) or isinstance(views, str):
         raise TypeError(f"views must be a list of V tensors (N, D), got {type(views).__name__}")
@@ -444,6 +507,7 @@ def _stack_views(views: Sequence[Tensor], *, labels: bool, gathering: bool) -> T
                 "expected every view to be (N, D) with the same N and D"
             )
     check_same_device({f"views[{i}]": v for i, v in enumerate(checked)})
+    check_distinct_views(checked, entry)
     dtype = promoted_dtype([v.dtype for v in checked])
     stacked = torch.stack([view.to(dtype) for view in checked])
     _, n, d = stacked.shape

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Literal, overload
 
 from torch import Tensor
 
+from ._validation import names_valid_keywords
 from .core import loss_of_pairs, loss_of_views
 from .details import CCTDetails
 from .options import options_of
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 @overload
 def cct_loss(
     query: Tensor,
-    positive: Tensor,
+    positive: Tensor | None = None,
     negatives: Tensor | None = None,
     *,
     labels: Tensor | None = None,
@@ -37,7 +38,7 @@ def cct_loss(
 @overload
 def cct_loss(
     query: Tensor,
-    positive: Tensor,
+    positive: Tensor | None = None,
     negatives: Tensor | None = None,
     *,
     labels: Tensor | None = None,
@@ -50,7 +51,7 @@ def cct_loss(
 @overload
 def cct_loss(
     query: Tensor,
-    positive: Tensor,
+    positive: Tensor | None = None,
     negatives: Tensor | None = None,
     *,
     labels: Tensor | None = None,
@@ -60,16 +61,18 @@ def cct_loss(
 ) -> Tensor | CCTDetails: ...
 
 
+@names_valid_keywords
 def cct_loss(
     query: Tensor,
-    positive: Tensor,
+    positive: Tensor | None = None,
     negatives: Tensor | None = None,
     *,
     layout: str = "all",
     labels: Tensor | None = None,
     negative_labels: Tensor | None = None,
+    temperature: float | Tensor | None = None,
     t_pos: float | Tensor = 1.0,
-    t_neg: float | Tensor = 1.0,
+    t_neg: float | Tensor | None = None,
     alpha: float | Tensor = 1.0,
     beta: float | Tensor = 1.0,
     cost: str = "sqeuclidean",
@@ -80,6 +83,7 @@ def cct_loss(
     chunk_size: int | None = None,
     return_details: bool | str = False,
     gather_distributed: bool = False,
+    check_finite: bool = False,
 ) -> Tensor | CCTDetails:
     r"""Contrastive Conditional Transport (CCT / CACR) loss.
 
@@ -112,21 +116,34 @@ def cct_loss(
       ``(K, D)`` negatives, ``negative_labels`` ``(K,)`` leaves out same-label negatives (in the
       MoCo mode of ``"all"`` the positives stay ``positive[i]``). A query with no positive has
       no attraction term (0) and one with no negative no repulsion term (0).
+    * ``labels`` without ``positive`` (metric learning, pytorch-metric-learning's
+      ``loss(embeddings, labels)``): one view; every other row with the same label is a
+      positive, every row with another label a negative. Equal to
+      ``cct_loss_multiview([query], labels=labels)``.
 
-    Temperatures: ``t_pos`` and ``t_neg`` multiply the cost (inverse temperatures). On unit
-    vectors ``d = 2 - 2 cos``, so ``softmax(-t d)`` equals InfoNCE's ``softmax(cos / tau)`` at
-    ``t = 1 / (2 tau)`` for the default cost and at ``t = 1 / tau`` for ``cost="cosine"``.
+    Temperatures: ``t_pos`` and ``t_neg`` multiply the cost (inverse temperatures, the paper's
+    parameters). On unit vectors ``d = 2 - 2 cos``, so ``softmax(-t d)`` equals InfoNCE's
+    ``softmax(cos / tau)`` at ``t = 1 / (2 tau)`` for the default cost and at ``t = 1 / tau``
+    for ``cost="cosine"``: ``temperature=tau`` sets ``t_neg`` that way.
 
     Args:
         query: ``(N, D)`` query embeddings.
-        positive: ``(N, D)`` one positive per query, or ``(N, M, D)`` ``M`` positives.
+        positive: ``(N, D)`` one positive per query, or ``(N, M, D)`` ``M`` positives; may be
+            left out when ``labels`` is given (one view, see above). A ``positive`` that is
+            ``query`` itself (the same memory, shape and strides) is refused: every query would
+            be its own positive, at distance 0.
         negatives: ``None``, ``(K, D)`` or ``(N, K, D)`` (``"all"`` only); see above.
         layout: ``"all"`` (default) or ``"cross"``; see above.
         labels: ``(N,)`` integer class labels of the rows, or ``None``.
         negative_labels: ``(K,)`` integer labels of ``(K, D)`` negatives (needs ``labels``).
+        temperature: InfoNCE's ``tau`` (``> 0``), the familiar way to set ``t_neg``: it
+            becomes ``t_neg = 1 / (2 tau)`` (``cost="cosine"``: ``1 / tau``), so that the
+            repulsion's weights are InfoNCE's ``softmax(cos / tau)``. Giving both
+            ``temperature`` and ``t_neg`` is a ``ValueError``.
         t_pos: positive sharpness (an inverse temperature, multiplies the cost), ``>= 0``.
-        t_neg: negative sharpness, ``>= 0``. Paper: 0.9 (CIFAR-10), 2.0 (CIFAR-100, STL-10,
-            ImageNet MoCo-v2 recipe).
+        t_neg: negative sharpness, ``>= 0``; ``None`` (default) means 1.0 (InfoNCE's
+            ``tau = 0.5``) unless ``temperature`` is given. Paper: 0.9 (CIFAR-10), 2.0
+            (CIFAR-100, STL-10, ImageNet MoCo-v2 recipe).
         alpha: weight of the attraction term (does not enter the softmax).
         beta: weight of the repulsion term (does not enter the softmax).
             ``t_pos``, ``t_neg``, ``alpha`` and ``beta`` may be Python numbers or 0-dim tensors
@@ -166,6 +183,10 @@ def cct_loss(
             gradient of the concatenated batch. Ranks may hold different N (at least one row
             each; an empty rank is a ``ValueError`` on every rank). No-op without a process
             group.
+        check_finite: raise a ``ValueError`` naming the input when an embedding (or a
+            negative) holds NaN or inf. Off by default, as in torch's own losses: the check
+            reads the tensors' values, one host synchronisation per call, and a compiled graph
+            cannot hold it. Without it a non-finite input gives a NaN loss.
 
     Returns:
         The loss (float32, or float64 for float64 inputs; under autocast the matrix products
@@ -177,7 +198,9 @@ def cct_loss(
             non-numeric option.
         ValueError: shapes that disagree, empty inputs, negative or non-finite sharpness,
             an unknown option value, a ``(D, K)`` queue, in-batch mode with ``N = 1``,
-            ``negatives`` that is ``positive`` (use ``layout="cross"``), or
+            ``negatives`` that is ``positive`` (use ``layout="cross"``), a ``positive`` that
+            is ``query`` itself, both ``temperature`` and ``t_neg``, non-finite inputs with
+            ``check_finite=True``, or
             ``gather_distributed=True`` with explicit negatives in ``"all"`` (gather a queue
             with :class:`cct_loss.NegativeQueue` instead).
 
@@ -185,14 +208,16 @@ def cct_loss(
         >>> import torch
         >>> from cct_loss import cct_loss
         >>> z1, z2 = torch.randn(8, 16), torch.randn(8, 16)
-        >>> loss = cct_loss(z1, z2)  # SimCLR: 16 queries, 1 positive, 14 negatives each
+        >>> loss = cct_loss(z1, z2, temperature=0.5)  # SimCLR: 16 queries, 14 negatives each
         >>> queue = torch.randn(16, 64)  # MoCo keeps its queue as (D, K)
-        >>> loss = cct_loss(z1, z2, queue.T, t_neg=2.0)
+        >>> loss = cct_loss(z1, z2, queue.T, temperature=0.2)
+        >>> loss = cct_loss(z1, labels=torch.randint(0, 3, (8,)))  # metric learning
         >>> loss = cct_loss(z1, z2, layout="cross")  # MoCo v3: q1 against k2's other rows
         >>> loss = cct_loss(z1, z2, labels=torch.randint(0, 3, (8,)))  # supervised
     """
     options = options_of(
         layout=layout,
+        temperature=temperature,
         t_pos=t_pos,
         t_neg=t_neg,
         alpha=alpha,
@@ -205,6 +230,7 @@ def cct_loss(
         chunk_size=chunk_size,
         return_details=return_details,
         gather_distributed=gather_distributed,
+        check_finite=check_finite,
     )
     return loss_of_pairs(query, positive, negatives, labels, negative_labels, options)
 
@@ -239,13 +265,15 @@ def cct_loss_multiview(
 ) -> Tensor | CCTDetails: ...
 
 
+@names_valid_keywords
 def cct_loss_multiview(
     views: Sequence[Tensor],
     *,
     layout: str = "all",
     labels: Tensor | None = None,
+    temperature: float | Tensor | None = None,
     t_pos: float | Tensor = 1.0,
-    t_neg: float | Tensor = 1.0,
+    t_neg: float | Tensor | None = None,
     alpha: float | Tensor = 1.0,
     beta: float | Tensor = 1.0,
     cost: str = "sqeuclidean",
@@ -256,6 +284,7 @@ def cct_loss_multiview(
     chunk_size: int | None = None,
     return_details: bool | str = False,
     gather_distributed: bool = False,
+    check_finite: bool = False,
 ) -> Tensor | CCTDetails:
     """CCT loss for a multi-view batch (several augmentations of each image).
 
@@ -275,8 +304,10 @@ def cct_loss_multiview(
             same-label row is a positive (the query itself excluded), every view of every row
             with another label a negative. ``cct_loss_multiview([embeddings], labels=labels)``
             is the metric-learning call (pytorch-metric-learning's ``loss(embeddings, labels)``).
-        **options: as in :func:`cct_loss`; ``gather_distributed=True`` takes the candidates
-            from the global batch for both layouts.
+        temperature, t_pos, t_neg, alpha, beta, cost, normalize, detach_weights, reduction,
+            impl, chunk_size, return_details, check_finite: as in :func:`cct_loss`.
+        gather_distributed: as in :func:`cct_loss`; it takes the candidates from the global
+            batch for both layouts.
 
     Returns:
         The loss, or a :class:`CCTDetails`.
@@ -291,6 +322,7 @@ def cct_loss_multiview(
     """
     options = options_of(
         layout=layout,
+        temperature=temperature,
         t_pos=t_pos,
         t_neg=t_neg,
         alpha=alpha,
@@ -303,5 +335,6 @@ def cct_loss_multiview(
         chunk_size=chunk_size,
         return_details=return_details,
         gather_distributed=gather_distributed,
+        check_finite=check_finite,
     )
     return loss_of_views(views, labels, options)

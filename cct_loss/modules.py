@@ -1,26 +1,36 @@
 """``nn.Module`` wrappers: they hold one validated options object and call the private core.
 
 Every option is an attribute: reading ``crit.t_neg`` gives the current value and setting it
-(``crit.t_neg = 5.0``) validates the new value and takes effect on the next call. Options are
-not buffers or parameters, so ``state_dict`` never changes.
+(``crit.t_neg = 5.0``) validates the new value and takes effect on the next call.
+``crit.temperature`` reads and sets ``t_neg`` in InfoNCE's terms, converted by the module's
+current cost. Assigning a public attribute whose name is a close misspelling of an option
+(``crit.tneg = 5``) is an ``AttributeError`` naming the option, not a new attribute that
+nothing reads. Options are not buffers or parameters, so ``state_dict`` never changes.
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor, nn
 
+from ._validation import names_valid_keywords
 from .core import PAIR_LAYOUTS, VIEW_LAYOUTS, check_layout, loss_of_pairs, loss_of_views
 from .details import CCTDetails
-from .options import OPTION_NAMES, CCTOptions
+from .options import (
+    KEYWORDS,
+    OPTION_NAMES,
+    CCTOptions,
+    t_neg_of,
+    temperature_from_t_neg,
+)
 
-if TYPE_CHECKING:
-    from typing_extensions import Unpack
-
-    from .options import CCTKeywords
+#: How close (difflib's ratio) a new attribute's name must be to an option's to be taken for
+#: a misspelling of it (``tneg``, ``temprature``, ``tpos``, ``detach_weight``).
+TYPO_CUTOFF = 0.8
 
 
 class _OptionsModule(nn.Module):
@@ -28,83 +38,154 @@ class _OptionsModule(nn.Module):
 
     options: CCTOptions
     _layouts: tuple[str, ...] = ()
-    _entry: str = ""
 
-    def __init__(self, **options: Unpack[CCTKeywords]) -> None:
+    @names_valid_keywords
+    def __init__(
+        self,
+        *,
+        layout: str = "all",
+        temperature: float | Tensor | None = None,
+        t_pos: float | Tensor = 1.0,
+        t_neg: float | Tensor | None = None,
+        alpha: float | Tensor = 1.0,
+        beta: float | Tensor = 1.0,
+        cost: str = "sqeuclidean",
+        normalize: bool = True,
+        detach_weights: bool = True,
+        reduction: str = "mean",
+        impl: str = "auto",
+        chunk_size: int | None = None,
+        return_details: bool | str = False,
+        gather_distributed: bool = False,
+        check_finite: bool = False,
+    ) -> None:
         super().__init__()
-        checked = CCTOptions(**options)
-        check_layout(checked, self._layouts, self._entry)
+        checked = CCTOptions(
+            layout=layout,
+            t_pos=t_pos,
+            t_neg=t_neg_of(t_neg, temperature, cost),
+            alpha=alpha,
+            beta=beta,
+            cost=cost,
+            normalize=normalize,
+            detach_weights=detach_weights,
+            reduction=reduction,
+            impl=impl,
+            chunk_size=chunk_size,
+            return_details=return_details,
+            gather_distributed=gather_distributed,
+            check_finite=check_finite,
+        )
+        check_layout(checked, self._layouts, type(self).__name__)
         object.__setattr__(self, "options", checked)
 
     def __getattr__(self, name: str) -> Any:
-        if name in OPTION_NAMES:
-            return getattr(self.__dict__["options"], name)
+        options = self.__dict__.get("options")
+        if options is not None and name in OPTION_NAMES:
+            return getattr(options, name)
+        if options is not None and name == "temperature":
+            return temperature_from_t_neg(options.t_neg, options.cost)
         return super().__getattr__(name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in OPTION_NAMES:  # validated like the constructor's; never silently ignored
-            updated = replace(self.options, **{name: value})
-            check_layout(updated, self._layouts, self._entry)
-            object.__setattr__(self, "options", updated)
+            self._set_options(replace(self.options, **{name: value}))
+        elif name == "temperature":  # converted by the current cost
+            t_neg = t_neg_of(None, value, self.options.cost)
+            self._set_options(replace(self.options, t_neg=t_neg))
         elif name == "options":
             if not isinstance(value, CCTOptions):
                 raise TypeError(f"options must be a CCTOptions, got {type(value).__name__}")
-            check_layout(value, self._layouts, self._entry)
-            object.__setattr__(self, "options", value)
+            self._set_options(value)
         else:
+            self._refuse_misspelt_option(name)
             super().__setattr__(name, value)
+
+    def _set_options(self, options: CCTOptions) -> None:
+        check_layout(options, self._layouts, type(self).__name__)
+        object.__setattr__(self, "options", options)
+
+    def _refuse_misspelt_option(self, name: str) -> None:
+        """A new public attribute named like an option (``tneg``) is an ``AttributeError``;
+        names the class declares, or the instance already holds, are left alone."""
+        if name.startswith("_") or name in self.__dict__ or _declared(type(self), name):
+            return
+        if name in self._modules or name in self._parameters or name in self._buffers:
+            return
+        close = difflib.get_close_matches(name.lower(), sorted(KEYWORDS), n=1, cutoff=TYPO_CUTOFF)
+        if close:
+            raise AttributeError(
+                f"{type(self).__name__} has no option {name!r}; did you mean {close[0]!r}? "
+                f"Its options are: {', '.join(sorted(KEYWORDS))}. (To give a subclass an "
+                "attribute of that name, declare it on the class.)"
+            )
+
+    def _call_name(self) -> str:
+        """How messages spell a call of this module: ``CCTLoss(...)(query, ...)``."""
+        return f"{type(self).__name__}(...)"
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.as_dict().items())
 
 
+def _declared(cls: type, name: str) -> bool:
+    """Whether ``name`` is a class attribute or an annotation of ``cls`` or a base."""
+    return any(name in vars(c) or name in getattr(c, "__annotations__", {}) for c in cls.__mro__)
+
+
 class CCTLoss(_OptionsModule):
     """Module form of :func:`cct_loss.cct_loss`.
 
-    Args:
-        **options: ``layout``, ``t_pos``, ``t_neg``, ``alpha``, ``beta``, ``cost``,
-            ``normalize``, ``detach_weights``, ``reduction``, ``impl``, ``chunk_size``,
-            ``return_details``, ``gather_distributed``: as in :func:`cct_loss.cct_loss`;
-            checked here, at construction (and when set as attributes), so a bad setting fails
-            before training starts.
+    Takes the options of :func:`cct_loss.cct_loss` as keywords (``layout`` ``"all"`` or
+    ``"cross"``); they are checked here, at construction (and when set as attributes), so a bad
+    setting fails before training starts.
 
     Examples:
         >>> import torch
         >>> from cct_loss import CCTLoss
-        >>> criterion = CCTLoss(t_neg=2.0)
+        >>> criterion = CCTLoss(temperature=0.2)  # t_neg = 1 / (2 * 0.2) = 2.5
         >>> loss = criterion(torch.randn(8, 16), torch.randn(8, 16))
         >>> criterion.t_neg = torch.tensor(1.5)  # a schedule: takes effect on the next call
-        >>> supervised = CCTLoss(layout="cross")(
-        ...     torch.randn(8, 16), torch.randn(8, 16), labels=torch.randint(0, 3, (8,))
-        ... )
+        >>> metric = CCTLoss()(torch.randn(8, 16), labels=torch.randint(0, 3, (8,)))
     """
 
     _layouts = PAIR_LAYOUTS
-    _entry = "CCTLoss"
 
     def forward(
         self,
         query: Tensor,
-        positive: Tensor,
+        positive: Tensor | None = None,
         negatives: Tensor | None = None,
         labels: Tensor | None = None,
         negative_labels: Tensor | None = None,
     ) -> Tensor | CCTDetails:
         """See :func:`cct_loss.cct_loss`."""
-        return loss_of_pairs(query, positive, negatives, labels, negative_labels, self.options)
+        return loss_of_pairs(
+            query,
+            positive,
+            negatives,
+            labels,
+            negative_labels,
+            self.options,
+            entry=self._call_name(),
+        )
 
 
 class CCTMultiviewLoss(_OptionsModule):
     """Module form of :func:`cct_loss.cct_loss_multiview`.
 
-    Args:
-        **options: ``layout`` (``"all"``, symmetric with ``M = V - 1`` positives, or
-            ``"paper"``) and the options of :func:`cct_loss.cct_loss`.
+    Takes the options of :func:`cct_loss.cct_loss_multiview` as keywords (``layout``
+    ``"all"``, symmetric with ``M = V - 1`` positives, or ``"paper"``).
+
+    Examples:
+        >>> import torch
+        >>> from cct_loss import CCTMultiviewLoss
+        >>> criterion = CCTMultiviewLoss(layout="paper", t_neg=0.9, detach_weights=False)
+        >>> loss = criterion([torch.randn(8, 16) for _ in range(5)])
     """
 
     _layouts = VIEW_LAYOUTS
-    _entry = "CCTMultiviewLoss"
 
     def forward(self, views: Sequence[Tensor], labels: Tensor | None = None) -> Tensor | CCTDetails:
         """See :func:`cct_loss.cct_loss_multiview`."""
-        return loss_of_views(views, labels, self.options)
+        return loss_of_views(views, labels, self.options, entry=self._call_name())

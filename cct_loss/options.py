@@ -8,6 +8,7 @@ the modules take) and the docs; nothing else re-lists the options.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypedDict
 
@@ -53,6 +54,7 @@ class CCTOptions:
     chunk_size: int | None = None
     return_details: bool | str = False
     gather_distributed: bool = False
+    check_finite: bool = False
 
     def __post_init__(self) -> None:
         check_choice("layout", self.layout, LAYOUTS)
@@ -82,6 +84,7 @@ class CCTOptions:
                 "return_details=True for the statistics without the matrices"
             )
         check_flag("gather_distributed", self.gather_distributed)
+        check_flag("check_finite", self.check_finite)
         numbers = (self.t_pos, self.t_neg, self.alpha, self.beta)
         object.__setattr__(self, "constant", not any(isinstance(x, Tensor) for x in numbers))
 
@@ -106,39 +109,86 @@ class CCTOptions:
 #: Names of the options (the fields of :class:`CCTOptions`).
 OPTION_NAMES = frozenset(f.name for f in fields(CCTOptions) if f.init)
 
+#: What the public entry points take besides the fields: ``temperature``, InfoNCE's way to set
+#: ``t_neg`` (see :func:`t_neg_of`).
+KEYWORDS = OPTION_NAMES | {"temperature"}
+
+
+def t_neg_from_temperature(temperature: float | Tensor, cost: str) -> float | Tensor:
+    """The ``t_neg`` whose weights are InfoNCE's ``softmax(cos / temperature)`` on unit vectors:
+    ``1 / (2 temperature)`` for the default cost (``d = 2 - 2 cos``), ``1 / temperature`` for
+    ``cost="cosine"`` (``d = 1 - cos``)."""
+    return (0.5 if cost == "sqeuclidean" else 1.0) / temperature
+
+
+def temperature_from_t_neg(t_neg: float | Tensor, cost: str) -> float | Tensor:
+    """The inverse of :func:`t_neg_from_temperature` (``inf`` for ``t_neg = 0``, uniform
+    weights)."""
+    scale = 0.5 if cost == "sqeuclidean" else 1.0
+    if isinstance(t_neg, Tensor):
+        return scale / t_neg
+    return math.inf if t_neg == 0 else scale / t_neg
+
+
+def t_neg_of(
+    t_neg: float | Tensor | None, temperature: float | Tensor | None, cost: object
+) -> float | Tensor:
+    """``t_neg`` as the entry points resolve it: given directly, from ``temperature`` (converted
+    by ``cost``), or the default 1.0 (InfoNCE's ``tau = 0.5`` for the default cost). Giving
+    both is an error: one of them would be silently ignored."""
+    if temperature is None:
+        return 1.0 if t_neg is None else t_neg
+    if t_neg is not None:
+        raise ValueError(
+            f"give either temperature= (InfoNCE's tau) or t_neg= (CCT's sharpness, an inverse "
+            f"temperature), not both: got temperature={temperature!r} and t_neg={t_neg!r}. "
+            "temperature=tau sets t_neg = 1 / (2 tau) (cost='cosine': 1 / tau)"
+        )
+    checked = check_scalar_option("temperature", temperature, positive=True)
+    return t_neg_from_temperature(checked, cost if isinstance(cost, str) else "sqeuclidean")
+
 
 def options_of(**values: Any) -> CCTOptions:
-    """``CCTOptions(**values)``, validated once per distinct set of values: a trainer calls
-    the loss with the same options at every step, and validating thirteen of them costs a few
-    microseconds a call, which a small batch's step notices. Values are told apart by type as
-    well (``True`` is not ``1``); a tensor option (a schedule) is validated every call."""
+    """``CCTOptions(**values)`` (``temperature`` resolved into ``t_neg`` by :func:`t_neg_of`),
+    validated once per distinct set of values: a trainer calls the loss with the same options
+    at every step, and validating fourteen of them costs a few microseconds a call, which a
+    small batch's step notices. Values are told apart by type as well (``True`` is not ``1``);
+    a tensor option (a schedule) is validated every call."""
     if torch.compiler.is_compiling() or any(
         isinstance(values.get(name), Tensor) for name in _NUMBERS
     ):  # (a trace runs once; the cache is for eager steps)
-        return CCTOptions(**values)
+        return _build(values)
     try:
         return _validated(tuple(values), *values.values())
     except TypeError as error:  # an unhashable value: not an option; let validation say so
         if "unhashable" not in str(error):
             raise
-        return CCTOptions(**values)
+        return _build(values)
+
+
+def _build(values: dict[str, Any]) -> CCTOptions:
+    values = dict(values)
+    temperature = values.pop("temperature", None)
+    values["t_neg"] = t_neg_of(values.get("t_neg"), temperature, values.get("cost", "sqeuclidean"))
+    return CCTOptions(**values)
 
 
 @functools.lru_cache(maxsize=256, typed=True)  # typed: each value's type is part of the key
 def _validated(names: tuple[str, ...], *values: Any) -> CCTOptions:
-    return CCTOptions(**dict(zip(names, values, strict=True)))
+    return _build(dict(zip(names, values, strict=True)))
 
 
 #: The options that may be tensors (the others are refused as such by validation).
-_NUMBERS = ("t_pos", "t_neg", "alpha", "beta")
+_NUMBERS = ("t_pos", "t_neg", "alpha", "beta", "temperature")
 
 
 class OptionKeywords(TypedDict, total=False):
     """Every keyword option but ``return_details`` (the typed overloads spell that one out)."""
 
     layout: str
+    temperature: float | Tensor | None
     t_pos: float | Tensor
-    t_neg: float | Tensor
+    t_neg: float | Tensor | None
     alpha: float | Tensor
     beta: float | Tensor
     cost: str
@@ -148,6 +198,7 @@ class OptionKeywords(TypedDict, total=False):
     impl: str
     chunk_size: int | None
     gather_distributed: bool
+    check_finite: bool
 
 
 class CCTKeywords(OptionKeywords, total=False):

@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed import TCPStore  # type: ignore[attr-defined]
 from torch.nn.parallel import DistributedDataParallel
 
-from cct_loss import NegativeQueue, cct_loss, cct_loss_multiview
+from cct_loss import CCTLoss, NegativeQueue, cct_loss, cct_loss_multiview
 
 from .helpers import OperatorLog
 
@@ -150,6 +150,34 @@ def train_scenarios(
     return results
 
 
+class ProjectedLoss(CCTLoss):
+    """A subclass of the loss module that adds a submodule (a projection head, trained with
+    the loss) and an attribute of its own: the module DDP wraps in ``train_module``."""
+
+    def __init__(self, gather: bool) -> None:
+        super().__init__(temperature=0.25, gather_distributed=gather)
+        torch.manual_seed(0)
+        self.head = nn.Linear(DIM_IN, DIM_OUT)
+        self.calls = 0
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        self.calls += 1
+        loss = super().forward(self.head(x1), self.head(x2))
+        assert isinstance(loss, torch.Tensor)
+        return loss
+
+
+def train_module(module: nn.Module, rank: int, gather: bool) -> None:
+    """SGD steps of ``module(x1, x2)`` (a :class:`ProjectedLoss`, bare or wrapped in DDP) on this
+    rank's rows of each global batch (``gather``) or on all of them."""
+    opt = torch.optim.SGD(module.parameters(), lr=LR)
+    rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK) if gather else slice(None)
+    for views, _ in global_batches(2, 2 * N_PER_RANK):
+        opt.zero_grad()
+        module(views[0, rows], views[1, rows]).backward()
+        opt.step()
+
+
 def init(rank: int, world_size: int, out_dir: str) -> None:
     """Join the gloo group. Rank 0 opens the rendezvous store on a port the OS picks and
     publishes it in ``out_dir``; the others read it (no free port to race for)."""
@@ -177,6 +205,21 @@ def init(rank: int, world_size: int, out_dir: str) -> None:
 _TIMEOUT = timedelta(seconds=60)
 
 
+def leave(rank: int, world_size: int, out_dir: str) -> None:
+    """Leave the group in step: every rank lets go of the group, then rank 0, whose process
+    serves the rendezvous store, waits until the others have let go before it exits. (A rank
+    whose store client outlived the server could abort at exit: "terminate called without an
+    active exception", about one run in four with three processes.)"""
+    dist.destroy_process_group()
+    (Path(out_dir) / f"left{rank}").write_text("")
+    if rank != 0:
+        return
+    deadline = time.monotonic() + _TIMEOUT.total_seconds()
+    others = [Path(out_dir) / f"left{r}" for r in range(1, world_size)]
+    while not all(path.exists() for path in others) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def run_uneven(rank: int, world_size: int, out_dir: str) -> None:
     """Ranks holding 4, 3 and 1 rows: training parity, the queue, and an empty rank."""
     init(rank, world_size, out_dir)
@@ -194,7 +237,7 @@ def run_uneven(rank: int, world_size: int, out_dir: str) -> None:
             results["empty_rank"] = str(error)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        leave(rank, world_size, out_dir)
 
 
 def synchronising_operators() -> list[str]:
@@ -224,6 +267,9 @@ def run(rank: int, world_size: int, out_dir: str) -> None:
     try:
         results = train_scenarios(tuple(SCENARIOS), rank, (N_PER_RANK,) * world_size)
         results["synchronising"] = synchronising_operators()
+        wrapped = DistributedDataParallel(ProjectedLoss(gather=True))
+        train_module(wrapped, rank, gather=True)
+        results["loss_module"] = dict(wrapped.module.state_dict(), calls=wrapped.module.calls)
 
         queue = NegativeQueue(7, 3, gather_distributed=True)
         g = torch.Generator().manual_seed(100 + rank)
@@ -240,4 +286,4 @@ def run(rank: int, world_size: int, out_dir: str) -> None:
         results["labelled_queue"] = labelled.state_dict()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        leave(rank, world_size, out_dir)

@@ -259,15 +259,18 @@ def reference_paper(
     normalize: bool = True,
     detach_weights: bool = False,
     reduction: str = "mean",
+    compute_dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """Loop transcription of the official small-scale objective (SPEC section 3).
+    """Loop transcription of the official small-scale objective (SPEC section 3), in float64
+    unless ``compute_dtype`` says otherwise (evaluated in float32 it measures how well
+    conditioned a case is).
 
     attraction = mean over views x and rows i of the transport cost from z_x[i] to the other
     views of row i; repulsion = mean over pairs x < y and rows i of z_x[i] against the rows
     j != i of view y. loss = alpha * attraction + beta * repulsion. Per row for "none".
     """
     prep = unit if normalize else (lambda x: x)
-    z = [[prep(r) for r in v.double()] for v in views]
+    z = [[prep(r) for r in v.to(compute_dtype)] for v in views]
     num_views, n = len(z), len(z[0])
     opts: dict[str, Any] = dict(
         t_pos=t_pos, t_neg=t_neg, alpha=1.0, beta=1.0, cost=cost, detach_weights=detach_weights

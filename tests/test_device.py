@@ -75,5 +75,5 @@ def test_results_live_on_the_test_device(impl: str) -> None:
             assert value.device.type == TEST_DEVICE.type, name
     (grad,) = torch.autograd.grad(out.loss, q)
     assert grad.device.type == TEST_DEVICE.type
-    paper = cct_loss_multiview([q, p, p], layout="paper", impl=impl)
+    paper = cct_loss_multiview([q, p, p.clone()], layout="paper", impl=impl)
     assert isinstance(paper, torch.Tensor) and paper.device.type == TEST_DEVICE.type

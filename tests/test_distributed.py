@@ -71,6 +71,19 @@ def test_ddp_with_gathered_negatives_equals_single_process(
             )
 
 
+def test_ddp_wraps_a_subclass_of_the_loss_module(results: list[dict[str, Any]]) -> None:
+    """DDP around a CCTLoss subclass with its own head and attributes trains like one process
+    on the whole batch (world size 2, ``gather_distributed=True``)."""
+    assert WORLD_SIZE * worker.N_PER_RANK == 8
+    single = worker.ProjectedLoss(gather=False)
+    worker.train_module(single, 0, gather=False)
+    for rank in range(WORLD_SIZE):
+        state = results[rank]["loss_module"]
+        assert state["calls"] == worker.STEPS
+        for name, value in single.state_dict().items():
+            torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-5)
+
+
 def test_gathering_calls_do_not_synchronise(results: list[dict[str, Any]]) -> None:
     """Across processes too: the row counts travel on the CPU (no device value is read back),
     and nothing depends on data for its shape."""

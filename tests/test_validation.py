@@ -126,7 +126,7 @@ def call(**overrides: Any) -> Any:
         (
             {"positive": torch.arange(4)},
             TypeError,
-            r"positive must have a floating-point dtype.*int64; to pass class labels use labels=",
+            r"positive must have a floating-point dtype.*int64. To pass class labels, name them: cct_loss\(query, labels=labels\)",
         ),
         ({"labels": torch.zeros(4)}, TypeError, r"labels must have an integer dtype.*float32"),
         ({"labels": [0, 1, 2, 3]}, TypeError, r"labels must be a 1-D integer tensor.*list"),
@@ -250,11 +250,11 @@ def test_mixed_float_dtypes_are_promoted() -> None:
             {},
             ValueError,
             r"views must be a list of V tensors \(N, D\), got one tensor of shape \(3, 4, 8\).*"
-            r"list\(x.unbind\(1\)\) for \(N, V, D\)",
+            r"cct_loss_multiview\(list\(x.unbind\(1\)\)\) for \(N, V, D\)",
         ),
         ([torch.randn(4, 8)], {}, ValueError, r"at least 2 views \(or 1 view with labels=\)"),
         (
-            [torch.randn(4, 8)] * 2,
+            [torch.randn(4, 8), torch.randn(4, 8)],
             {"layout": "paper", "labels": torch.zeros(4, dtype=torch.long)},
             ValueError,
             r"labels are not defined for layout='paper'",
@@ -266,7 +266,7 @@ def test_mixed_float_dtypes_are_promoted() -> None:
             r"labels must have shape \(N,\) = \(4,\)",
         ),
         (
-            [torch.randn(4, 8)] * 2,
+            [torch.randn(4, 8), torch.randn(4, 8)],
             {"layout": "cross"},
             ValueError,
             r"layout must be one of 'all', 'paper' for cct_loss_multiview; got 'cross'",
@@ -287,12 +287,17 @@ def test_mixed_float_dtypes_are_promoted() -> None:
             r"views\[1\] must have a floating-point dtype",
         ),
         (
-            [torch.randn(4, 8)] * 2,
+            [torch.randn(4, 8), torch.randn(4, 8)],
             {"layout": "official"},
             ValueError,
             r"layout must be one of 'all', 'cross', 'paper'; got 'official'",
         ),
-        ([torch.randn(4, 8)] * 2, {"t_neg": -2}, ValueError, r"t_neg must be a finite number >= 0"),
+        (
+            [torch.randn(4, 8), torch.randn(4, 8)],
+            {"t_neg": -2},
+            ValueError,
+            r"t_neg must be a finite number >= 0",
+        ),
     ],
 )
 def test_bad_multiview_input(
