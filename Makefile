@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 DEV_STAMP := $(VENV)/.dev-installed
 EXAMPLES_STAMP := $(VENV)/.examples-installed
 
-.PHONY: demo experiment test lint typecheck unit unit-triton gpu-check-smoke gpu-check bench bench-suite clean
+.PHONY: demo experiment test lint typecheck unit unit-triton docs docs-check gpu-check-smoke gpu-check bench bench-suite clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,7 +53,15 @@ unit: $(EXAMPLES_STAMP)
 unit-triton: $(EXAMPLES_STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -m triton tests/test_triton.py
 
-test: lint typecheck unit unit-triton gpu-check-smoke
+test: lint typecheck unit unit-triton docs-check gpu-check-smoke
+
+# The documentation site (mkdocs.yml, docs/): `make docs` builds it into site/; make test builds
+# it strictly into the virtual environment, so that a broken link or reference fails CI.
+docs: $(DEV_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
+docs-check: $(DEV_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir $(VENV)/docs-site
 
 # The CPU smoke mode of gpu-check, with the virtual environment's interpreter.
 gpu-check-smoke: $(EXAMPLES_STAMP)
@@ -73,4 +81,4 @@ bench-suite: $(DEV_STAMP)
 	$(PY) -m pytest benchmarks/test_benchmarks.py --benchmark-enable --benchmark-only -p no:randomly
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks
+	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks

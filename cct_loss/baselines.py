@@ -20,7 +20,8 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
     its row as the target and the other ``2N - 2`` embeddings as the rest of the softmax.
 
     Args:
-        z1, z2: ``(N, D)`` two views of the same rows (normalised here).
+        z1: ``(N, D)`` the first view of each row (normalised here).
+        z2: ``(N, D)`` the second view of the same rows.
         temperature: softmax temperature.
 
     Returns:
@@ -66,8 +67,9 @@ def info_nce_queue(query: Tensor, key: Tensor, queue: Tensor, temperature: float
     not normalised again at every step.
 
     Args:
-        query: ``(N, D)``; key: ``(N, D)`` positives (both normalised here); queue: ``(K, D)``
-            normalised negatives.
+        query: ``(N, D)`` queries (normalised here).
+        key: ``(N, D)`` their positives (normalised here).
+        queue: ``(K, D)`` normalised negatives.
         temperature: softmax temperature (MoCo v2: 0.2).
 
     Returns:
@@ -84,7 +86,9 @@ def clip_info_nce(query: Tensor, key: Tensor, temperature: float = 0.07) -> Tens
     target), the layout of ``cct_loss(query, key, layout="cross")``.
 
     Args:
-        query, key: ``(N, D)`` (normalised here).
+        query: ``(N, D)`` queries, e.g. images (normalised here).
+        key: ``(N, D)`` the other tower's embeddings, e.g. texts; row ``i`` is query ``i``'s
+            positive, the other rows its negatives (normalised here).
         temperature: softmax temperature (CLIP learns ``1 / temperature``; a constant here).
 
     Returns:
@@ -100,7 +104,8 @@ def supcon(z1: Tensor, z2: Tensor, labels: Tensor, temperature: float = 0.1) -> 
     label, the denominator every other embedding.
 
     Args:
-        z1, z2: ``(N, D)`` two views (normalised here).
+        z1: ``(N, D)`` the first view of each row (normalised here).
+        z2: ``(N, D)`` the second view.
         labels: ``(N,)`` integer class labels of the rows.
         temperature: softmax temperature.
 

@@ -304,10 +304,23 @@ def cct_loss_multiview(
             same-label row is a positive (the query itself excluded), every view of every row
             with another label a negative. ``cct_loss_multiview([embeddings], labels=labels)``
             is the metric-learning call (pytorch-metric-learning's ``loss(embeddings, labels)``).
-        temperature, t_pos, t_neg, alpha, beta, cost, normalize, detach_weights, reduction,
-            impl, chunk_size, return_details, check_finite: as in :func:`cct_loss`.
+        temperature: InfoNCE's ``tau``, as in :func:`cct_loss` (sets ``t_neg``).
+        t_pos: positive sharpness, as in :func:`cct_loss`.
+        t_neg: negative sharpness (``None``: 1.0 unless ``temperature`` is given).
+        alpha: weight of the attraction term.
+        beta: weight of the repulsion term.
+        cost: ``"sqeuclidean"`` or ``"cosine"``.
+        normalize: L2-normalise the views first.
+        detach_weights: treat the weights as constants in the backward pass (``False`` for the
+            paper's configuration).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        impl: the implementation, as in :func:`cct_loss`.
+        chunk_size: keys per block for ``impl="chunked"``.
+        return_details: ``True`` (or ``"weights"``) returns a :class:`CCTDetails`.
         gather_distributed: as in :func:`cct_loss`; it takes the candidates from the global
             batch for both layouts.
+        check_finite: raise a ``ValueError`` naming a view that holds NaN or inf (one host
+            synchronisation per call).
 
     Returns:
         The loss, or a :class:`CCTDetails`.

@@ -70,7 +70,7 @@ def test_simclr_learns(digits: Split, random_knn: float, views: int, supervised:
 
 
 def test_supervised_run_on_mnist_command_line() -> None:
-    """The README's supervised command on MNIST-5k (a few steps)."""
+    """The supervised command of examples/simclr.py (and the docs) on MNIST-5k, a few steps."""
     args = ["--loss", "cct", "--supervised", "--views", "2", "--epochs", "1", "--max-steps", "3"]
     stdout = run_example(["simclr.py", *args, "--batch-size", "64"])
     assert "cct supervised views=2" in stdout and "kNN" in stdout
