@@ -5,7 +5,8 @@ Each is the fastest usual formulation of the loss cct-loss replaces in that layo
 ratio against it is the ratio a user sees when swapping: the README's NT-Xent (SimCLR), MoCo's
 InfoNCE with the positive logit in column 0, CLIP's cross-entropy in one direction, and
 SupCon (Khosla et al., 2020, the loss outside the log). The multi-positive NT-Xent is kept
-for batches of more than two views. Each is written from the loss's published definition.
+for batches of more than two views. Each is written from the loss's published definition and documented behaviour, not copied
+from any implementation.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from torch import Tensor
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
-    """NT-Xent (SimCLR) as the README writes it: ``2N`` queries, each with the other view of
-    its row as the target and the other ``2N - 2`` embeddings as the rest of the softmax.
+    """NT-Xent (SimCLR) as trainers write it, and as the README and the docs show it: ``2N``
+    queries, each with the other view of its row as the target and the other ``2N - 2``
+    embeddings as the rest of the softmax.
 
     Args:
         z1: ``(N, D)`` the first view of each row (normalised here).
