@@ -13,8 +13,9 @@ The ``auto`` rule, from the benchmark tables in BENCHMARKS.md:
   holds no ``Q x K`` matrix. Per-query negatives: always ``dense`` (their ``(N, K, D)`` input is
   already ``D`` times larger than the cost matrix).
 * **CUDA** (one H200, bfloat16 autocast; gpu-check's first table, commit ca10ed9): ``triton``
-  where it serves the call (installed; ``D <= 256``; half precision, or float32 with TF32
-  allowed; shared keys; not while tracing) and the problem is large enough to fill the GPU
+  where it serves the call (installed; ``D <= 256``, the dimensions timed on a GPU; half
+  precision, or float32 with TF32 allowed; shared keys; not while tracing) and the problem is
+  large enough to fill the GPU
   (``Q * K >= 2**24`` and ``Q >= 1024``); below that ``dense``, while ``Q * K <= 2**28``; above
   that, without Triton, ``sdpa`` (PyTorch's fused attention: memory-lean, and exact at any
   sharpness with detached weights; with gradients through the weights above
@@ -51,7 +52,6 @@ from .transport import (
     Transport,
     fixed_attraction,
 )
-from .triton_impl import MAX_DIM as TRITON_MAX_DIM
 from .triton_impl import triton_expected_cost
 
 if TYPE_CHECKING:
@@ -73,6 +73,10 @@ IMPLS = ("auto", *KERNELS)
 AUTO_DENSE_MAX_ELEMENTS = 1 << 24
 #: CUDA: dense while ``Q x K`` has at most this many entries (1 GiB per float32 matrix).
 CUDA_DENSE_MAX_ELEMENTS = 1 << 28
+#: CUDA: the largest D for which ``auto`` considers Triton: the kernels take D up to 1024 (tiling
+#: D above 256), but only D <= 256 has been timed on a GPU; above, ``auto`` keeps dense or sdpa
+#: until a measurement shows the tiled kernels ahead.
+TRITON_AUTO_MAX_DIM = 256
 #: CUDA: Triton from this many query-key pairs ...
 TRITON_MIN_ELEMENTS = 1 << 24
 #: ... and this many queries (the forward kernel runs one program per 64 queries: fewer leave
@@ -120,7 +124,7 @@ def triton_serves(call: Call) -> bool:
         and call.triton_installed
         and not call.per_query
         and not call.traced
-        and call.dim <= TRITON_MAX_DIM
+        and call.dim <= TRITON_AUTO_MAX_DIM
         and fast_dtype
     )
 

@@ -14,10 +14,14 @@ imported (how the test suite checks them). Inputs are float32, float16 or bfloat
 precision policy's products' dtype), with float32 accumulation; float32 products are IEEE
 unless TF32 is enabled in PyTorch (``torch.backends.cuda.matmul.allow_tf32``). IEEE float32
 products run on CUDA cores (63-111x ``dense`` on an H200): that path warns, and ``auto`` never
-takes it. ``D`` up to
-:data:`MAX_DIM`. Not supported, each with an error naming the path that is: per-query
-``(Q, K, D)`` keys, float64, ``torch.func.vmap`` and ``torch.compile``. The block sizes have not
-been tuned on a GPU yet.
+takes it. ``D`` up to :data:`MAX_DIM`: up to 256 a block's
+features are one tile held in registers, above that the kernels tile ``D`` inside the products
+(see :mod:`cct_loss.triton_kernels`). The tiles come from a table per ``D`` and dtype
+(:mod:`cct_loss.triton_tiles`, written by ``benchmarks/tune_triton.py`` on a GPU; untuned
+defaults until then). In-batch, where the keys are the queries, the two gradients are written
+into one buffer. ``impl="triton"`` never hands a call to another implementation: it runs its
+kernels or raises. Not supported, each with an error naming the path that is: per-query
+``(Q, K, D)`` keys, float64, ``D > 1024``, ``torch.func.vmap`` and ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import apply, eager_twin
-from ._validation import is_functorch_wrapped
+from ._validation import is_functorch_wrapped, same_view
 from .precision import as_input_grads, backward_in_own_precision
 from .transport import (
     ConditionalExpectation,
@@ -41,27 +45,42 @@ from .transport import (
     membership_ids,
     streamed_expectation,
 )
+from .triton_tiles import TILES
 
 if TYPE_CHECKING:
     from .options import CCTOptions, Side
 
-#: Largest embedding dimension the kernels take (the feature block is ``D`` rounded up to a
-#: power of two, at least 16, and held in registers).
-MAX_DIM = 256
+#: Largest embedding dimension the kernels take (above a feature tile they tile ``D``).
+MAX_DIM = 1024
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class Blocks(NamedTuple):
-    """Rows of queries and of keys per program."""
+class Tiles(NamedTuple):
+    """How the kernels cut a problem: rows of queries and of keys per program, the feature tile
+    of the products, the output columns per backward program, and the launch's warps and
+    pipeline stages."""
 
     queries: int
     keys: int
+    features: int
+    outputs: int
+    warps: int
+    stages: int
 
 
-#: Block sizes on a GPU (not yet tuned there) and in the CPU interpreter (small blocks: the
-#: interpreter's cost is per block iteration, and the tests need sizes that end mid-block).
-GPU_BLOCKS = Blocks(64, 64)
-INTERPRETER_BLOCKS = Blocks(16, 32)
+#: Tiles in the CPU interpreter: small row blocks (its cost is per block iteration, and the
+#: tests need sizes that end mid-block), one feature tile up to D = 256, and above it tiles that
+#: make D = 512, 768 and 1000 take several feature tiles and (from 768) two output tiles.
+INTERPRETER_TILES = Tiles(16, 32, 256, 512, 4, 1)
+
+
+def tiles_for(dim: int, dtype: torch.dtype) -> Tiles:
+    """The GPU's tiles for ``D = dim`` in ``dtype``: the smallest bucket of
+    :data:`cct_loss.triton_tiles.TILES` that holds ``dim``."""
+    kind = "float32" if dtype == torch.float32 else "half"
+    buckets = sorted(bound for bound, k in TILES if k == kind)
+    bound = next((b for b in buckets if dim <= b), buckets[-1])
+    return Tiles(*TILES[(bound, kind)])
 
 
 def interpreting() -> bool:
@@ -106,7 +125,7 @@ def check_supported(query: Tensor, keys: Tensor) -> None:
     if query.shape[-1] > MAX_DIM:
         raise ValueError(
             f"impl='triton' takes embedding dims up to D = {MAX_DIM}; got D = {query.shape[-1]}. "
-            "Use impl='chunked'"
+            "Use impl='chunked', which streams the same way for any D"
         )
     if torch.compiler.is_compiling():
         raise RuntimeError(
@@ -129,19 +148,33 @@ IEEE_FLOAT32_WARNING = (
 
 
 def _launch_options(query: Tensor, num_dims: int) -> dict[str, Any]:
+    """The kernels' block sizes and flags for ``query``'s dtype and ``D = num_dims`` (every
+    kernel takes ``BLOCK_Q``, ``BLOCK_K``, ``BLOCK_D``, ``SINGLE_D``; the backward kernels also
+    ``BLOCK_DOUT``, see :func:`_without_output_tile`), and the launch's warps and stages."""
     interpret = interpreting()
-    blocks = INTERPRETER_BLOCKS if interpret else GPU_BLOCKS
+    tiles = INTERPRETER_TILES if interpret else tiles_for(num_dims, query.dtype)
     tf32 = query.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     if query.dtype == torch.float32 and not tf32 and not interpret:
         warnings.warn(IEEE_FLOAT32_WARNING, stacklevel=2)
+    whole = max(16, 1 << (num_dims - 1).bit_length())  # D rounded up to a power of two
+    single = whole <= tiles.features
     return {
         # Triton's interpreter computes bfloat16 tl.dot wrongly: widen half operands there.
         "UPCAST": interpret and query.dtype != torch.float32,
         "PRECISION": "tf32" if tf32 and not interpret else "ieee",
-        "BLOCK_Q": blocks.queries,
-        "BLOCK_K": blocks.keys,
-        "BLOCK_D": max(16, 1 << (num_dims - 1).bit_length()),
+        "SINGLE_D": single,
+        "BLOCK_Q": tiles.queries,
+        "BLOCK_K": tiles.keys,
+        "BLOCK_D": whole if single else tiles.features,
+        "BLOCK_DOUT": whole if single else tiles.outputs,
+        "num_warps": tiles.warps,
+        "num_stages": tiles.stages,
     }
+
+
+def _without_output_tile(launch: dict[str, Any]) -> dict[str, Any]:
+    """The forward kernel's options (it writes per-query values: no output tile)."""
+    return {k: v for k, v in launch.items() if k != "BLOCK_DOUT"}
 
 
 def _id_args(ids: tuple[Tensor | None, ...], device: torch.device) -> list[Tensor]:
@@ -202,7 +235,7 @@ class _TritonExpectedCost(torch.autograd.Function):
             **_flags(ids, same_group, cost),
             FARTHER=farther,
             DETAILS=return_details,
-            **launch,
+            **_without_output_tile(launch),
         )
         expected, log_normaliser = outputs
         entropy, extreme = details
@@ -260,19 +293,31 @@ class _TritonExpectedCost(torch.autograd.Function):
             log_normaliser,
         )
         flags = {**_flags(ids, same_group, cost), "DETACH": detach_weights, **launch}
+        columns = triton_cdiv(num_dims, launch["BLOCK_DOUT"])
+        needs_query, needs_keys = ctx.needs_input_grad[:2]
+        # In-batch the keys are the queries (a view of the same rows): both gradients go into
+        # one buffer, the key kernel adding to what the query kernel wrote.
+        shared = needs_query and needs_keys and same_view(query, keys)
         grad_query = grad_keys = None
-        if ctx.needs_input_grad[0]:
+        if needs_query:
             grad_query = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-            grid = (triton_cdiv(num_queries, launch["BLOCK_Q"]),)
+            grid = (triton_cdiv(num_queries, launch["BLOCK_Q"]), columns)
             kernels.expected_cost_grad_query[grid](
-                q, k, *common, grad_query, num_queries, num_keys, num_dims, **flags
-            )
-        if ctx.needs_input_grad[1]:
-            grad_keys = torch.empty(k.shape, dtype=torch.float32, device=k.device)
-            grid = (triton_cdiv(num_keys, launch["BLOCK_K"]),)
+                q, k, *common, grad_query, num_queries, num_keys, num_dims,
+                ACCUMULATE=False, **flags,
+            )  # fmt: skip
+        if needs_keys:
+            if shared:
+                grad_keys = grad_query
+            else:
+                grad_keys = torch.empty(k.shape, dtype=torch.float32, device=k.device)
+            grid = (triton_cdiv(num_keys, launch["BLOCK_K"]), columns)
             kernels.expected_cost_grad_keys[grid](
-                q, k, *common, grad_keys, num_queries, num_keys, num_dims, **flags
-            )
+                q, k, *common, grad_keys, num_queries, num_keys, num_dims,
+                ACCUMULATE=shared, **flags,
+            )  # fmt: skip
+        if shared:
+            grad_keys = None  # (already in grad_query)
         grads = as_input_grads(ctx.needs_input_grad, (query, keys), (grad_query, grad_keys))
         return *grads, *nones
 

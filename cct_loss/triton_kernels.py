@@ -15,6 +15,16 @@ positives, ``-t_neg`` for negatives) and ``pi = softmax(l)``:
   ``dq = 2 (sum_k G_qk q - G n)`` and ``dn = 2 (sum_q G_qk n - G^T q)`` (sqeuclidean) or
   ``-G n`` and ``-G^T q`` (cosine).
 
+**Any D.** Where one feature block covers ``D`` (``SINGLE_D``: ``BLOCK_D >= D``, the usual
+case up to ``D = 256``), a program holds its queries (or keys) in registers for its whole loop.
+Above that the products are tiled over ``D``: each block's ``q.n`` accumulates over feature
+tiles of ``BLOCK_D`` in float32 (the squared norms come from the same tiles), and each backward
+program writes one tile of ``BLOCK_DOUT`` output columns (the grid's second axis), so its
+accumulator stays ``BLOCK_Q x BLOCK_DOUT``; a program recomputes the block's costs for its
+tile. Still no ``Q x K`` tensor and no atomics. ``ACCUMULATE`` adds the key gradient into the
+buffer that holds the query gradient (in-batch, where the keys are the queries: one ``(Q, D)``
+gradient buffer instead of three).
+
 Which keys take part is computed from integer ids (groups, self indices) inside the kernels;
 rows and columns beyond ``Q`` and ``K`` and feature columns beyond ``D`` are masked, so any
 sizes work. Products run in the embeddings' dtype with float32 accumulation (IEEE float32
@@ -29,29 +39,89 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_block(ptr, rows, rd, N, D, UPCAST: tl.constexpr):
-    """Rows ``rows`` of a row-major ``(N, D)`` array of embeddings (queries or keys), zero beyond
-    ``N`` and ``D``: in the products' dtype, in float32, and their squared norms (float32)."""
-    x = tl.load(
+def _rows(ptr, rows, rd, N, D):
+    """Rows ``rows``, columns ``rd`` of a row-major ``(N, D)`` array, zero beyond ``N`` and
+    ``D``, in its own dtype."""
+    return tl.load(
         ptr + rows[:, None] * D + rd[None, :],
         mask=(rows[:, None] < N) & (rd[None, :] < D),
         other=0.0,
     )
-    x_f = x.to(tl.float32)
+
+
+@triton.jit
+def _operand(x, UPCAST: tl.constexpr):
+    """``x`` as a product operand: its own dtype, or float32 where ``UPCAST`` asks."""
     if UPCAST:
-        x = x_f
-    return x, x_f, tl.sum(x_f * x_f, axis=1)
+        return x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _load_block(ptr, rows, rd, N, D, UPCAST: tl.constexpr):
+    """Rows ``rows`` of a row-major ``(N, D)`` array of embeddings (queries or keys), zero beyond
+    ``N`` and ``D``: in the products' dtype, in float32, and their squared norms (float32)."""
+    x = _rows(ptr, rows, rd, N, D)
+    x_f = x.to(tl.float32)
+    return _operand(x, UPCAST), x_f, tl.sum(x_f * x_f, axis=1)
 
 
 @triton.jit
 def _costs(q, q_sq, keys, k_sq, COSINE: tl.constexpr, PRECISION: tl.constexpr):
     """``(BLOCK_Q, BLOCK_K)`` clamped costs of a query block against a key block."""
     gram = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
+    return _cost_of(gram, q_sq, k_sq, COSINE)
+
+
+@triton.jit
+def _cost_of(gram, q_sq, k_sq, COSINE: tl.constexpr):
+    """Clamped costs from the products ``q.n`` and the squared norms."""
     if COSINE:
         cost = 1.0 - gram
     else:
         cost = q_sq[:, None] + k_sq[None, :] - 2.0 * gram
     return tl.maximum(cost, 0.0)
+
+
+@triton.jit
+def _tiled_costs(
+    q_ptr,
+    rq,
+    Q,
+    k_ptr,
+    rk,
+    K,
+    D,
+    COSINE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The costs of a query block against a key block with ``q.n`` accumulated over feature
+    tiles of ``BLOCK_D`` (float32), the squared norms from the same tiles."""
+    gram = tl.zeros((BLOCK_Q, BLOCK_K), tl.float32)
+    q_sq = tl.zeros((BLOCK_Q,), tl.float32)
+    k_sq = tl.zeros((BLOCK_K,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        q, _q_f, q_part = _load_block(q_ptr, rq, rd, Q, D, UPCAST)
+        keys, _k_f, k_part = _load_block(k_ptr, rk, rd, K, D, UPCAST)
+        gram += tl.dot(q, tl.trans(keys), input_precision=PRECISION)
+        q_sq += q_part
+        k_sq += k_part
+    return _cost_of(gram, q_sq, k_sq, COSINE)
+
+
+@triton.jit
+def _store_tile(ptr, rows, ro, N, D, value, ACCUMULATE: tl.constexpr):
+    """Write (or, ``ACCUMULATE``, add) a ``(rows, ro)`` tile of a float32 ``(N, D)`` array."""
+    mask = (rows[:, None] < N) & (ro[None, :] < D)
+    where = ptr + rows[:, None] * D + ro[None, :]
+    if ACCUMULATE:
+        value += tl.load(where, mask=mask, other=0.0)
+    tl.store(where, value, mask=mask)
 
 
 @triton.jit
@@ -120,13 +190,15 @@ def expected_cost_forward(
     DETAILS: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    SINGLE_D: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     rq = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    rd = tl.arange(0, BLOCK_D)
-    q, _q_f, q_sq = _load_block(q_ptr, rq, rd, Q, D, UPCAST)
+    if SINGLE_D:  # the queries stay in registers for the whole loop
+        rd = tl.arange(0, BLOCK_D)
+        q, _q_f, q_sq = _load_block(q_ptr, rq, rd, Q, D, UPCAST)
     scale = tl.load(scale_ptr)
     running_max = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
     normaliser = tl.zeros((BLOCK_Q,), tl.float32)
@@ -138,8 +210,13 @@ def expected_cost_forward(
         extreme = tl.full((BLOCK_Q,), float("inf"), tl.float32)
     for start in range(0, K, BLOCK_K):
         rk = start + tl.arange(0, BLOCK_K)
-        keys, _keys_f, k_sq = _load_block(k_ptr, rk, rd, K, D, UPCAST)
-        cost = _costs(q, q_sq, keys, k_sq, COSINE, PRECISION)
+        if SINGLE_D:
+            keys, _keys_f, k_sq = _load_block(k_ptr, rk, rd, K, D, UPCAST)
+            cost = _costs(q, q_sq, keys, k_sq, COSINE, PRECISION)
+        else:
+            cost = _tiled_costs(
+                q_ptr, rq, Q, k_ptr, rk, K, D, COSINE, UPCAST, PRECISION, BLOCK_Q, BLOCK_K, BLOCK_D
+            )
         take = _takes_part(
             rq, rk, Q, K, qg_ptr, kg_ptr, qs_ptr, ks_ptr, HAS_GROUPS, SAME_GROUP, HAS_SELF
         )
@@ -206,33 +283,45 @@ def expected_cost_grad_query(
     DETACH: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    SINGLE_D: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_DOUT: tl.constexpr,
 ):
+    """``dq`` for a block of queries and a tile of ``BLOCK_DOUT`` output columns."""
     rq = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    rd = tl.arange(0, BLOCK_D)
-    q_in = rq < Q
-    q, q_f, q_sq = _load_block(q_ptr, rq, rd, Q, D, UPCAST)
+    ro = tl.program_id(1) * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)  # this program's columns
+    if SINGLE_D:  # one tile: the output columns are all of D (BLOCK_DOUT == BLOCK_D)
+        q, q_out, q_sq = _load_block(q_ptr, rq, ro, Q, D, UPCAST)
+    else:
+        q_out = _rows(q_ptr, rq, ro, Q, D).to(tl.float32)
     scale = tl.load(scale_ptr)
     g, expected, lse = _load_query_stats(grad_ptr, expected_ptr, lse_ptr, rq, Q)
-    toward = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)  # sum_k G_qk n_k
+    toward = tl.zeros((BLOCK_Q, BLOCK_DOUT), tl.float32)  # sum_k G_qk n_k, this tile
     row_sums = tl.zeros((BLOCK_Q,), tl.float32)
     for start in range(0, K, BLOCK_K):
         rk = start + tl.arange(0, BLOCK_K)
-        keys, _keys_f, k_sq = _load_block(k_ptr, rk, rd, K, D, UPCAST)
-        cost = _costs(q, q_sq, keys, k_sq, COSINE, PRECISION)
+        if SINGLE_D:
+            keys_out, _keys_f, k_sq = _load_block(k_ptr, rk, ro, K, D, UPCAST)
+            cost = _costs(q, q_sq, keys_out, k_sq, COSINE, PRECISION)
+        else:
+            cost = _tiled_costs(
+                q_ptr, rq, Q, k_ptr, rk, K, D, COSINE, UPCAST, PRECISION, BLOCK_Q, BLOCK_K, BLOCK_D
+            )
+            keys_out = _operand(_rows(k_ptr, rk, ro, K, D), UPCAST)
         take = _takes_part(
             rq, rk, Q, K, qg_ptr, kg_ptr, qs_ptr, ks_ptr, HAS_GROUPS, SAME_GROUP, HAS_SELF
         )
         grad_cost = _grad_of_costs(cost, take, scale, g, expected, lse, DETACH)
-        toward += tl.dot(grad_cost.to(keys.dtype), keys, input_precision=PRECISION)
+        toward += tl.dot(grad_cost.to(keys_out.dtype), keys_out, input_precision=PRECISION)
         row_sums += tl.sum(grad_cost, axis=1)
     if COSINE:
         dq = -toward
     else:
-        dq = 2.0 * (row_sums[:, None] * q_f - toward)
-    tl.store(dq_ptr + rq[:, None] * D + rd[None, :], dq, mask=q_in[:, None] & (rd[None, :] < D))
+        dq = 2.0 * (row_sums[:, None] * q_out - toward)
+    _store_tile(dq_ptr, rq, ro, Q, D, dq, ACCUMULATE)
 
 
 @triton.jit
@@ -258,31 +347,43 @@ def expected_cost_grad_keys(
     DETACH: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    SINGLE_D: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_DOUT: tl.constexpr,
 ):
+    """``dn`` for a block of keys and a tile of ``BLOCK_DOUT`` output columns (``ACCUMULATE``:
+    added to what ``dk_ptr`` holds, the query gradient of the same rows in-batch)."""
     rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rd = tl.arange(0, BLOCK_D)
-    k_in = rk < K
-    # This program's keys, loaded once for every block of queries.
-    keys, keys_f, k_sq = _load_block(k_ptr, rk, rd, K, D, UPCAST)
+    ro = tl.program_id(1) * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
+    if SINGLE_D:  # this program's keys, loaded once for every block of queries
+        keys, keys_out, k_sq = _load_block(k_ptr, rk, ro, K, D, UPCAST)
+    else:
+        keys_out = _rows(k_ptr, rk, ro, K, D).to(tl.float32)
     scale = tl.load(scale_ptr)
-    toward = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)  # sum_q G_qk q_q
+    toward = tl.zeros((BLOCK_K, BLOCK_DOUT), tl.float32)  # sum_q G_qk q_q, this tile
     column_sums = tl.zeros((BLOCK_K,), tl.float32)
     for start in range(0, Q, BLOCK_Q):
         rq = start + tl.arange(0, BLOCK_Q)
-        q, _q_f, q_sq = _load_block(q_ptr, rq, rd, Q, D, UPCAST)
         g, expected, lse = _load_query_stats(grad_ptr, expected_ptr, lse_ptr, rq, Q)
-        cost = _costs(q, q_sq, keys, k_sq, COSINE, PRECISION)
+        if SINGLE_D:
+            q_tile, _q_f, q_sq = _load_block(q_ptr, rq, ro, Q, D, UPCAST)
+            cost = _costs(q_tile, q_sq, keys, k_sq, COSINE, PRECISION)
+        else:
+            cost = _tiled_costs(
+                q_ptr, rq, Q, k_ptr, rk, K, D, COSINE, UPCAST, PRECISION, BLOCK_Q, BLOCK_K, BLOCK_D
+            )
+            q_tile = _operand(_rows(q_ptr, rq, ro, Q, D), UPCAST)
         take = _takes_part(
             rq, rk, Q, K, qg_ptr, kg_ptr, qs_ptr, ks_ptr, HAS_GROUPS, SAME_GROUP, HAS_SELF
         )
         grad_cost = _grad_of_costs(cost, take, scale, g, expected, lse, DETACH)
-        toward += tl.dot(tl.trans(grad_cost.to(q.dtype)), q, input_precision=PRECISION)
+        toward += tl.dot(tl.trans(grad_cost.to(q_tile.dtype)), q_tile, input_precision=PRECISION)
         column_sums += tl.sum(grad_cost, axis=0)
     if COSINE:
         dk = -toward
     else:
-        dk = 2.0 * (column_sums[:, None] * keys_f - toward)
-    tl.store(dk_ptr + rk[:, None] * D + rd[None, :], dk, mask=k_in[:, None] & (rd[None, :] < D))
+        dk = 2.0 * (column_sums[:, None] * keys_out - toward)
+    _store_tile(dk_ptr, rk, ro, K, D, dk, ACCUMULATE)

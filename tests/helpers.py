@@ -221,6 +221,28 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+class AllocatedShapes(TorchDispatchMode):
+    """Records the shape and dtype of every tensor an ``empty`` or ``empty_strided`` call
+    allocates (the buffers kernels write into)."""
+
+    ALLOCATING = frozenset({"empty.memory_format", "empty_strided.default", "empty_like.default"})
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.shapes: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        name = f"{func._schema.name.split('::')[-1]}.{func._overloadname}"
+        if name in self.ALLOCATING and isinstance(out, torch.Tensor):
+            self.shapes.append((tuple(out.shape), out.dtype))
+        return out
+
+    def count(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """How many buffers of ``shape`` and ``dtype`` were allocated."""
+        return sum(1 for s, d in self.shapes if s == shape and d == dtype)
+
+
 class OperatorLog(TorchDispatchMode):
     """Records the name of every aten operator dispatched (``aten.mm``), and the operators
     that make the host wait for a device or depend on data for their shape."""

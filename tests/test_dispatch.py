@@ -11,6 +11,7 @@ from cct_loss import triton_impl
 from cct_loss.dispatch import (
     AUTO_DENSE_MAX_ELEMENTS,
     CUDA_DENSE_MAX_ELEMENTS,
+    TRITON_AUTO_MAX_DIM,
     TRITON_MIN_ELEMENTS,
     TRITON_MIN_QUERIES,
     Call,
@@ -48,6 +49,9 @@ RULE = [
     (cuda(32768, 16384, traced=True), "sdpa"),  # above dense's size
     (cuda(4096, 65536, traced=True), "dense"),
     (cuda(4096, 65536, per_query=True), "dense"),
+    (Call("cuda", 4096, 65536, TRITON_AUTO_MAX_DIM, BF16, triton_installed=True), "triton"),
+    # The kernels take D up to 1024, but above 256 they are untimed: auto keeps dense there.
+    (Call("cuda", 4096, 65536, TRITON_AUTO_MAX_DIM + 1, BF16, triton_installed=True), "dense"),
     (Call("cuda", 4096, 65536, 512, BF16, triton_installed=True), "dense"),
     (cuda(4096, 65536, triton_installed=False), "dense"),
     (cuda(32768, 32768, triton_installed=False), "sdpa"),

@@ -17,11 +17,12 @@ from hypothesis import given, settings
 from torch import Tensor
 
 from cct_loss import CCTDetails, cct_loss, cct_loss_multiview, triton_impl
-from cct_loss.triton_impl import INTERPRETER_BLOCKS, interpreting
+from cct_loss.triton_impl import INTERPRETER_TILES, interpreting
 
 from .helpers import (
     LABEL_PATTERNS,
     TEST_DEVICE,
+    AllocatedShapes,
     Case,
     LargestTensor,
     cases,
@@ -74,7 +75,7 @@ EDGES = [(17, 31, 5), (17, 33, 17), (33, 64, 64), (40, 65, 8), (64, 512, 32)]
 @pytest.mark.parametrize("detach", [True, False])
 @pytest.mark.parametrize(("n", "k", "d"), EDGES)
 def test_block_edges_shared_negatives(n: int, k: int, d: int, detach: bool) -> None:
-    assert n % INTERPRETER_BLOCKS.queries or k % INTERPRETER_BLOCKS.keys or (n, k) == (64, 512)
+    assert n % INTERPRETER_TILES.queries or k % INTERPRETER_TILES.keys or (n, k) == (64, 512)
     q, p, negatives = edge_inputs(n, k, d)
     compare(q, p, negatives, {"detach_weights": detach, "t_neg": 3.0, "t_pos": 2.0})
 
@@ -102,6 +103,82 @@ def test_block_edges_layouts_and_labels(call: str) -> None:
         )
     else:
         compare(q, p, None, {**options, "layout": "cross", "labels": labels})
+
+
+#: Dimensions above one feature tile: the products tile D (the interpreter's feature tile is
+#: 256, its output tile 512), 1000 not a power of two, so the last tiles end mid-tile.
+LARGE_DIMS = [512, 768, 1000]
+
+
+@pytest.mark.parametrize("d", LARGE_DIMS)
+@pytest.mark.parametrize(
+    "call", ["in_batch", "shared", "cross", "labels", "negative_labels", "cross_labels"]
+)
+def test_large_dims(d: int, call: str) -> None:
+    """D = 512, 768 and 1000 against the float64 reference, every layout and label pattern the
+    kernels take, values, gradients and diagnostics; the detach setting and the cost alternate
+    across the cases."""
+    assert d > INTERPRETER_TILES.features
+    q, p, negatives = edge_inputs(19, 37, d)
+    labels = torch.arange(19) % 4
+    index = LARGE_DIMS.index(d) + ["in_batch", "shared", "cross"].count(call)
+    options: dict[str, Any] = {
+        "detach_weights": index % 2 == 0,
+        "cost": "cosine" if call in ("shared", "labels") else "sqeuclidean",
+        "t_neg": 2.0,
+        "t_pos": 1.5,
+    }
+    if call == "in_batch":
+        compare(q, p, None, options)
+    elif call == "shared":
+        compare(q, p, negatives, options)
+    elif call == "cross":
+        compare(q, p, None, {**options, "layout": "cross"})
+    elif call == "labels":
+        compare(q, p, None, {**options, "labels": labels})
+    elif call == "negative_labels":
+        neg_labels = torch.arange(37) % 3
+        compare(q, p, negatives, {**options, "labels": labels, "negative_labels": neg_labels})
+    else:
+        compare(q, p, None, {**options, "layout": "cross", "labels": labels})
+
+
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("call", ["in_batch", "shared", "cross_labels"])
+def test_tiled_dims_at_small_tiles(
+    monkeypatch: pytest.MonkeyPatch, call: str, detach: bool
+) -> None:
+    """The tiled path with tiles much smaller than D (D = 40: three feature tiles of 16, the
+    last mid-tile, and three output tiles), cheap enough to cover both detach settings."""
+    if TEST_DEVICE.type == "cpu":
+        monkeypatch.setattr(triton_impl, "INTERPRETER_TILES", INTERPRETER_TILES._replace(
+            features=16, outputs=16
+        ))  # fmt: skip
+    else:
+        monkeypatch.setattr(
+            triton_impl, "tiles_for", lambda dim, dtype: triton_impl.Tiles(32, 32, 16, 16, 4, 2)
+        )
+    q, p, negatives = edge_inputs(21, 35, 40)
+    options: dict[str, Any] = {"detach_weights": detach, "t_neg": 2.0}
+    if call == "in_batch":
+        compare(q, p, None, options)
+    elif call == "shared":
+        compare(q, p, negatives, options)
+    else:
+        compare(q, p, None, {**options, "layout": "cross", "labels": torch.arange(21) % 3})
+
+
+@pytest.mark.parametrize("d", [8, 600])
+def test_in_batch_gradients_share_one_buffer(d: int) -> None:
+    """In-batch the keys are the queries: the backward allocates one float32 ``(Q, D)``
+    gradient buffer for both (the key kernel adds into it), not three."""
+    q, p, _ = edge_inputs(24, 1, d)
+    leaves = [q.requires_grad_(), p.requires_grad_()]
+    loss = cct_loss(*leaves, impl="triton")
+    with AllocatedShapes() as allocated:
+        loss.backward()
+    rows = 2 * 24
+    assert allocated.count((rows, d), torch.float32) == 1, allocated.shapes
 
 
 def compare(q: Tensor, p: Tensor, negatives: Tensor | None, options: dict[str, Any]) -> None:
@@ -225,8 +302,8 @@ def test_unsupported_calls_name_the_path_that_works(monkeypatch: pytest.MonkeyPa
         cct_loss(q, p, torch.stack([negatives] * 6), impl="triton")
     with pytest.raises(TypeError, match=r"float64.*'dense' or 'chunked'"):
         cct_loss(q.double(), p.double(), negatives.double(), impl="triton")
-    wide = random_embeddings((4, 300), 1).float()
-    with pytest.raises(ValueError, match="D = 256"):
+    wide = random_embeddings((4, 1025), 1).float()
+    with pytest.raises(ValueError, match=r"D = 1024; got D = 1025. Use impl='chunked'"):
         cct_loss(wide, wide.flip(0), impl="triton")
     with pytest.raises(RuntimeError, match=r"torch\.func"):
         torch.func.vmap(lambda x: cct_loss(x, p, negatives, impl="triton"))(q.unsqueeze(0))
