@@ -17,7 +17,9 @@ as soon as it ends:
 5. the fixed cost of a step against InfoNCE: eager, under ``reduce-overhead``, and kernel
    launches (benchmarks/overhead.py);
 6. a trainer's optimizer step with each loss (benchmarks/trainer.py);
-7. the benchmark tables in bf16 and float32 (benchmarks/run.py): the rows that decide
+7. the first two rungs of the scale ladder, 65,536 and 262,144 rows per view at D = 128, with
+   torch's flash attention on the same rows (benchmarks/ladder.py, in its own process);
+8. the benchmark tables in bf16 and float32 (benchmarks/run.py): the rows that decide
    ``auto`` first, a slow method skipped on its row rather than the table cut.
 
 Everything is printed and written to ``GPU_CHECK_OUT`` (default ``gpu_output/``) as
@@ -87,11 +89,12 @@ SMOKE_TEST_FILES = [
 #: Seconds for each step: four minutes in all on the GPU (a 15-minute device budget leaves
 #: room for a rerun and for an issue's own script).
 BUDGET = {
-    "tests": 110,
-    "sync": 20,
-    "overhead": 45,
-    "trainer": 30,
-    "bench_bf16": 35,
+    "tests": 100,
+    "sync": 15,
+    "overhead": 35,
+    "trainer": 25,
+    "ladder": 20,
+    "bench_bf16": 30,
     "bench_float32": 15,
 }
 SMOKE_BUDGET = {
@@ -99,8 +102,19 @@ SMOKE_BUDGET = {
     "sync": 20,
     "overhead": 10,
     "trainer": 20,
+    "ladder": 20,
     "bench_bf16": 20,
     "bench_float32": 20,
+}
+#: The ladder's rungs: on CUDA the first two of the issue's ladder at D = 128 with triton, and
+#: torch's flash attention on the same rows as the yardstick; in the smoke mode the command the
+#: CPU smoke test runs.
+LADDER_ARGS = {
+    "cuda": [
+        *("--device", "cuda", "--impl", "triton", "flash-attention"),
+        *("--dims", "128", "--rows", "65536", "262144"),
+    ],
+    "cpu": ["--device", "cpu", "--impl", "chunked", "--dims", "16", "--rows", "64", "128"],
 }
 #: A test that runs longer than this on the GPU is stopped and reported (pytest-timeout).
 TEST_TIMEOUT = 60
@@ -280,6 +294,15 @@ def main() -> int:
     report["trainer"] = guarded("a trainer's step", lambda: trainer.measure(device))
     save()
 
+    print("\n== scale ladder ==", flush=True)
+    ladder_out = out / "ladder"
+    command = [sys.executable, str(HERE / "ladder.py"), *LADDER_ARGS[device.type]]
+    command += ["--max-seconds", str(budget["ladder"]), "--out", str(ladder_out)]
+    report["ladder"] = run_step(command, env, budget["ladder"] * 2 + 30)
+    if (ladder_out / "ladder.json").exists():
+        report["ladder"]["rows"] = json.loads((ladder_out / "ladder.json").read_text())["rows"]
+    save()
+
     report["benchmarks"] = {}
     for dtype in ("bf16", "float32"):
         print(f"\n== benchmarks, {dtype} ==", flush=True)
@@ -336,6 +359,10 @@ def to_markdown(report: dict[str, Any]) -> str:
             else render(result)
         )
         lines += ["", f"## {title} ({step['seconds']:.0f} s)", "", body]
+    if "ladder" in report:
+        step = report["ladder"]
+        rungs = [line for line in step["output"].splitlines() if "rows per view" in line]
+        lines += ["", f"## Scale ladder ({step['seconds']:.0f} s)", "", "```", *rungs, "```"]
     for dtype, step in report.get("benchmarks", {}).items():
         table = [line for line in step["output"].splitlines() if line.strip()]
         lines += ["", f"## Benchmarks, {dtype} ({step['seconds']:.0f} s)", "", "```", *table, "```"]
