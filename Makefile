@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 DEV_STAMP := $(VENV)/.dev-installed
 EXAMPLES_STAMP := $(VENV)/.examples-installed
 
-.PHONY: demo experiment test lint typecheck unit unit-triton docs docs-check gpu-check-smoke gpu-check bench bench-suite clean
+.PHONY: demo experiment experiment-negatives test lint typecheck unit unit-triton docs docs-check gpu-check-smoke gpu-check bench bench-suite clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ experiment: $(EXAMPLES_STAMP)
 		|| sudo -n apt-get install -y --no-install-recommends dataset-fashion-mnist \
 		|| { echo "make experiment needs Fashion-MNIST: install the Debian package dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist), then rerun"; exit 1; }
 	$(PY) examples/experiment.py --out experiment_output
+
+# Does it matter how many negatives? The queue and batch sweeps on the same split (about 40
+# minutes on an idle 2-core machine, set-up included; not part of make test).
+experiment-negatives: $(EXAMPLES_STAMP)
+	@test -f $(FASHION_MNIST) || apt-get install -y --no-install-recommends dataset-fashion-mnist \
+		|| sudo -n apt-get install -y --no-install-recommends dataset-fashion-mnist \
+		|| { echo "make experiment-negatives needs Fashion-MNIST: install the Debian package dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist), then rerun"; exit 1; }
+	$(PY) examples/negatives.py --out experiment_output
 
 lint: $(EXAMPLES_STAMP)
 	$(PY) -m ruff check .

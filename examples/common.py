@@ -275,3 +275,8 @@ def paired_difference(a: list[float], b: list[float]) -> dict[str, float]:
     se = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (n - 1) / n)
     half = float(stats.t.ppf(0.975, n - 1)) * se
     return {"mean": mean, "se": se, "low": mean - half, "high": mean + half, "n": n}
+
+
+def mean_interval(values: list[float]) -> dict[str, float]:
+    """Mean of ``values`` (one per seed), its standard error and 95% t-interval."""
+    return paired_difference(values, [0.0] * len(values))

@@ -41,8 +41,14 @@ def train(
     progress: bool = True,
     track_knn: bool = True,
     split: Split | None = None,
+    prime_keys: int | None = None,
 ) -> tuple[dict[str, float], list[float]]:
-    """Train with a momentum encoder and a queue; returns (metrics, mean loss per epoch)."""
+    """Train with a momentum encoder and a queue; returns (metrics, mean loss per epoch).
+
+    Before the first step the queue holds the initial key encoder's keys of ``prime_keys``
+    augmented training images (``None``: one batch), cycling through the data when that is more
+    than the training set: with ``prime_keys=queue_size`` every step sees the full queue.
+    """
     split = split or load_dataset(dataset, limit=limit)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -51,9 +57,15 @@ def train(
     opt = torch.optim.Adam(encoder_q.parameters(), lr=lr, weight_decay=1e-5)
     queue = NegativeQueue(queue_size, 32)
     n = len(split.train_x)
-    with torch.no_grad():  # prime the queue with keys of one batch, so step 1 has negatives
+    with torch.no_grad():  # prime the queue, so that step 1 has negatives
         # (MoCo keeps normalised keys; CCT normalises its negatives anyway)
-        queue.enqueue(F.normalize(encoder_k(augment(split.train_x[:batch_size], gen)), dim=1))
+        if prime_keys is None:
+            queue.enqueue(F.normalize(encoder_k(augment(split.train_x[:batch_size], gen)), dim=1))
+        remaining = prime_keys or 0
+        while remaining > 0:
+            picked = torch.randperm(n, generator=gen)[: min(batch_size, remaining)]
+            queue.enqueue(F.normalize(encoder_k(augment(split.train_x[picked], gen)), dim=1))
+            remaining -= len(picked)
 
     losses: list[float] = []
     steps = 0

@@ -9,6 +9,7 @@ asserted: at this scale that is a measurement (see ``make demo``), not a guarant
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import statistics
 import subprocess
@@ -255,3 +256,42 @@ def test_experiment_runs_end_to_end(tmp_path: Path) -> None:
     assert "cct_paper - infonce" in result.stdout and "95% t-interval" in result.stdout
     for name in ("results.json", "results.md", "paired_differences.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_negatives_experiment_runs_end_to_end(tmp_path: Path) -> None:
+    """make experiment-negatives' pipeline (tuning at the middle setting, paired finals, drops,
+    the difference of drops, JSON, table, figure) on a synthetic Fashion-MNIST, tiny sweeps."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_synthetic_fashion(data)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "negatives.py"),
+            *("--seeds", "2", "--tune-seeds", "1", "--length", "0.02", "--tune-length", "0.02"),
+            *("--queue-sizes", "16", "64", "256", "--batches", "16", "32", "64"),
+            *("--limit", "256", "--out", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, "FASHION_MNIST_DIR": str(data)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "negatives.json").read_text())
+    queue, batch = report["sweeps"]["queue"], report["sweeps"]["batch"]
+    assert queue["tuned_at"] == 64 and batch["tuned_at"] == 32
+    assert {r["setting"] for r in queue["runs"]} == {16, 64, 256}
+    assert len(batch["runs"]) == 3 * 3 * 2  # settings x losses x seeds
+    assert set(batch["difference_of_drops"]) == {
+        f"{loss}-infonce/{key}" for loss in ("cct", "cct_paper") for key in ("knn", "linear")
+    }
+    drop = queue["drops"]["cct/knn"]
+    by_seed = {(r["setting"], r["seed"]): r["knn"] for r in queue["runs"] if r["loss"] == "cct"}
+    want = sum(by_seed[(256, s)] - by_seed[(16, s)] for s in range(2)) / 2
+    assert drop["mean"] == pytest.approx(want)
+    text = (out / "negatives.md").read_text()
+    assert "Paired difference of drops" in text and "| cct - infonce |" in text
+    assert (out / "negatives.png").stat().st_size > 0
