@@ -297,7 +297,7 @@ class _TritonExpectedCost(torch.autograd.Function):
         needs_query, needs_keys = ctx.needs_input_grad[:2]
         # In-batch the keys are the queries (a view of the same rows): both gradients go into
         # one buffer, the key kernel adding to what the query kernel wrote.
-        shared = needs_query and needs_keys and same_view(query, keys)
+        shared = needs_query and needs_keys and _same_rows(query, keys)
         grad_query = grad_keys = None
         if needs_query:
             grad_query = torch.empty(q.shape, dtype=torch.float32, device=q.device)
@@ -320,6 +320,16 @@ class _TritonExpectedCost(torch.autograd.Function):
             grad_keys = None  # (already in grad_query)
         grads = as_input_grads(ctx.needs_input_grad, (query, keys), (grad_query, grad_keys))
         return *grads, *nones
+
+
+def _same_rows(query: Tensor, keys: Tensor) -> bool:
+    """Whether ``keys`` are ``query``'s own rows to autograd: the same tensor, or a view of the
+    same base with the same layout, so that their gradients land in the same elements either
+    way. (Two leaves that merely share memory, ``q.detach().requires_grad_()``, are not.)"""
+    if keys is query:
+        return True
+    base = query if query._base is None else query._base
+    return keys._base is base and same_view(query, keys)
 
 
 def triton_cdiv(a: int, b: int) -> int:
