@@ -183,18 +183,20 @@ def test_in_batch_gradients_share_one_buffer(d: int) -> None:
 
 def test_leaves_that_share_memory_keep_their_own_gradients() -> None:
     """Negatives that are another leaf over the queries' memory (``q.detach().requires_grad_()``)
-    get their own gradient: only the queries' own view shares the gradient buffer."""
+    get their own gradient: only the queries' own view shares the gradient buffer. (Without
+    normalisation the kernels see the raw tensors, so the two really share memory there.)"""
     q, p, _ = edge_inputs(20, 1, 12)
     q = q.requires_grad_()
     negatives = q.detach().requires_grad_()
-    loss = cct_loss(q, p, negatives, impl="triton", detach_weights=False)
+    loss = cct_loss(q, p, negatives, impl="triton", detach_weights=False, normalize=False)
     got_q, got_n = torch.autograd.grad(loss, [q, negatives])
     q64, p64 = q.detach().double().requires_grad_(), p.double()
     n64 = q64.detach().clone().requires_grad_()
-    want = reference_loss(q64, p64, n64, detach_weights=False)
+    want = reference_loss(q64, p64, n64, detach_weights=False, normalize=False)
     want_q, want_n = torch.autograd.grad(want, [q64, n64])
     for got, expected in ((got_q, want_q), (got_n, want_n)):
-        assert float((got.double() - expected).abs().max()) <= RTOL * float(expected.abs().max())
+        error = float((got.double() - expected).abs().max())
+        assert error <= RTOL * (float(expected.abs().max()) + 1e-3), error
 
 
 def compare(q: Tensor, p: Tensor, negatives: Tensor | None, options: dict[str, Any]) -> None:
