@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+import cct_loss as cct_loss_package
 from cct_loss import CCTLoss, CCTMultiviewLoss, cct_loss, cct_loss_multiview
 
 from .helpers import TEST_DEVICE
@@ -338,6 +339,8 @@ def test_triton_without_triton_says_how_to_install(monkeypatch: pytest.MonkeyPat
     """Without the optional dependency impl='triton' says what to install; nothing else
     changes (every other implementation runs)."""
     monkeypatch.setitem(sys.modules, "cct_loss.triton_kernels", None)  # an import that fails
+    # and the package forgets a kernel module that an earlier test imported
+    monkeypatch.delattr(cct_loss_package, "triton_kernels", raising=False)
     q, p = torch.randn(4, 8), torch.randn(4, 8)
     with pytest.raises(RuntimeError, match=r"pip install cct-loss\[triton\].*'chunked'"):
         cct_loss(q, p, impl="triton")
