@@ -39,7 +39,7 @@ experiment: $(EXAMPLES_STAMP)
 		|| { echo "make experiment needs Fashion-MNIST: install the Debian package dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist), then rerun"; exit 1; }
 	$(PY) examples/experiment.py --out experiment_output
 
-# Does it matter how many negatives? The queue and batch sweeps on the same split (about 40
+# Does it matter how many negatives? The queue and batch sweeps on the same split (about 32
 # minutes on an idle 2-core machine, set-up included; not part of make test).
 experiment-negatives: $(EXAMPLES_STAMP)
 	@test -f $(FASHION_MNIST) || apt-get install -y --no-install-recommends dataset-fashion-mnist \

@@ -232,20 +232,16 @@ def test_paired_difference_by_hand() -> None:
     assert d["high"] - d["mean"] == pytest.approx(3.1824 * 0.0064550, rel=1e-3)
 
 
-def test_experiment_runs_end_to_end(tmp_path: Path) -> None:
-    """make experiment's pipeline (tuning, paired finals, table, JSON, figure) on a synthetic
-    Fashion-MNIST and a tiny budget."""
+def run_on_synthetic_fashion(
+    tmp_path: Path, script: str, args: list[str]
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Run ``examples/<script>`` on a synthetic Fashion-MNIST, writing into ``tmp_path/out``."""
     data = tmp_path / "data"
     data.mkdir()
     write_synthetic_fashion(data)
     out = tmp_path / "out"
     result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "experiment.py"),
-            *("--seeds", "2", "--epochs", "1", "--tune-epochs", "1", "--limit", "256"),
-            *("--out", str(out)),
-        ],
+        [sys.executable, str(ROOT / "examples" / script), *args, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -253,6 +249,14 @@ def test_experiment_runs_end_to_end(tmp_path: Path) -> None:
         env={**os.environ, "FASHION_MNIST_DIR": str(data)},
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    return result, out
+
+
+def test_experiment_runs_end_to_end(tmp_path: Path) -> None:
+    """make experiment's pipeline (tuning, paired finals, table, JSON, figure) on a synthetic
+    Fashion-MNIST and a tiny budget."""
+    args = ["--seeds", "2", "--epochs", "1", "--tune-epochs", "1", "--limit", "256"]
+    result, out = run_on_synthetic_fashion(tmp_path, "experiment.py", args)
     assert "cct_paper - infonce" in result.stdout and "95% t-interval" in result.stdout
     for name in ("results.json", "results.md", "paired_differences.png"):
         assert (out / name).stat().st_size > 0
@@ -261,25 +265,9 @@ def test_experiment_runs_end_to_end(tmp_path: Path) -> None:
 def test_negatives_experiment_runs_end_to_end(tmp_path: Path) -> None:
     """make experiment-negatives' pipeline (tuning at the middle setting, paired finals, drops,
     the difference of drops, JSON, table, figure) on a synthetic Fashion-MNIST, tiny sweeps."""
-    data = tmp_path / "data"
-    data.mkdir()
-    write_synthetic_fashion(data)
-    out = tmp_path / "out"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "negatives.py"),
-            *("--seeds", "2", "--tune-seeds", "1", "--length", "0.02", "--tune-length", "0.02"),
-            *("--queue-sizes", "16", "64", "256", "--batches", "16", "32", "64"),
-            *("--limit", "256", "--out", str(out)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        env={**os.environ, "FASHION_MNIST_DIR": str(data)},
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    args = ["--seeds", "2", "--tune-seeds", "1", "--length", "0.02", "--tune-length", "0.02"]
+    args += ["--queue-sizes", "16", "64", "256", "--batches", "16", "32", "64", "--limit", "256"]
+    _, out = run_on_synthetic_fashion(tmp_path, "negatives.py", args)
     report = json.loads((out / "negatives.json").read_text())
     queue, batch = report["sweeps"]["queue"], report["sweeps"]["batch"]
     assert queue["tuned_at"] == 64 and batch["tuned_at"] == 32
@@ -288,10 +276,14 @@ def test_negatives_experiment_runs_end_to_end(tmp_path: Path) -> None:
     assert set(batch["difference_of_drops"]) == {
         f"{loss}-infonce/{key}" for loss in ("cct", "cct_paper") for key in ("knn", "linear")
     }
-    drop = queue["drops"]["cct/knn"]
-    by_seed = {(r["setting"], r["seed"]): r["knn"] for r in queue["runs"] if r["loss"] == "cct"}
-    want = sum(by_seed[(256, s)] - by_seed[(16, s)] for s in range(2)) / 2
-    assert drop["mean"] == pytest.approx(want)
+    knn = {(r["loss"], r["setting"], r["seed"]): r["knn"] for r in queue["runs"]}
+
+    def drops(loss: str) -> list[float]:
+        return [knn[(loss, 256, s)] - knn[(loss, 16, s)] for s in range(2)]
+
+    assert queue["drops"]["cct/knn"]["mean"] == pytest.approx(sum(drops("cct")) / 2)
+    paired = [c - i for c, i in zip(drops("cct"), drops("infonce"), strict=True)]
+    assert queue["difference_of_drops"]["cct-infonce/knn"]["mean"] == pytest.approx(sum(paired) / 2)
     text = (out / "negatives.md").read_text()
     assert "Paired difference of drops" in text and "| cct - infonce |" in text
     assert (out / "negatives.png").stat().st_size > 0
