@@ -83,6 +83,13 @@ def load_fashion_mnist(held_out: str = "test", *, limit: int | None = None) -> S
     return Split(x_all[train], y_all[train], x_all[held], y_all[held])
 
 
+def make_reproducible(threads: int = 2) -> None:
+    """Fix what a rerun on the same machine needs to give the same accuracies: the thread count
+    (it sets the order of float sums) and torch's deterministic algorithms."""
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+
+
 def load_dataset(
     name: str = "mnist", *, test_per_class: int = 100, limit: int | None = None
 ) -> Split:

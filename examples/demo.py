@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
-from common import Split, augment, load_dataset, paired_difference
+from common import Split, augment, load_dataset, make_reproducible, paired_difference
 from simclr import Config, Result, train
 
 from cct_loss import cct_loss_multiview
@@ -163,8 +163,7 @@ def main() -> None:
         "--limit", type=int, default=None, help="use at most this many training images"
     )
     args = parser.parse_args()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    torch.use_deterministic_algorithms(True)
+    make_reproducible(threads=min(2, torch.get_num_threads()))
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     split = load_dataset("mnist", limit=args.limit)

@@ -33,7 +33,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from common import Split, load_fashion_mnist, paired_difference
+from common import Split, load_fashion_mnist, make_reproducible, paired_difference
 from simclr import Config, train
 
 LOSSES = ("infonce", "cct", "cct_paper")
@@ -86,8 +86,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("experiment_output"))
     parser.add_argument("--limit", type=int, default=None, help="training images (smoke tests)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    torch.use_deterministic_algorithms(True)
+    make_reproducible(threads=2)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     validation = load_fashion_mnist("validation", limit=args.limit)

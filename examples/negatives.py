@@ -45,7 +45,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import moco
 import torch
-from common import Split, load_fashion_mnist, mean_interval, paired_difference
+from common import Split, load_fashion_mnist, make_reproducible, mean_interval, paired_difference
 from simclr import Config
 from simclr import train as train_in_batch
 
@@ -326,8 +326,7 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     args = parser.parse_args()
     sweeps = make_sweeps(tuple(args.queue_sizes), tuple(args.batches))
-    torch.set_num_threads(2)
-    torch.use_deterministic_algorithms(True)
+    make_reproducible(threads=2)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     validation = load_fashion_mnist("validation", limit=args.limit)
