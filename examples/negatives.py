@@ -46,12 +46,10 @@ import matplotlib.pyplot as plt
 import moco
 import torch
 from common import Split, load_fashion_mnist, make_reproducible, mean_interval, paired_difference
+from experiment import METRICS, TAUS, TUNE_SEED_BASE  # make experiment's: the grids match
+from experiment import setting as setting_of
 from simclr import Config
 from simclr import train as train_in_batch
-
-TAUS = (0.1, 0.25, 0.5, 1.0)
-METRICS = (("knn", "kNN"), ("linear", "linear probe"))
-TUNE_SEED_BASE = 100  # tuning seeds are not the final seeds
 
 #: The queue sweep: K, the batch, the steps, where it is tuned.
 QUEUE_SIZES = (256, 1024, 4096, 16384)
@@ -144,11 +142,6 @@ def make_sweeps(queue_sizes: tuple[int, ...], batches: tuple[int, ...]) -> tuple
             f"in-batch, 2 views, {BATCH_EPOCHS} epochs; N = images per step",
         ),
     )
-
-
-def setting_of(loss: str, tau: float) -> dict[str, float]:
-    """The loss's hyper-parameter at the grid point of InfoNCE temperature ``tau``."""
-    return {"temperature": tau} if loss == "infonce" else {"t_neg": 1.0 / (2.0 * tau)}
 
 
 def tune(
