@@ -24,6 +24,7 @@ from .options import (
     KEYWORDS,
     OPTION_NAMES,
     CCTOptions,
+    options_of,
     t_neg_of,
     temperature_from_t_neg,
 )
@@ -60,10 +61,11 @@ class _OptionsModule(nn.Module):
         check_finite: bool = False,
     ) -> None:
         super().__init__()
-        checked = CCTOptions(
+        checked = options_of(
             layout=layout,
+            temperature=temperature,
             t_pos=t_pos,
-            t_neg=t_neg_of(t_neg, temperature, cost),
+            t_neg=t_neg,
             alpha=alpha,
             beta=beta,
             cost=cost,
