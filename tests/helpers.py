@@ -132,6 +132,12 @@ def draw_labels(draw: st.DrawFn, pattern: str, n: int) -> Tensor | None:
     return torch.tensor(draw(st.lists(st.integers(0, 2), min_size=n, max_size=n)))
 
 
+def as_loss(x: object) -> Tensor:
+    """A loss call's result as a tensor (the entry points are typed ``Tensor | CCTDetails``)."""
+    assert isinstance(x, Tensor)
+    return x
+
+
 def random_embeddings(shape: tuple[int, ...], seed: int, *, scale: float = 1.0) -> Tensor:
     """float32-representable values (so float32 and float64 paths see the same inputs)."""
     return (

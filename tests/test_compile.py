@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from torch import Tensor, nn
 
 from cct_loss import NegativeQueue, cct_loss, cct_loss_multiview
 
-from .helpers import IMPLS, impl_options, random_embeddings, seeded
+from .helpers import IMPLS, as_loss, impl_options, random_embeddings, seeded
 
 N, M, D, K = 6, 2, 8, 10
 NEGATIVES = random_embeddings((K, D), 50).float()
@@ -23,17 +22,12 @@ NEGATIVE_LABELS = torch.arange(K) % 3
 Call = Callable[[Tensor, Tensor, str], Tensor]
 
 
-def _loss(x: Tensor | Any) -> Tensor:
-    assert isinstance(x, Tensor)
-    return x
-
-
 CALLS: dict[str, Call] = {
     "in_batch": lambda q, p, impl: cct_loss(q, p[:, 0], **impl_options(impl, 4)),
     "multi_positive": lambda q, p, impl: cct_loss(q, p, **impl_options(impl, 4)),
     "shared": lambda q, p, impl: cct_loss(q, p, NEGATIVES, **impl_options(impl, 4)),
     "per_query": lambda q, p, impl: cct_loss(q, p, PER_QUERY, **impl_options(impl, 4)),
-    "paper": lambda q, p, impl: _loss(
+    "paper": lambda q, p, impl: as_loss(
         cct_loss_multiview(
             [q, p[:, 0], p[:, 1]], layout="paper", **impl_options(impl, 4), detach_weights=False
         )
@@ -116,7 +110,7 @@ class MoCo(nn.Module):
         q = self.encoder(x_q)
         with torch.no_grad():
             k = self.encoder(x_k)
-        loss = _loss(cct_loss(q, k, self.queue.negatives(), t_neg=2.0))
+        loss = as_loss(cct_loss(q, k, self.queue.negatives(), t_neg=2.0))
         self.queue.enqueue(k, check_finite=False)  # no host synchronisation inside the graph
         return loss
 
@@ -151,10 +145,10 @@ def test_reduce_overhead_training_step() -> None:
 
     @torch.compile(mode="reduce-overhead", fullgraph=True)
     def compiled_loss(a: Tensor, b: Tensor) -> Tensor:
-        return _loss(cct_loss(compiled_model(a), compiled_model(b), t_neg=2.0))
+        return as_loss(cct_loss(compiled_model(a), compiled_model(b), t_neg=2.0))
 
     def eager_loss(a: Tensor, b: Tensor) -> Tensor:
-        return _loss(cct_loss(models["eager"](a), models["eager"](b), t_neg=2.0))
+        return as_loss(cct_loss(models["eager"](a), models["eager"](b), t_neg=2.0))
 
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.5) for name, m in models.items()}
     g = seeded(3)

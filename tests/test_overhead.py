@@ -21,7 +21,7 @@ from cct_loss import CCTLoss, cct_loss, cct_loss_multiview
 from cct_loss import core as library_core
 from cct_loss.baselines import clip_info_nce, info_nce_queue, nt_xent, supcon
 
-from .helpers import IMPLS, OperatorLog, grads_of, impl_options, random_embeddings
+from .helpers import IMPLS, OperatorLog, as_loss, grads_of, impl_options, random_embeddings
 from .reference import reference_loss
 
 # The shapes of the issue that set the targets: N=256, D=128, a queue of 4096, ten classes.
@@ -42,19 +42,14 @@ def shapes() -> dict[str, tuple[Step, Step]]:
     queue = F.normalize(random_embeddings((K, D), 3).float(), dim=1)
     labels = LABELS.to(z1.device)
     return {
-        "SimCLR": (lambda: nt_xent(z1, z2), lambda: _loss(cct_loss(z1, z2))),
-        "MoCo": (lambda: info_nce_queue(z1, key, queue), lambda: _loss(cct_loss(z1, key, queue))),
-        "CLIP": (lambda: clip_info_nce(z1, z2), lambda: _loss(cct_loss(z1, z2, layout="cross"))),
+        "SimCLR": (lambda: nt_xent(z1, z2), lambda: as_loss(cct_loss(z1, z2))),
+        "MoCo": (lambda: info_nce_queue(z1, key, queue), lambda: as_loss(cct_loss(z1, key, queue))),
+        "CLIP": (lambda: clip_info_nce(z1, z2), lambda: as_loss(cct_loss(z1, z2, layout="cross"))),
         "SupCon": (
             lambda: supcon(z1, z2, labels),
-            lambda: _loss(cct_loss(z1, z2, labels=labels)),
+            lambda: as_loss(cct_loss(z1, z2, labels=labels)),
         ),
     }
-
-
-def _loss(x: Any) -> Tensor:
-    assert isinstance(x, Tensor)
-    return x
 
 
 def operators(step: Step) -> OperatorLog:
@@ -187,7 +182,7 @@ def test_a_changed_option_or_shape_is_checked_and_planned_again() -> None:
     criterion(q.float(), p.float())
     criterion.t_neg = 3.0
     torch.testing.assert_close(
-        _loss(criterion(q.float(), p.float())).double(),
+        as_loss(criterion(q.float(), p.float())).double(),
         reference_loss(q, p, t_neg=3.0),
         rtol=1e-5,
         atol=1e-6,

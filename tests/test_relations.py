@@ -18,7 +18,7 @@ from torch import Tensor
 
 from cct_loss import cct_loss
 
-from .helpers import IMPLS, random_embeddings
+from .helpers import IMPLS, as_loss, random_embeddings
 
 
 def decoupled_contrastive_loss(views: Tensor, tau: float) -> Tensor:
@@ -36,11 +36,6 @@ def decoupled_contrastive_loss(views: Tensor, tau: float) -> Tensor:
     return torch.stack(terms).mean()
 
 
-def _tensor(x: object) -> Tensor:
-    assert isinstance(x, Tensor)
-    return x
-
-
 def gradient(loss_of: Callable[[Tensor], Tensor], views: Tensor) -> Tensor:
     leaf = views.clone().requires_grad_()
     (grad,) = torch.autograd.grad(loss_of(leaf), leaf)
@@ -51,7 +46,7 @@ def gradient(loss_of: Callable[[Tensor], Tensor], views: Tensor) -> Tensor:
 @pytest.mark.parametrize("tau", [0.1, 0.2, 0.5, 1.0])
 def test_detached_two_view_gradient_is_two_tau_times_dcl(impl: str, tau: float) -> None:
     views = random_embeddings((2, 9, 6), int(tau * 100))
-    cct = gradient(lambda v: _tensor(cct_loss(v[0], v[1], t_neg=1 / (2 * tau), impl=impl)), views)
+    cct = gradient(lambda v: as_loss(cct_loss(v[0], v[1], t_neg=1 / (2 * tau), impl=impl)), views)
     dcl = gradient(lambda v: decoupled_contrastive_loss(v, tau), views)
     torch.testing.assert_close(cct, 2 * tau * dcl, rtol=1e-4 if impl == "sdpa" else 1e-7, atol=1e-9)
 
@@ -60,6 +55,6 @@ def test_gradients_through_the_weights_depart_from_dcl() -> None:
     """The relation is specific to detached weights (a control: the test above can fail)."""
     tau = 0.5
     views = random_embeddings((2, 9, 6), 3)
-    live = gradient(lambda v: _tensor(cct_loss(v[0], v[1], t_neg=1.0, detach_weights=False)), views)
+    live = gradient(lambda v: as_loss(cct_loss(v[0], v[1], t_neg=1.0, detach_weights=False)), views)
     dcl = gradient(lambda v: decoupled_contrastive_loss(v, tau), views)
     assert float((live - 2 * tau * dcl).abs().max()) > 1e-3
