@@ -36,7 +36,13 @@ from .layouts import (
     terms_of,
 )
 from .options import CCTOptions
-from .precision import autocast_dtype, own_precision, promoted_dtype, resolve_precision
+from .precision import (
+    autocast_dtype,
+    own_precision,
+    promoted_dtype,
+    resolve_precision,
+    tf32_matmul_allowed,
+)
 from .transport import Transport
 
 #: The layouts each entry point takes.
@@ -293,7 +299,7 @@ def _pairs_signature(
         return None  # the check reads the tensors at every call
     device = query.device
     keys = None if negatives is None else (negatives.shape, negatives.dtype, negatives.device)
-    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    tf32 = device.type == "cuda" and tf32_matmul_allowed()
     return (
         options,
         query.shape,

@@ -45,6 +45,7 @@ from ._validation import is_functorch_wrapped
 from .chunked import chunked_expected_cost
 from .costs import Preparation
 from .dense import OnePass, dense_expected_cost, dense_transport, one_pass
+from .precision import tf32_matmul_allowed
 from .sdpa import sdpa_expected_cost
 from .transport import (
     ConditionalExpectation,
@@ -95,7 +96,8 @@ class Call(NamedTuple):
         dtype: the products' dtype (half precision under autocast).
         per_query: the keys are ``(Q, K, D)`` per query.
         traced: under ``torch.compile`` or a ``torch.func`` transform.
-        tf32: float32 products may use TF32 (``torch.backends.cuda.matmul.allow_tf32``).
+        tf32: float32 products may use TF32
+            (:func:`cct_loss.precision.tf32_matmul_allowed`).
         triton_installed: the optional dependency is importable.
     """
 
@@ -154,15 +156,34 @@ def describe_call(query: Tensor, keys: Tensor, dtype: torch.dtype | None = None)
     device_type = query.device.type
     size = (query.shape[0], keys.shape[-2], query.shape[-1])
     dtype = query.dtype if dtype is None else dtype
+    per_query = keys.dim() == 3
     if device_type != "cuda":  # the rule reads nothing else there
-        return Call(device_type, *size, dtype, per_query=keys.dim() == 3)
+        return Call(device_type, *size, dtype, per_query=per_query)
+    traced = torch.compiler.is_compiling() or is_functorch_wrapped(query)
+    return cuda_call(*size, dtype, per_query=per_query, traced=traced)
+
+
+def cuda_call(
+    num_queries: int,
+    num_keys: int,
+    dim: int,
+    dtype: torch.dtype,
+    *,
+    per_query: bool = False,
+    traced: bool = False,
+) -> Call:
+    """A CUDA :class:`Call` with the process's state: whether TF32 is allowed (read by
+    :func:`cct_loss.precision.tf32_matmul_allowed`, whichever API set it) and whether Triton is
+    installed. Host values only."""
     return Call(
-        device_type,
-        *size,
+        "cuda",
+        num_queries,
+        num_keys,
+        dim,
         dtype,
-        per_query=keys.dim() == 3,
-        traced=torch.compiler.is_compiling() or is_functorch_wrapped(query),
-        tf32=torch.backends.cuda.matmul.allow_tf32,
+        per_query=per_query,
+        traced=traced,
+        tf32=tf32_matmul_allowed(),
         triton_installed=triton_installed(),
     )
 

@@ -50,6 +50,27 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type)
 
 
+def tf32_matmul_allowed() -> bool:
+    """Whether float32 matrix products on CUDA may use TF32, however the user said so.
+
+    PyTorch has two ways to set it: the legacy flag ``torch.backends.cuda.matmul.allow_tf32``
+    (and ``torch.set_float32_matmul_precision``), and the newer
+    ``torch.backends.cuda.matmul.fp32_precision`` / ``torch.backends.fp32_precision`` (``"tf32"``,
+    ``"ieee"``, ``"none"`` for "inherit"). Reading the legacy flag after the new API has set TF32
+    raises ``RuntimeError`` ("mix of the legacy and new APIs"); reading the new one after a
+    legacy setting works. So the new attribute is read where it exists, the global setting
+    where the matmul one inherits it, and the legacy flag only on a torch without the new API.
+    Host values only: no device is touched.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # a torch without the new API
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # inherits the global setting
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
+
+
 def promoted_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
     """:func:`torch.promote_types` over ``dtypes`` (which is itself a dispatched operator:
     skipped when they agree, as they do in a well-formed call)."""

@@ -12,7 +12,8 @@ Triton is optional (``pip install cct-loss[triton]``). The kernels run on CUDA d
 the CPU through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before ``triton`` was
 imported (how the test suite checks them). Inputs are float32, float16 or bfloat16 (the
 precision policy's products' dtype), with float32 accumulation; float32 products are IEEE
-unless TF32 is enabled in PyTorch (``torch.backends.cuda.matmul.allow_tf32``). IEEE float32
+unless TF32 is enabled in PyTorch (``torch.backends.cuda.matmul.fp32_precision = "tf32"``,
+or the legacy ``allow_tf32``; read by :func:`cct_loss.precision.tf32_matmul_allowed`). IEEE float32
 products run on CUDA cores (63-111x ``dense`` on an H200): that path warns, and ``auto`` never
 takes it. ``D`` up to :data:`MAX_DIM`: up to 256 a block's
 features are one tile held in registers, above that the kernels tile ``D`` inside the products
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from ._autograd import apply, eager_twin
 from ._validation import is_functorch_wrapped, same_view
-from .precision import as_input_grads, backward_in_own_precision
+from .precision import as_input_grads, backward_in_own_precision, tf32_matmul_allowed
 from .transport import (
     ConditionalExpectation,
     Membership,
@@ -143,7 +144,7 @@ IEEE_FLOAT32_WARNING = (
     "impl='triton' with float32 inputs and TF32 off (PyTorch's default) computes its products "
     "in IEEE float32 on CUDA cores: measured at 63-111x impl='dense' on an H200. impl='auto' "
     "never sends such calls to triton. For speed use autocast (bfloat16/float16), allow TF32 "
-    "(torch.backends.cuda.matmul.allow_tf32 = True), or impl='dense'"
+    "(torch.backends.cuda.matmul.fp32_precision = 'tf32'), or impl='dense'"
 )
 
 
@@ -153,7 +154,7 @@ def _launch_options(query: Tensor, num_dims: int) -> dict[str, Any]:
     ``BLOCK_DOUT``, see :func:`_without_output_tile`), and the launch's warps and stages."""
     interpret = interpreting()
     tiles = INTERPRETER_TILES if interpret else tiles_for(num_dims, query.dtype)
-    tf32 = query.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    tf32 = query.dtype == torch.float32 and tf32_matmul_allowed()
     if query.dtype == torch.float32 and not tf32 and not interpret:
         warnings.warn(IEEE_FLOAT32_WARNING, stacklevel=2)
     whole = max(16, 1 << (num_dims - 1).bit_length())  # D rounded up to a power of two

@@ -5,6 +5,7 @@ and the values and gradients against the float64 loop reference with a bfloat16 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -264,3 +265,103 @@ def test_compiled_under_autocast_matches_eager(impl: str) -> None:
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(torch.autograd.grad(got, q)[0], torch.autograd.grad(want, q)[0])
+
+
+# TF32: PyTorch's two APIs. Each setting is made in a fresh forked process: once the new API
+# has set TF32, reading the legacy flag raises, and no setter puts every flag back as it was.
+#: (what the user runs, whether float32 products may then use TF32)
+TF32_SETTINGS = [
+    ("pass", False),
+    ("matmul.allow_tf32 = True", True),
+    ("matmul.allow_tf32 = False", False),
+    ("torch.set_float32_matmul_precision('high')", True),
+    ("torch.set_float32_matmul_precision('highest')", False),
+    ("matmul.fp32_precision = 'tf32'", True),
+    ("matmul.fp32_precision = 'ieee'", False),
+    ("torch.backends.fp32_precision = 'tf32'", True),
+    ("torch.backends.fp32_precision = 'ieee'", False),
+    ("torch.backends.fp32_precision = 'tf32'; matmul.fp32_precision = 'ieee'", False),
+    ("torch.backends.fp32_precision = 'ieee'; matmul.fp32_precision = 'tf32'", True),
+    ("matmul.allow_tf32 = True; matmul.fp32_precision = 'ieee'", False),
+    ("matmul.fp32_precision = 'tf32'; matmul.allow_tf32 = False", False),
+]
+
+
+def _tf32_paths(setting: str) -> dict[str, object]:
+    """In a forked child: make ``setting``, then ask every path that consults TF32."""
+    import warnings
+
+    from cct_loss import triton_impl
+    from cct_loss.dispatch import choose_impl, cuda_call, triton_installed
+    from cct_loss.precision import tf32_matmul_allowed
+
+    exec(setting, {"torch": torch, "matmul": torch.backends.cuda.matmul})
+    triton_impl.interpreting = lambda: False  # (the child's own copy of the module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        launch = triton_impl._launch_options(torch.zeros(2, 4), 4)
+    # MoCo N=4096, K=65536 in float32: triton exactly when TF32 is allowed, else dense.
+    call = cuda_call(4096, 65536, 128, torch.float32)
+    return {
+        "helper": tf32_matmul_allowed(),
+        "call": call.tf32,
+        "auto": choose_impl("auto", call),
+        "triton_installed": triton_installed(),
+        "precision": launch["PRECISION"],
+        "warned": any("IEEE float32" in str(w.message) for w in caught),
+    }
+
+
+def _in_fork(function: Any, *args: Any) -> Any:
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+@pytest.mark.cpu_only  # (a forked child must not touch CUDA)
+@pytest.mark.parametrize(("setting", "allowed"), TF32_SETTINGS)
+def test_tf32_read_from_either_api(setting: str, allowed: bool) -> None:
+    """Whichever API set it, the one helper reads TF32 without raising, and the auto rule and
+    the Triton float32 path agree with it (the legacy read alone raises after the new API)."""
+    got = _in_fork(_tf32_paths, setting)
+    assert got["helper"] is allowed and got["call"] is allowed, got
+    assert got["precision"] == ("tf32" if allowed else "ieee"), got
+    assert got["warned"] is (not allowed), got
+    if got["triton_installed"]:
+        assert got["auto"] == ("triton" if allowed else "dense"), got
+
+
+def test_tf32_without_the_new_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch without ``fp32_precision``: the legacy flag is read."""
+    import types
+
+    from cct_loss.precision import tf32_matmul_allowed
+
+    for flag in (True, False):
+        legacy = types.SimpleNamespace(allow_tf32=flag)
+        monkeypatch.setattr(torch.backends.cuda, "matmul", legacy)
+        assert tf32_matmul_allowed() is flag
+
+
+def test_tf32_is_read_through_one_helper() -> None:
+    """No module of the library reads the legacy flag itself (which raises after the new API
+    set TF32): only the helper's fallback for a torch without the new API does."""
+    import ast
+
+    import cct_loss
+
+    package = Path(cct_loss.__file__).parent
+    readers = []
+    for path in sorted(package.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for function in ast.walk(tree):
+            if not isinstance(function, ast.FunctionDef):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.Attribute) and node.attr in (
+                    "allow_tf32",
+                    "fp32_precision",
+                ):
+                    readers.append(f"{path.name}:{function.name}")
+    assert sorted(set(readers)) == ["precision.py:tf32_matmul_allowed"], readers
