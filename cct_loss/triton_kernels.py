@@ -39,11 +39,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _offsets(rows, cols, D):
+    """Element offsets of rows ``rows``, columns ``cols`` of a row-major ``(N, D)`` array, in
+    int64: ``rows * D`` reaches 2**31 from 2**21 rows at D = 1024 (which the kernels take), and
+    an int32 product would wrap there and address the wrong rows."""
+    return rows.to(tl.int64)[:, None] * D + cols[None, :]
+
+
+@triton.jit
 def _rows(ptr, rows, rd, N, D):
     """Rows ``rows``, columns ``rd`` of a row-major ``(N, D)`` array, zero beyond ``N`` and
     ``D``, in its own dtype."""
     return tl.load(
-        ptr + rows[:, None] * D + rd[None, :],
+        ptr + _offsets(rows, rd, D),
         mask=(rows[:, None] < N) & (rd[None, :] < D),
         other=0.0,
     )
@@ -118,7 +126,7 @@ def _tiled_costs(
 def _store_tile(ptr, rows, ro, N, D, value, ACCUMULATE: tl.constexpr):
     """Write (or, ``ACCUMULATE``, add) a ``(rows, ro)`` tile of a float32 ``(N, D)`` array."""
     mask = (rows[:, None] < N) & (ro[None, :] < D)
-    where = ptr + rows[:, None] * D + ro[None, :]
+    where = ptr + _offsets(rows, ro, D)
     if ACCUMULATE:
         value += tl.load(where, mask=mask, other=0.0)
     tl.store(where, value, mask=mask)
