@@ -295,6 +295,10 @@ def _tf32_paths(setting: str) -> dict[str, object]:
     from cct_loss.dispatch import choose_impl, cuda_call, triton_installed
     from cct_loss.precision import tf32_matmul_allowed
 
+    # PyTorch's defaults first (an earlier test of the parent may have set a flag): "none" is
+    # "inherit" at both levels, where the legacy read still works.
+    torch.backends.fp32_precision = "none"  # type: ignore[attr-defined]
+    torch.backends.cuda.matmul.fp32_precision = "none"
     exec(setting, {"torch": torch, "matmul": torch.backends.cuda.matmul})
     triton_impl.interpreting = lambda: False  # (the child's own copy of the module)
     with warnings.catch_warnings(record=True) as caught:
