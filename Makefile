@@ -76,8 +76,9 @@ gpu-check-smoke: $(EXAMPLES_STAMP)
 	$(MAKE) --no-print-directory gpu-check GPU_PYTHON="$(abspath $(PY))" GPU_CHECK_OUT="$(VENV)/gpu-check-smoke"
 
 # On a CUDA machine: tests, fused-kernel survey, sync check, fixed cost against InfoNCE, a
-# trainer's step and the benchmark tables (at most 4 minutes); without CUDA the same steps in a
-# smoke mode (under a minute). The script finds the checkout itself: no PYTHONPATH.
+# trainer's step, the ladder and the benchmark tables, within 200 s of its start (give the
+# command a timeout of at least 300 s); without CUDA the same steps in a smoke mode (under a
+# minute). The script finds the checkout itself: no PYTHONPATH, no git.
 gpu-check:
 	GPU_CHECK_OUT="$(GPU_CHECK_OUT)" $(GPU_PYTHON) benchmarks/gpu_check.py
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -91,9 +92,13 @@ def _run(call: Call, inputs: list[Tensor], impl: str, dtype: torch.dtype | None)
     return [loss.detach(), *grads]
 
 
-def survey(device: torch.device, n: int = 64, d: int = 64) -> list[dict[str, Any]]:
+def survey(
+    device: torch.device, n: int = 64, d: int = 64, *, max_seconds: float | None = None
+) -> list[dict[str, Any]]:
     """One row per (call shape, dtype, backend): served or not, and the largest difference
-    from dense in the loss and the gradients."""
+    from dense in the loss and the gradients. ``max_seconds``: a (shape, dtype) that would
+    start after that long gets rows that say it was not run (``served`` is ``None``)."""
+    started = time.perf_counter()
     g = torch.Generator().manual_seed(0)
     inputs = [
         torch.randn(shape, generator=g, device="cpu").to(device)
@@ -104,7 +109,8 @@ def survey(device: torch.device, n: int = 64, d: int = 64) -> list[dict[str, Any
         for dtype_name, dtype in DTYPES.items():
             if device.type == "cpu" and dtype is torch.float16:
                 continue  # CPU autocast is bfloat16 in practice
-            reference = _run(call, inputs, "dense", dtype)
+            late = max_seconds is not None and time.perf_counter() - started > max_seconds
+            reference = None if late else _run(call, inputs, "dense", dtype)
             for backend_name, backend in BACKENDS.items():
                 row: dict[str, Any] = {
                     "shape": shape,
@@ -112,6 +118,10 @@ def survey(device: torch.device, n: int = 64, d: int = 64) -> list[dict[str, Any
                     "dtype": dtype_name,
                     "backend": backend_name,
                 }
+                if reference is None:
+                    row.update(served=None, why=f"not run: over {max_seconds:.0f} s")
+                    rows.append(row)
+                    continue
                 try:
                     with sdpa_kernel([backend]):
                         got = _run(call, inputs, "sdpa", dtype)
@@ -140,7 +150,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                 r for r in rows if (r["shape"], r["dtype"], r["backend"]) == (shape, dtype, backend)
             ]
             r = match[0]
-            cells.append(f"yes ({r['max_diff_vs_dense']:.1e})" if r["served"] else "no")
+            if r["served"] is None:
+                cells.append("not run")
+            else:
+                cells.append(f"yes ({r['max_diff_vs_dense']:.1e})" if r["served"] else "no")
         lines.append(f"| {shape} | {carries} | {dtype} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -11,12 +11,13 @@ The baselines are the README's NT-Xent and MoCo's InfoNCE (:mod:`cct_loss.baseli
 matches. On the CPU (``make gpu-check``'s smoke mode) the eager ratio alone runs, on tiny
 shapes.
 
-Usage: ``python benchmarks/overhead.py [--device cuda] [--max-seconds 45]``
+Usage: ``python benchmarks/overhead.py [--device cuda] [--max-seconds 45] [--json PATH]``
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -122,84 +123,131 @@ def cpu_median(step: Callable[[], None], repeats: int) -> float:
     return sorted(samples)[len(samples) // 2]
 
 
-def measure(device: torch.device, max_seconds: float, repeats: int = 20) -> list[dict[str, Any]]:
-    """One row per shape: eager (and on CUDA compiled, and launches) ratios to InfoNCE; a shape
-    that would start after ``max_seconds`` gets a row that says it was skipped."""
+def measure(
+    device: torch.device,
+    max_seconds: float,
+    repeats: int = 20,
+    on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per shape: eager (and on CUDA launches and compiled) ratios to InfoNCE.
+
+    The cheap measurements of every shape come first (eager times, and on CUDA the launch
+    counts), then the ``reduce-overhead`` compiles, shape by shape, while ``max_seconds``
+    lasts: a cold compile takes tens of seconds, and must not cost the cheap rows of the
+    shapes after it. Each shape's measurement is its own unit: one that raises records its
+    error in its row and the others go on. ``on_row`` is called with the rows after every unit
+    (the command line writes them to its JSON file then, so a run stopped from outside keeps
+    what it measured).
+    """
     cuda = device.type == "cuda"
     started = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    for problem in SHAPES if cuda else SMOKE_SHAPES:
-        if time.perf_counter() - started > max_seconds:
-            rows.append({"problem": problem.label, "skipped": f"over {max_seconds:.0f} s"})
-            continue
-        pair = losses(problem, device)
-        row: dict[str, Any] = {"problem": problem.label}
-        if cuda:
-            eager = cuda_times({name: as_step(loss) for name, loss in pair.items()}, repeats)
+    shapes = SHAPES if cuda else SMOKE_SHAPES
+    rows: list[dict[str, Any]] = [{"problem": problem.label} for problem in shapes]
+
+    def time_left() -> bool:
+        return time.perf_counter() - started < max_seconds
+
+    def unit(row: dict[str, Any], key: str, action: Callable[[], dict[str, Any]]) -> None:
+        if not time_left():
+            row.setdefault("skipped", {})[key] = f"over {max_seconds:.0f} s"
         else:
-            eager = {name: cpu_median(as_step(loss), repeats) for name, loss in pair.items()}
-        row.update(
-            eager_cct_ms=1e3 * eager["cct"],
-            eager_infonce_ms=1e3 * eager["infonce"],
-            eager=eager["cct"] / eager["infonce"],
-        )
+            try:
+                row.update(action())
+            except Exception as error:  # one shape's failure is its row's, not the table's
+                row.setdefault("errors", {})[key] = f"{type(error).__name__}: {error}"[:300]
+        if on_row is not None:
+            on_row(rows)
+
+    pairs = [losses(problem, device) for problem in shapes]
+    for row, pair in zip(rows, pairs, strict=True):
+        unit(row, "eager", functools.partial(_eager, pair, cuda, repeats))
         if cuda:
-            counts = {name: launches(loss) for name, loss in pair.items()}
-            row.update(
-                launches_cct=counts["cct"],
-                launches_infonce=counts["infonce"],
-                launches=counts["cct"] / counts["infonce"],
-            )
-            torch._dynamo.reset()
-            compiled = {
-                name: torch.compile(loss, mode="reduce-overhead") for name, loss in pair.items()
-            }
-            graphs = cuda_times({name: as_step(loss) for name, loss in compiled.items()}, repeats)
-            row.update(
-                compiled_cct_ms=1e3 * graphs["cct"],
-                compiled_infonce_ms=1e3 * graphs["infonce"],
-                reduce_overhead=graphs["cct"] / graphs["infonce"],
-            )
-        rows.append(row)
+            unit(row, "launches", functools.partial(_launches, pair))
+    if cuda:
+        for row, pair in zip(rows, pairs, strict=True):
+            unit(row, "reduce_overhead", functools.partial(_compiled, pair, repeats))
     return rows
 
 
+def _eager(pair: dict[str, Loss], cuda: bool, repeats: int) -> dict[str, Any]:
+    steps = {name: as_step(loss) for name, loss in pair.items()}
+    if cuda:
+        eager = cuda_times(steps, repeats)
+    else:
+        eager = {name: cpu_median(step, repeats) for name, step in steps.items()}
+    return {
+        "eager_cct_ms": 1e3 * eager["cct"],
+        "eager_infonce_ms": 1e3 * eager["infonce"],
+        "eager": eager["cct"] / eager["infonce"],
+    }
+
+
+def _launches(pair: dict[str, Loss]) -> dict[str, Any]:
+    counts = {name: launches(loss) for name, loss in pair.items()}
+    return {
+        "launches_cct": counts["cct"],
+        "launches_infonce": counts["infonce"],
+        "launches": counts["cct"] / counts["infonce"],
+    }
+
+
+def _compiled(pair: dict[str, Loss], repeats: int) -> dict[str, Any]:
+    torch._dynamo.reset()
+    compiled = {name: torch.compile(loss, mode="reduce-overhead") for name, loss in pair.items()}
+    graphs = cuda_times({name: as_step(loss) for name, loss in compiled.items()}, repeats)
+    return {
+        "compiled_cct_ms": 1e3 * graphs["cct"],
+        "compiled_infonce_ms": 1e3 * graphs["infonce"],
+        "reduce_overhead": graphs["cct"] / graphs["infonce"],
+    }
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """The rows as a Markdown table, with the targets."""
+    """The rows as a Markdown table, with the targets (a cell not measured says why)."""
     lines = [
         "| shape | eager cct / InfoNCE ms | ratio | reduce-overhead ms | ratio | launches | ratio |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if "skipped" in r:
-            lines.append(f"| {r['problem']} | skipped ({r['skipped']}) | | | | | |")
-            continue
 
-        def pair(a: str, b: str, fmt: str = ".2f", r: dict[str, Any] = r) -> str:
-            return f"{r[a]:{fmt}} / {r[b]:{fmt}}" if a in r else "n/a"
+        def why(key: str, r: dict[str, Any] = r) -> str:
+            for kind in ("errors", "skipped"):
+                if key in r.get(kind, {}):
+                    return f"{kind[:-1] if kind == 'errors' else 'skipped'}: {r[kind][key]}"
+            return "n/a"
+
+        def pair(a: str, b: str, key: str, fmt: str = ".2f", r: dict[str, Any] = r) -> str:
+            return f"{r[a]:{fmt}} / {r[b]:{fmt}}" if a in r else why(key)
 
         def ratio(key: str, r: dict[str, Any] = r) -> str:
-            return f"{r[key]:.2f}x" if key in r else "n/a"
+            return f"{r[key]:.2f}x" if key in r else ""
 
         lines.append(
-            f"| {r['problem']} | {pair('eager_cct_ms', 'eager_infonce_ms')} | {ratio('eager')} "
-            f"| {pair('compiled_cct_ms', 'compiled_infonce_ms')} | {ratio('reduce_overhead')} "
-            f"| {pair('launches_cct', 'launches_infonce', 'd')} | {ratio('launches')} |"
+            f"| {r['problem']} | {pair('eager_cct_ms', 'eager_infonce_ms', 'eager')} "
+            f"| {ratio('eager')} "
+            f"| {pair('compiled_cct_ms', 'compiled_infonce_ms', 'reduce_overhead')} "
+            f"| {ratio('reduce_overhead')} "
+            f"| {pair('launches_cct', 'launches_infonce', 'launches', 'd')} | {ratio('launches')} |"
         )
     targets = ", ".join(f"{k} at most {v}x" for k, v in TARGETS.items())
     return "\n".join(lines) + f"\n\nTargets (H200, bf16 autocast): {targets}.\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-seconds", type=float, default=45.0)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    rows = measure(torch.device(args.device), args.max_seconds)
+    parser.add_argument("--json", type=Path, help="the rows, rewritten after every unit")
+    args = parser.parse_args(argv)
+    path: Path | None = args.json
+
+    def write(rows: list[dict[str, Any]]) -> None:
+        if path is not None:
+            path.write_text(json.dumps(rows, indent=1))
+
+    rows = measure(torch.device(args.device), args.max_seconds, on_row=write)
     print(markdown(rows))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+    return rows
 
 
 if __name__ == "__main__":

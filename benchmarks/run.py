@@ -354,9 +354,14 @@ def problems_for(device: torch.device, quick: bool, dtype: str = "float32") -> l
 
 
 def run_all(
-    args: argparse.Namespace, device: torch.device, report: Callable[[str], None]
+    args: argparse.Namespace,
+    device: torch.device,
+    report: Callable[[str], None],
+    on_rows: Callable[[list[Row]], None] | None = None,
 ) -> list[Row]:
-    """Every problem in turn, stopping (rows marked skipped) once ``--max-seconds`` is spent."""
+    """Every problem in turn, stopping (rows marked skipped) once ``--max-seconds`` is spent;
+    ``on_rows`` gets the rows so far after each problem (so that a run stopped from outside
+    keeps them)."""
     autocast = DTYPES[args.dtype]
     started = time.perf_counter()
     rows: list[Row] = []
@@ -380,6 +385,8 @@ def run_all(
             rows.append({"problem": problem.label, "method": "OOM", "ms": None, "peak_mib": None})
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if on_rows is not None:
+            on_rows(rows)
     if device.type == "cpu" and not args.no_memory:
         peaks = peaks_from_child(args)
         for row in rows:
@@ -442,7 +449,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
     info = environment(device, args.dtype, args.threads)
     print("cct-loss benchmarks  " + "  ".join(f"{k}={v}" for k, v in info.items()))
-    rows = run_all(args, device, print)
+
+    def partial(rows: list[Row]) -> None:
+        if args.json:
+            args.json.write_text(json.dumps({"environment": info, "rows": rows, "partial": True}))
+
+    rows = run_all(args, device, print, partial)
     calls = [] if args.no_per_call else per_call(device, 1 if args.quick else args.repeats)
     text = table(rows) + "\n\n" + summary(rows, calls, device.type)
     print(text)

@@ -54,9 +54,13 @@ def encoder(device: torch.device) -> tuple[nn.Module, int, int]:
     return model.to(device), 16, 16
 
 
-def measure(device: torch.device, steps: int = 20) -> dict[str, Any]:
+def measure(
+    device: torch.device, steps: int = 20, *, max_seconds: float | None = None
+) -> dict[str, Any]:
     """Milliseconds per optimizer step with each loss (medians; the two interleaved step by
-    step), and their ratio."""
+    step), and their ratio. ``max_seconds``: no new round starts after that long (one timed
+    round at least, after the warm-up)."""
+    started = time.perf_counter()
     model, batch, side = encoder(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     g = torch.Generator().manual_seed(0)
@@ -86,6 +90,9 @@ def measure(device: torch.device, steps: int = 20) -> dict[str, Any]:
     losses = {"infonce": infonce, "cct": cct}
     times: dict[str, list[float]] = {name: [] for name in losses}
     for i in range(steps + 3):  # three warm-up rounds
+        late = max_seconds is not None and time.perf_counter() - started > max_seconds
+        if late and i > 3:
+            break
         for name, loss_of in losses.items():
             if cuda:
                 torch.cuda.synchronize()
@@ -102,6 +109,7 @@ def measure(device: torch.device, steps: int = 20) -> dict[str, Any]:
         "infonce_ms": ms["infonce"],
         "ratio": ms["cct"] / ms["infonce"],
         "target": TARGET,
+        "steps": len(times["cct"]),
     }
 
 

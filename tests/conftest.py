@@ -47,6 +47,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "triton: impl='triton' (on the CPU run apart, with TRITON_INTERPRET=1)"
     )
+    # pytest-xdist's own marker (make gpu-check runs --dist loadgroup), declared for runs
+    # without the plugin.
+    config.addinivalue_line("markers", "xdist_group(name): tests that share one xdist worker")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -130,6 +130,7 @@ def test_compiled_moco_step_with_a_queue_does_not_recompile() -> None:
         torch.testing.assert_close(model.queue.state_dict()[name], value, msg=name)
 
 
+@pytest.mark.cpu_only  # on CUDA, make gpu-check's overhead step compiles and times it
 def test_reduce_overhead_training_step() -> None:
     """A trainer compiles its forward pass and the loss with ``mode="reduce-overhead"`` (CUDA
     graphs on a GPU: the small-batch setting, where launches dominate; on the CPU an inductor

@@ -25,6 +25,10 @@ from fused_kernels import SHAPES, survey
 #: bfloat16 tolerance (tests/test_precision.py).
 TOLERANCE = {"float32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}
 
+#: Under pytest-xdist (make gpu-check: ``--dist loadgroup``) every test here runs on one worker,
+#: so the module's survey is computed once.
+pytestmark = pytest.mark.xdist_group("fused_kernels")
+
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict[str, Any]]:
