@@ -1,5 +1,5 @@
 """Choose ``impl="triton"``'s tiles on a CUDA machine and write them to
-``cct_loss/triton_tiles.py``.
+``cct_loss/implementations/triton_tiles.py``.
 
 For each ``D`` bucket and dtype it times forward + backward of the in-batch call
 (``cct_loss(z1, z2, impl="triton")``, ``--rows`` rows per view) over a small set of candidate
@@ -18,7 +18,7 @@ Usage (on the GPU machine, from the checkout)::
         [--rows 16384] [--repeats 5] [--max-seconds 400] [--out tune_output] [--write]
     python3 benchmarks/tune_triton.py --dry-run      # the candidates, on any machine
 
-``--write`` rewrites ``cct_loss/triton_tiles.py`` with the winners (buckets not measured keep
+``--write`` rewrites ``cct_loss/implementations/triton_tiles.py`` with the winners (buckets not measured keep
 their entries) and the run's date, commit and versions; commit that file with the JSON.
 """
 
@@ -41,10 +41,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
-from cct_loss import cct_loss, triton_impl, triton_tiles  # noqa: E402
-from cct_loss.triton_impl import Tiles  # noqa: E402
+from cct_loss import cct_loss  # noqa: E402
+from cct_loss.implementations import triton_op, triton_tiles  # noqa: E402
+from cct_loss.implementations.triton_op import Tiles  # noqa: E402
 
-TILES_MODULE = ROOT / "cct_loss" / "triton_tiles.py"
+TILES_MODULE = ROOT / "cct_loss" / "implementations" / "triton_tiles.py"
 DTYPES = {"bf16": torch.bfloat16, "float32": torch.float32}
 #: The table's dtype kinds: half precision, or float32 with TF32.
 KIND = {"bf16": "half", "float32": "float32"}
@@ -76,8 +77,8 @@ def candidates(d: int) -> list[Tiles]:
 
 def time_candidate(tiles: Tiles, d: int, dtype: torch.dtype, rows: int, repeats: int) -> float:
     """Median seconds of a forward + backward step with ``tiles`` forced."""
-    original = triton_impl.tiles_for
-    triton_impl.tiles_for = lambda dim, dt: tiles  # type: ignore[assignment]
+    original = triton_op.tiles_for
+    triton_op.tiles_for = lambda dim, dt: tiles  # type: ignore[assignment]
     try:
         g = torch.Generator(device="cuda").manual_seed(d)
         z1, z2 = (
@@ -101,7 +102,7 @@ def time_candidate(tiles: Tiles, d: int, dtype: torch.dtype, rows: int, repeats:
             samples.append(start.elapsed_time(end) / 1e3)
         return float(statistics.median(samples))
     finally:
-        triton_impl.tiles_for = original
+        triton_op.tiles_for = original
 
 
 def tflops(rows: int, d: int, seconds: float) -> float:
@@ -112,7 +113,7 @@ def tflops(rows: int, d: int, seconds: float) -> float:
 def render_tiles_module(
     tiles: Mapping[tuple[int, str], tuple[int, ...]], measured: dict[str, str] | None
 ) -> str:
-    """The text of ``cct_loss/triton_tiles.py`` holding ``tiles`` and ``measured``: the current
+    """The text of ``cct_loss/implementations/triton_tiles.py`` holding ``tiles`` and ``measured``: the current
     module's docstring, then the two values."""
     source = TILES_MODULE.read_text()
     docstring = source[: source.index('"""', 3) + 3]
@@ -146,7 +147,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-seconds", type=float, default=400.0)
     parser.add_argument("--out", type=Path, default=Path("tune_output"))
-    parser.add_argument("--write", action="store_true", help="rewrite cct_loss/triton_tiles.py")
+    parser.add_argument(
+        "--write", action="store_true", help="rewrite cct_loss/implementations/triton_tiles.py"
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the candidates and stop")
     return parser.parse_args(argv)
 

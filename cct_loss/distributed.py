@@ -135,25 +135,6 @@ def gather_rows(x: Tensor, counts: list[int], group: Any = None) -> tuple[Tensor
     return gathered, sum(counts[:rank])
 
 
-def all_gather_with_grad(x: Tensor, group: Any = None) -> Tensor:
-    """Every rank's ``x`` concatenated along dim 0, in rank order (ranks may hold different
-    numbers of rows, at least one each).
-
-    Gradients flow back to the rank that produced each row (summed over the ranks that used
-    it). Without an active process group, returns ``x``.
-
-    Args:
-        x: ``(B, ...)`` tensor; the trailing dims must agree across ranks.
-        group: process group (default: the world).
-
-    Returns:
-        ``(sum of B over ranks, ...)`` tensor.
-    """
-    if not is_active(group):
-        return x
-    return gather_rows(x, row_counts(x.shape[0], x.device, group), group)[0]
-
-
 @torch.no_grad()
 def all_gather_no_grad(x: Tensor, counts: list[int], group: Any = None) -> Tensor:
     """Like :func:`gather_rows` for tensors that need no gradient (queue keys, labels), given

@@ -1,44 +1,41 @@
-"""The options of every entry point: one object, validated once, passed to the private core.
+"""The options of every entry point: the one list (:class:`CCTOptions`), their checks, and
+``temperature``, InfoNCE's way to set ``t_neg``.
 
-Adding an option touches this file (the field and its check), the public signatures
-(:func:`cct_loss.cct_loss`, :func:`cct_loss.cct_loss_multiview` and :class:`CCTKeywords`, which
-the modules take) and the docs; nothing else re-lists the options.
+:class:`CCTOptions` is the one place the options are defined. The public signatures
+(:func:`cct_loss.cct_loss`, :func:`cct_loss.cct_loss_multiview`, the modules' constructors) and
+:class:`OptionKeywords` (what the typed overloads accept) spell them out again, because
+``help()``, ``inspect``, IDEs and type checkers read them from the source; a test
+(tests/test_api.py) holds each of them to this list: the same names, in the same order, with the
+same defaults and annotations. The functions' bodies pass their keywords on without naming them
+(``options_of(locals(), ...)``). Adding an option is a field here with its check, and the same
+keyword in those mirrors (the test says where it is missing).
 """
 
 from __future__ import annotations
 
-import functools
 import math
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, TypedDict
+from numbers import Real
+from typing import Any, TypedDict
 
-import torch
 from torch import Tensor
 
-from ._validation import (
-    COSTS,
-    LAYOUTS,
-    REDUCTIONS,
-    check_choice,
-    check_chunk_size,
-    check_details,
-    check_flag,
-    check_scalar_option,
-)
-from .dispatch import IMPLS
+from . import shortcuts
+from .checks import shape_str
 
-#: Which side of the transport a kernel call computes: the attraction over a query's positives
-#: (``softmax(+t_pos d)``, farther positives weigh more) or the repulsion over its negatives
-#: (``softmax(-t_neg d)``, closer negatives weigh more).
-Side = Literal["positives", "negatives"]
+COSTS = ("sqeuclidean", "cosine")
+REDUCTIONS = ("mean", "sum", "none")
+LAYOUTS = ("all", "cross", "paper")
 
 
 @dataclass(frozen=True, eq=False)
 class CCTOptions:
-    """Validated options of :func:`cct_loss.cct_loss` (see its docstring for their meaning).
+    """The validated options of one call (see :func:`cct_loss.cct_loss` for their meaning).
 
-    ``t_pos``, ``t_neg``, ``alpha`` and ``beta`` are floats or 0-dim tensors (a tensor is checked
-    for its shape, dtype and ``requires_grad``, never for its value: that would synchronise).
+    ``t_pos``, ``t_neg``, ``alpha`` and ``beta`` are floats or 0-dim tensors: a tensor is checked
+    for its shape, dtype and ``requires_grad``, never for its value (reading it would cost a
+    host synchronisation).
     """
 
     layout: str = "all"
@@ -56,6 +53,10 @@ class CCTOptions:
     gather_distributed: bool = False
     check_finite: bool = False
 
+    #: No option is a tensor (a schedule can change between calls with one options object);
+    #: set by validation.
+    constant: bool = field(default=True, init=False, repr=False)
+
     def __post_init__(self) -> None:
         check_choice("layout", self.layout, LAYOUTS)
         # Python numbers become floats; every bad value is refused with a message naming it.
@@ -63,13 +64,12 @@ class CCTOptions:
             value = check_scalar_option(name, getattr(self, name), nonnegative=True)
             object.__setattr__(self, name, value)
         for name in ("alpha", "beta"):
-            value = check_scalar_option(name, getattr(self, name), nonnegative=False)
+            value = check_scalar_option(name, getattr(self, name))
             object.__setattr__(self, name, value)
         check_choice("cost", self.cost, COSTS)
         check_flag("normalize", self.normalize)
         check_flag("detach_weights", self.detach_weights)
         check_choice("reduction", self.reduction, REDUCTIONS)
-        check_choice("impl", self.impl, IMPLS)
         check_chunk_size(self.chunk_size)
         if self.chunk_size is not None and self.impl not in ("auto", "chunked"):
             raise ValueError(
@@ -88,30 +88,53 @@ class CCTOptions:
         numbers = (self.t_pos, self.t_neg, self.alpha, self.beta)
         object.__setattr__(self, "constant", not any(isinstance(x, Tensor) for x in numbers))
 
-    #: No option is a tensor (a schedule's value can change between calls with the same
-    #: options object); set by validation.
-    constant: bool = field(default=True, init=False, repr=False, compare=False)
-
     @property
     def wants_weights(self) -> bool:
         """``return_details="weights"``: the diagnostics include the weight matrices."""
         return self.return_details == "weights"
 
-    def t_for(self, side: Side) -> float | Tensor:
-        """``t_pos`` for the positives, ``t_neg`` for the negatives."""
-        return self.t_pos if side == "positives" else self.t_neg
-
     def as_dict(self) -> dict[str, object]:
-        """The options by name (for ``repr`` and :func:`dataclasses.replace`)."""
+        """The options by name."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
 
-#: Names of the options (the fields of :class:`CCTOptions`).
-OPTION_NAMES = frozenset(f.name for f in fields(CCTOptions) if f.init)
+#: The options' names, in the order of :class:`CCTOptions`.
+OPTION_NAMES = tuple(f.name for f in fields(CCTOptions) if f.init)
 
-#: What the public entry points take besides the fields: ``temperature``, InfoNCE's way to set
-#: ``t_neg`` (see :func:`t_neg_of`).
-KEYWORDS = OPTION_NAMES | {"temperature"}
+#: Every keyword the entry points take, in their order, with its default: the options, and
+#: ``temperature`` before ``t_pos``; ``t_neg`` defaults to ``None`` there (1.0 unless
+#: ``temperature`` is given).
+KEYWORDS: dict[str, object] = {}
+for _field in fields(CCTOptions):
+    if not _field.init:
+        continue
+    if _field.name == "t_pos":
+        KEYWORDS["temperature"] = None
+    KEYWORDS[_field.name] = None if _field.name == "t_neg" else _field.default
+
+
+def options_of(values: Mapping[str, Any], implementations: Collection[str]) -> CCTOptions:
+    """The validated :class:`CCTOptions` of an entry point's keywords (``temperature`` resolved
+    into ``t_neg`` by :func:`t_neg_of`); ``impl`` must be ``"auto"`` or one of
+    ``implementations`` (the implementation table's names).
+
+    Validated once per distinct set of plain values (:mod:`cct_loss.shortcuts`); a tensor option
+    (a schedule) is validated at every call.
+    """
+    impl = values["impl"]
+    if impl != "auto" and (not isinstance(impl, str) or impl not in implementations):
+        check_choice("impl", impl, ("auto", *implementations))
+    key = tuple(map(values.__getitem__, KEYWORDS))
+    return _VALIDATED.lookup(key, lambda: _build(values))
+
+
+_VALIDATED: shortcuts.Memo[CCTOptions] = shortcuts.Memo(256)
+
+
+def _build(values: Mapping[str, Any]) -> CCTOptions:
+    chosen = {name: values[name] for name in OPTION_NAMES}
+    chosen["t_neg"] = t_neg_of(values["t_neg"], values["temperature"], values["cost"])
+    return CCTOptions(**chosen)
 
 
 def t_neg_from_temperature(temperature: float | Tensor, cost: str) -> float | Tensor:
@@ -122,7 +145,7 @@ def t_neg_from_temperature(temperature: float | Tensor, cost: str) -> float | Te
 
 
 def temperature_from_t_neg(t_neg: float | Tensor, cost: str) -> float | Tensor:
-    """The inverse of :func:`t_neg_from_temperature` (``inf`` for ``t_neg = 0``, uniform
+    """The inverse of :func:`t_neg_from_temperature` (``inf`` for ``t_neg = 0``: uniform
     weights)."""
     scale = 0.5 if cost == "sqeuclidean" else 1.0
     if isinstance(t_neg, Tensor):
@@ -148,42 +171,90 @@ def t_neg_of(
     return t_neg_from_temperature(checked, cost if isinstance(cost, str) else "sqeuclidean")
 
 
-def options_of(**values: Any) -> CCTOptions:
-    """``CCTOptions(**values)`` (``temperature`` resolved into ``t_neg`` by :func:`t_neg_of`),
-    validated once per distinct set of values: a trainer calls the loss with the same options
-    at every step, and validating fourteen of them costs a few microseconds a call, which a
-    small batch's step notices. Values are told apart by type as well (``True`` is not ``1``);
-    a tensor option (a schedule) is validated every call."""
-    if torch.compiler.is_compiling() or any(
-        isinstance(values.get(name), Tensor) for name in _NUMBERS
-    ):  # (a trace runs once; the cache is for eager steps)
-        return _build(values)
-    try:
-        return _validated(tuple(values), *values.values())
-    except TypeError as error:  # an unhashable value: not an option; let validation say so
-        if "unhashable" not in str(error):
-            raise
-        return _build(values)
+def check_scalar_option(
+    name: str, value: object, *, nonnegative: bool = False, positive: bool = False
+) -> float | Tensor:
+    """``t_pos``/``t_neg`` (``nonnegative``: an inverse temperature ``>= 0``), ``temperature``
+    (``positive``: ``> 0``) or ``alpha``/``beta`` (any finite number).
+
+    A Python number is checked for its value and returned as a float. A 0-dim floating-point
+    tensor is checked for its shape, dtype and ``requires_grad`` but not for its value (reading
+    it would cost a host synchronisation, and a recompile per value under ``torch.compile``).
+    A tensor that requires grad is refused: the options are constants to autograd.
+    """
+    if positive:
+        what = "a temperature > 0"
+    elif nonnegative:
+        what = "an inverse temperature >= 0"
+    else:
+        what = "a finite number"
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise TypeError(
+                f"{name} must be a real number or a 0-dim floating-point tensor ({what}), "
+                f"got a tensor of shape {shape_str(value)} and dtype {value.dtype}"
+            )
+        if value.requires_grad:
+            raise ValueError(
+                f"{name} must not require grad: the options are constants to autograd. With "
+                "detach_weights=True a sharpness gets no gradient at all, and with "
+                "detach_weights=False the loss falls as t_neg falls, so a learned sharpness "
+                f"collapses towards uniform weights; pass {name}.detach() (a schedule is fine)"
+            )
+        return value
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(
+            f"{name} must be a real number or a 0-dim tensor ({what}), got {type(value).__name__}"
+        )
+    v = float(value)
+    if positive and not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a finite number > 0 (InfoNCE's tau), got {v}")
+    if nonnegative and not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0 (an inverse temperature), got {v}")
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
 
 
-def _build(values: dict[str, Any]) -> CCTOptions:
-    values = dict(values)
-    temperature = values.pop("temperature", None)
-    values["t_neg"] = t_neg_of(values.get("t_neg"), temperature, values.get("cost", "sqeuclidean"))
-    return CCTOptions(**values)
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    """``value`` as one of the allowed strings."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
 
 
-@functools.lru_cache(maxsize=256, typed=True)  # typed: each value's type is part of the key
-def _validated(names: tuple[str, ...], *values: Any) -> CCTOptions:
-    return _build(dict(zip(names, values, strict=True)))
+def check_flag(name: str, value: object) -> bool:
+    """``value`` as a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+    return value
 
 
-#: The options that may be tensors (the others are refused as such by validation).
-_NUMBERS = ("t_pos", "t_neg", "alpha", "beta", "temperature")
+def check_details(value: object) -> bool | str:
+    """``return_details``: a bool, or ``"weights"`` for the weight matrices too."""
+    if value == "weights" or isinstance(value, bool):
+        return value
+    raise TypeError(
+        f'return_details must be a bool or "weights", got {type(value).__name__} ({value!r})'
+    )
+
+
+def check_chunk_size(value: object) -> int | None:
+    """``chunk_size``: ``None`` or an int >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"chunk_size must be None or an int >= 1, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {value}")
+    return value
 
 
 class OptionKeywords(TypedDict, total=False):
-    """Every keyword option but ``return_details`` (the typed overloads spell that one out)."""
+    """The keyword options as the typed overloads of :func:`cct_loss.cct_loss` and
+    :func:`cct_loss.cct_loss_multiview` spell them (``return_details`` apart: the overloads
+    spell it out, since it decides the return type). A mirror of :data:`KEYWORDS` for type
+    checkers, held to it by a test."""
 
     layout: str
     temperature: float | Tensor | None
@@ -199,10 +270,3 @@ class OptionKeywords(TypedDict, total=False):
     chunk_size: int | None
     gather_distributed: bool
     check_finite: bool
-
-
-class CCTKeywords(OptionKeywords, total=False):
-    """The keyword options of :class:`cct_loss.CCTLoss` and :class:`cct_loss.CCTMultiviewLoss`
-    (the same as :func:`cct_loss.cct_loss`'s, whose docstring explains each)."""
-
-    return_details: bool | str

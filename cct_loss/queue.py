@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_float_tensor, check_labels, shape_str
+from .checks import check_float_tensor, check_labels, shape_str
 from .distributed import all_gather_no_grad, gathered_counts
 
 

@@ -11,14 +11,14 @@ from hypothesis import strategies as st
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cct_loss.dispatch import KERNELS
+from cct_loss.implementations.table import TABLE
 
 #: Agreement demanded of every float32 fast path against the float64 reference.
 RTOL = 1e-5
 
 #: The implementations the main suite checks everywhere; ``triton`` has its own tests
 #: (tests/test_triton.py: through Triton's interpreter on the CPU, natively on CUDA).
-IMPLS = [name for name in KERNELS if name != "triton"]
+IMPLS = [name for name in TABLE if name != "triton"]
 
 #: Where the tests create their tensors: ``CCT_TEST_DEVICE`` (default ``cpu``).
 TEST_DEVICE = torch.device(os.environ.get("CCT_TEST_DEVICE", "cpu"))
@@ -229,7 +229,8 @@ class LargestTensor(TorchDispatchMode):
 
 class AllocatedShapes(TorchDispatchMode):
     """Records the shape and dtype of every tensor an ``empty`` or ``empty_strided`` call
-    allocates (the buffers kernels write into)."""
+    allocates (the buffers kernels write into), and of every output of the library's own
+    custom ops (``cct_loss::``; they allocate their outputs where the mode cannot see)."""
 
     ALLOCATING = frozenset({"empty.memory_format", "empty_strided.default", "empty_like.default"})
 
@@ -239,9 +240,13 @@ class AllocatedShapes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        name = f"{func._schema.name.split('::')[-1]}.{func._overloadname}"
+        namespace, _, op = func._schema.name.partition("::")
+        name = f"{op}.{func._overloadname}"
         if name in self.ALLOCATING and isinstance(out, torch.Tensor):
             self.shapes.append((tuple(out.shape), out.dtype))
+        if namespace == "cct_loss":
+            outputs = out if isinstance(out, tuple | list) else (out,)
+            self.shapes += [(tuple(x.shape), x.dtype) for x in outputs if isinstance(x, Tensor)]
         return out
 
     def count(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:

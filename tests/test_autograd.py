@@ -11,7 +11,7 @@ import torch
 from torch.func import grad, vmap
 
 from cct_loss import cct_loss
-from cct_loss.sdpa import sdpa_max_sharpness
+from cct_loss.implementations.sdpa import sdpa_max_sharpness
 
 from .helpers import IMPLS, TEST_DEVICE, impl_options, random_embeddings, seeded
 from .reference import reference_loss

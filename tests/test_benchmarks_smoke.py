@@ -110,7 +110,7 @@ def test_tuning_script_candidates_and_the_table_it_writes() -> None:
     kernels take, and the module it writes holds exactly the table and the run it is given."""
     import tune_triton
 
-    from cct_loss import triton_tiles
+    from cct_loss.implementations import triton_tiles
 
     for d in (16, 128, 256, 257, 512, 1000, 1024):
         tiles = tune_triton.candidates(d)

@@ -1,4 +1,4 @@
-"""``impl="auto"``: the rule of cct_loss/dispatch.py as a pure function, on a table of calls."""
+"""``impl="auto"``: the rule of cct_loss/implementations/table.py as a pure function, on a table of calls."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
-from cct_loss import triton_impl
-from cct_loss.dispatch import (
+from cct_loss.implementations import triton_op
+from cct_loss.implementations.table import (
     AUTO_DENSE_MAX_ELEMENTS,
     CUDA_DENSE_MAX_ELEMENTS,
     TRITON_AUTO_MAX_DIM,
@@ -87,19 +87,19 @@ def test_describe_call_reads_the_call() -> None:
 
 def test_triton_warns_on_its_ieee_float32_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """The one path far slower than its neighbours says so when asked for explicitly."""
-    monkeypatch.setattr(triton_impl, "interpreting", lambda: False)
+    monkeypatch.setattr(triton_op, "interpreting", lambda: False)
     matmul = torch.backends.cuda.matmul
     allowed = matmul.allow_tf32
     try:
         matmul.allow_tf32 = False
         with pytest.warns(UserWarning, match=r"IEEE float32 .* impl='auto' never sends"):
-            launch = triton_impl._launch_options(torch.zeros(2, 4), 4)
+            launch = triton_op._launch_options(torch.zeros(2, 4), 4)
         assert launch["PRECISION"] == "ieee"
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            half = triton_impl._launch_options(torch.zeros(2, 4, dtype=BF16), 4)
+            half = triton_op._launch_options(torch.zeros(2, 4, dtype=BF16), 4)
             assert half["UPCAST"] is False
             matmul.allow_tf32 = True
-            assert triton_impl._launch_options(torch.zeros(2, 4), 4)["PRECISION"] == "tf32"
+            assert triton_op._launch_options(torch.zeros(2, 4), 4)["PRECISION"] == "tf32"
     finally:
         matmul.allow_tf32 = allowed

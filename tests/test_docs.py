@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-import cct_loss
-from cct_loss import functional, modules, queue
+from cct_loss import queue
+from cct_loss.front import functional, modules
+from cct_loss.maths import reduction
 
 #: The pages' snippets are CPU code.
 pytestmark = pytest.mark.cpu_only
@@ -71,8 +72,8 @@ def test_readme_fits_on_a_screen_and_its_links_work_on_the_package_index() -> No
         assert target.startswith("https://"), f"README link {target!r} is not absolute"
 
 
-@pytest.mark.parametrize("module", [functional, modules, queue, cct_loss.details])
+@pytest.mark.parametrize("module", [functional, modules, queue, reduction])
 def test_docstring_examples_run(module: object) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, verbose=False)  # type: ignore[arg-type]
-    assert result.attempted > 0 or module is cct_loss.details
+    assert result.attempted > 0 or module is reduction
     assert result.failed == 0

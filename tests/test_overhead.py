@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cct_loss import CCTLoss, cct_loss, cct_loss_multiview
-from cct_loss import core as library_core
+from cct_loss import CCTLoss, cct_loss, cct_loss_multiview, checks
 from cct_loss.baselines import clip_info_nce, info_nce_queue, nt_xent, supcon
+from cct_loss.front import validate
 
 from .helpers import IMPLS, OperatorLog, as_loss, grads_of, impl_options, random_embeddings
 from .reference import reference_loss
@@ -152,13 +152,13 @@ def test_replay_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
     """The second call of a signature does not check its shapes again (what makes a small
     step cheap); a new signature does."""
     checked: list[str] = []
-    original = library_core.check_float_tensor  # type: ignore[attr-defined]
+    original = checks.check_float_tensor
 
     def counting(name: str, *args: Any) -> Tensor:
         checked.append(name)
         return original(name, *args)
 
-    monkeypatch.setattr(library_core, "check_float_tensor", counting)
+    monkeypatch.setattr(validate, "check_float_tensor", counting)
     q, p = random_embeddings((5, 4), 0).float(), random_embeddings((5, 4), 1).float()
     cct_loss(q, p, t_neg=1.75)
     first = len(checked)

@@ -291,19 +291,19 @@ def _tf32_paths(setting: str) -> dict[str, object]:
     """In a forked child: make ``setting``, then ask every path that consults TF32."""
     import warnings
 
-    from cct_loss import triton_impl
-    from cct_loss.dispatch import choose_impl, cuda_call, triton_installed
-    from cct_loss.precision import tf32_matmul_allowed
+    from cct_loss.implementations import triton_op
+    from cct_loss.implementations.table import choose_impl, cuda_call, triton_installed
+    from cct_loss.maths.precision import tf32_matmul_allowed
 
     # PyTorch's defaults first (an earlier test of the parent may have set a flag): "none" is
     # "inherit" at both levels, where the legacy read still works.
     torch.backends.fp32_precision = "none"  # type: ignore[attr-defined]
     torch.backends.cuda.matmul.fp32_precision = "none"
     exec(setting, {"torch": torch, "matmul": torch.backends.cuda.matmul})
-    triton_impl.interpreting = lambda: False  # (the child's own copy of the module)
+    triton_op.interpreting = lambda: False  # (the child's own copy of the module)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        launch = triton_impl._launch_options(torch.zeros(2, 4), 4)
+        launch = triton_op._launch_options(torch.zeros(2, 4), 4)
     # MoCo N=4096, K=65536 in float32: triton exactly when TF32 is allowed, else dense.
     call = cuda_call(4096, 65536, 128, torch.float32)
     return {
@@ -340,7 +340,7 @@ def test_tf32_without_the_new_api(monkeypatch: pytest.MonkeyPatch) -> None:
     """A torch without ``fp32_precision``: the legacy flag is read."""
     import types
 
-    from cct_loss.precision import tf32_matmul_allowed
+    from cct_loss.maths.precision import tf32_matmul_allowed
 
     for flag in (True, False):
         legacy = types.SimpleNamespace(allow_tf32=flag)
@@ -357,7 +357,7 @@ def test_tf32_is_read_through_one_helper() -> None:
 
     package = Path(cct_loss.__file__).parent
     readers = []
-    for path in sorted(package.glob("*.py")):
+    for path in sorted(package.rglob("*.py")):
         tree = ast.parse(path.read_text())
         for function in ast.walk(tree):
             if not isinstance(function, ast.FunctionDef):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cct_loss import cct_loss, cct_loss_multiview
-from cct_loss.chunked import default_chunk_size
+from cct_loss.implementations.chunked import default_chunk_size
 
 from .helpers import impl_options, random_embeddings
 from .reference import reference_loss, reference_paper, reference_queries
@@ -177,7 +177,9 @@ def test_details_do_not_depend_on_what_auto_picked(monkeypatch: pytest.MonkeyPat
     auto pick dense even where it would stream."""
     xs = inputs("shared", requires_grad=False)
     small = cct_loss(xs[0], xs[1], xs[2], return_details=True)
-    monkeypatch.setattr("cct_loss.dispatch.AUTO_DENSE_MAX_ELEMENTS", 1)  # auto streams now
+    monkeypatch.setattr(
+        "cct_loss.implementations.table.AUTO_DENSE_MAX_ELEMENTS", 1
+    )  # auto streams now
     large = cct_loss(xs[0], xs[1], xs[2], return_details=True)
     for field in small._fields:
         a, b = getattr(small, field), getattr(large, field)

@@ -16,8 +16,9 @@ import torch
 from hypothesis import given, settings
 from torch import Tensor
 
-from cct_loss import CCTDetails, cct_loss, cct_loss_multiview, triton_impl
-from cct_loss.triton_impl import INTERPRETER_TILES, interpreting
+from cct_loss import CCTDetails, cct_loss, cct_loss_multiview
+from cct_loss.implementations import triton_op
+from cct_loss.implementations.triton_op import INTERPRETER_TILES, interpreting
 
 from .helpers import (
     LABEL_PATTERNS,
@@ -151,12 +152,12 @@ def test_tiled_dims_at_small_tiles(
     """The tiled path with tiles much smaller than D (D = 40: three feature tiles of 16, the
     last mid-tile, and three output tiles), cheap enough to cover both detach settings."""
     if TEST_DEVICE.type == "cpu":
-        monkeypatch.setattr(triton_impl, "INTERPRETER_TILES", INTERPRETER_TILES._replace(
+        monkeypatch.setattr(triton_op, "INTERPRETER_TILES", INTERPRETER_TILES._replace(
             features=16, outputs=16
         ))  # fmt: skip
     else:
         monkeypatch.setattr(
-            triton_impl, "tiles_for", lambda dim, dtype: triton_impl.Tiles(32, 32, 16, 16, 4, 2)
+            triton_op, "tiles_for", lambda dim, dtype: triton_op.Tiles(32, 32, 16, 16, 4, 2)
         )
     q, p, negatives = edge_inputs(21, 35, 40)
     options: dict[str, Any] = {"detach_weights": detach, "t_neg": 2.0}
@@ -325,13 +326,8 @@ def test_unsupported_calls_name_the_path_that_works(monkeypatch: pytest.MonkeyPa
         cct_loss(wide, wide.flip(0), impl="triton")
     with pytest.raises(RuntimeError, match=r"torch\.func"):
         torch.func.vmap(lambda x: cct_loss(x, p, negatives, impl="triton"))(q.unsqueeze(0))
-    compiled = torch.compile(
-        lambda x: cct_loss(x, p, negatives, impl="triton"), backend="eager", fullgraph=True
-    )
-    with pytest.raises(Exception, match=r"torch\.compile"):
-        compiled(q)
     if TEST_DEVICE.type == "cpu":
-        monkeypatch.setattr(triton_impl, "interpreting", lambda: False)
+        monkeypatch.setattr(triton_op, "interpreting", lambda: False)
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             cct_loss(q, p, negatives, impl="triton")
 
@@ -340,3 +336,54 @@ def test_weights_are_refused() -> None:
     q, p, negatives = edge_inputs(6, 10, 4)
     with pytest.raises(ValueError, match="weights"):
         cct_loss(q, p, negatives, impl="triton", return_details="weights")
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda q, p, n: cct_loss(q, p, impl="triton"),
+        lambda q, p, n: cct_loss(q, p, n, impl="triton", detach_weights=False, t_neg=3.0),
+        lambda q, p, n: cct_loss(
+            q, p, n, layout="cross", labels=torch.arange(q.shape[0]) % 2, impl="triton"
+        ),
+        lambda q, p, n: cct_loss(q, p, n, impl="triton", return_details=True).accuracy,
+    ],
+    ids=["in_batch", "queue_through_weights", "cross_labels_queue", "details"],
+)
+def test_compiles_with_fullgraph(call: Any) -> None:
+    """The kernels' launches are torch.library custom ops with fake implementations: the whole
+    call traces with ``fullgraph=True`` and gives eager's values and gradients."""
+    q, p, negatives = edge_inputs(10, 20, 8)
+    torch._dynamo.reset()
+    compiled: Any = torch.compile(call, backend="aot_eager", fullgraph=True)
+    leaves = [x.clone().requires_grad_() for x in (q, p, negatives)]
+    got = compiled(*leaves)
+    eager_leaves = [x.clone().requires_grad_() for x in (q, p, negatives)]
+    want = call(*eager_leaves)
+    torch.testing.assert_close(got, want)
+    if want.requires_grad:
+        for g, w in zip(
+            torch.autograd.grad(got.sum(), leaves, allow_unused=True),
+            torch.autograd.grad(want.sum(), eager_leaves, allow_unused=True),
+            strict=True,
+        ):
+            assert (g is None) == (w is None)
+            if g is not None and w is not None:
+                torch.testing.assert_close(g, w)
+
+
+def test_custom_ops_pass_opcheck() -> None:
+    """``torch.library.opcheck``: the registered launches' schemas, fake (meta) shapes,
+    autograd registration and traced forms agree with running them."""
+    q, _, negatives = edge_inputs(10, 20, 8)
+    scale = torch.full((1,), -2.0)
+    ids = [None, None, None, None]
+    forward = torch.ops.cct_loss.triton_expected_cost.default
+    for flags in ((False, False, True, False, True), (False, True, False, True, False)):
+        torch.library.opcheck(forward, (q.requires_grad_(), negatives, *ids, scale, *flags))
+    expected, lse, _, _ = forward(q.detach(), negatives, *ids, scale, *flags)
+    backward = torch.ops.cct_loss.triton_expected_cost_backward.default
+    grad = torch.ones(10)
+    for need_query, need_keys in ((True, True), (True, False), (False, True)):
+        args = (q.detach(), negatives, *ids, scale, grad, expected, lse, False, False, True)
+        torch.library.opcheck(backward, (*args, need_query, need_keys, False))

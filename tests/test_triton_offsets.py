@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from cct_loss.triton_impl import interpreting
+from cct_loss.implementations.triton_op import interpreting
 
 triton = pytest.importorskip("triton")
 
@@ -67,7 +67,7 @@ FLAGS = {
 @pytest.mark.parametrize("single_tile", [True, False])
 @pytest.mark.parametrize("kernel", ["forward", "grad_query", "grad_keys"])
 def test_row_offsets_are_64_bit(kernel: str, single_tile: bool) -> None:
-    from cct_loss import triton_kernels
+    from cct_loss.implementations import triton_kernels
 
     function = getattr(triton_kernels, f"expected_cost_{kernel}")
     constants: dict[str, object] = {**FLAGS, "SINGLE_D": single_tile}

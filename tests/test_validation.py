@@ -338,9 +338,11 @@ def test_negatives_from_the_same_buffer_without_overlap_are_fine() -> None:
 def test_triton_without_triton_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the optional dependency impl='triton' says what to install; nothing else
     changes (every other implementation runs)."""
-    monkeypatch.setitem(sys.modules, "cct_loss.triton_kernels", None)  # an import that fails
+    monkeypatch.setitem(
+        sys.modules, "cct_loss.implementations.triton_kernels", None
+    )  # an import that fails
     # and the package forgets a kernel module that an earlier test imported
-    monkeypatch.delattr(cct_loss_package, "triton_kernels", raising=False)
+    monkeypatch.delattr(cct_loss_package.implementations, "triton_kernels", raising=False)
     q, p = torch.randn(4, 8), torch.randn(4, 8)
     with pytest.raises(RuntimeError, match=r"pip install cct-loss\[triton\].*'chunked'"):
         cct_loss(q, p, impl="triton")

@@ -29,20 +29,19 @@ kernel; when diagnostics are asked for they come from one extra no-grad streamin
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._autograd import apply, eager_twin
-from ._validation import is_functorch_wrapped
-from .chunked import chunked_expected_cost
-from .precision import accumulation_dtype, squared_norms
-from .transport import ConditionalExpectation, Membership
-
-if TYPE_CHECKING:
-    from .options import CCTOptions, Side
+from ..checks import is_functorch_wrapped
+from ..maths.expectation import ConditionalExpectation, Side
+from ..maths.precision import accumulation_dtype, squared_norms
+from ..options import CCTOptions
+from ..problem.description import KeySet
+from ..shortcuts import apply, eager_twin
+from . import chunked
 
 #: Head dims are padded to a multiple of this so the fused CUDA kernels accept them.
 HEAD_DIM_MULTIPLE = 8
@@ -94,20 +93,15 @@ def _pad_last(x: Tensor, multiple: int) -> Tensor:
     return F.pad(x, (0, extra)) if extra else x
 
 
-def sdpa_expected_cost(
-    query: Tensor,
-    keys: Tensor,
-    members: Membership | None,
-    *,
-    side: Side,
-    options: CCTOptions,
+def expected_cost(
+    query: Tensor, keys: Tensor, key_set: KeySet | None, *, side: Side, options: CCTOptions
 ) -> ConditionalExpectation:
     """Expected cost over the keys that take part, from one attention call.
 
     Args:
         query: ``(Q, D)`` prepared queries.
         keys: ``(K, D)`` shared keys or ``(Q, K, D)`` per query.
-        members: which keys take part (shared keys only; a ``(Q, K)`` boolean attention mask
+        key_set: which keys take part (shared keys only; a ``(Q, K)`` boolean attention mask
             is built from them), or ``None`` (all).
         side: ``"positives"`` or ``"negatives"``.
         options: cost, sharpness, ``detach_weights``, ``return_details`` (the diagnostics
@@ -116,11 +110,11 @@ def sdpa_expected_cost(
     Returns:
         :class:`ConditionalExpectation` without weights.
     """
-    t = options.t_for(side)
+    t = options.t_pos if side == "positives" else options.t_neg
     if not options.detach_weights and (
         isinstance(t, Tensor) or t > sdpa_max_sharpness(query.device.type)
     ):
-        return chunked_expected_cost(query, keys, members, side=side, options=options)
+        return chunked.expected_cost(query, keys, key_set, side=side, options=options)
     direction = -1.0 if side == "positives" else 1.0  # +t d = -t (-d): flip the keys' sign
     # The attention runs in the embeddings' dtype (half under the precision policy, which the
     # fused CUDA kernels need); the norms and the expected cost in the accumulation dtype.
@@ -143,10 +137,10 @@ def sdpa_expected_cost(
     values = _pad_last(values, HEAD_DIM_MULTIPLE)
 
     # The attention mask is True where a key takes part.
-    excluded = None if members is None else members.excluded_mask(keys.shape[-2], query.device)
+    excluded = None if key_set is None else key_set.excluded_mask(keys.shape[-2], query.device)
     mask = None if excluded is None else ~excluded
     present = None
-    if mask is not None and members is not None and members.may_be_empty:
+    if mask is not None and key_set is not None and key_set.may_be_empty:
         # A row with no key taking part would make the kernel's softmax 0/0: let it attend to
         # every key, then drop its output (E = 0).
         present = mask.any(-1)
@@ -178,10 +172,10 @@ def sdpa_expected_cost(
 
     if options.return_details:
         with torch.no_grad():
-            stats = chunked_expected_cost(
+            stats = chunked.expected_cost(
                 query.detach(),
                 keys.detach(),
-                members,
+                key_set,
                 side=side,
                 options=replace(options, detach_weights=True, chunk_size=None),
             )

@@ -1,7 +1,8 @@
-"""Public functional API: :func:`cct_loss` and :func:`cct_loss_multiview`.
+"""The public functions: :func:`cct_loss` and :func:`cct_loss_multiview`.
 
-Each builds one :class:`cct_loss.options.CCTOptions` (which validates every option) and calls
-the private core (:mod:`cct_loss.core`), as the modules do.
+Each takes its options as keywords (their one list is :class:`cct_loss.options.CCTOptions`;
+the signatures spell them out for ``help()`` and IDEs, and a test holds them to the list),
+validates them into one options object and takes the one route (:mod:`cct_loss.front.route`).
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ from typing import TYPE_CHECKING, Literal, overload
 
 from torch import Tensor
 
-from ._validation import names_valid_keywords
-from .core import loss_of_pairs, loss_of_views
-from .details import CCTDetails
-from .options import options_of
+from ..implementations.table import TABLE
+from ..maths.reduction import CCTDetails
+from ..options import options_of
+from .route import pairs_loss, views_loss
+from .validate import names_valid_keywords
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-    from .options import OptionKeywords
+    from ..options import OptionKeywords
 
 
 @overload
@@ -215,24 +217,8 @@ def cct_loss(
         >>> loss = cct_loss(z1, z2, layout="cross")  # MoCo v3: q1 against k2's other rows
         >>> loss = cct_loss(z1, z2, labels=torch.randint(0, 3, (8,)))  # supervised
     """
-    options = options_of(
-        layout=layout,
-        temperature=temperature,
-        t_pos=t_pos,
-        t_neg=t_neg,
-        alpha=alpha,
-        beta=beta,
-        cost=cost,
-        normalize=normalize,
-        detach_weights=detach_weights,
-        reduction=reduction,
-        impl=impl,
-        chunk_size=chunk_size,
-        return_details=return_details,
-        gather_distributed=gather_distributed,
-        check_finite=check_finite,
-    )
-    return loss_of_pairs(query, positive, negatives, labels, negative_labels, options)
+    options = options_of(locals(), TABLE)
+    return pairs_loss(query, positive, negatives, labels, negative_labels, options)
 
 
 @overload
@@ -333,21 +319,5 @@ def cct_loss_multiview(
         >>> paper = cct_loss_multiview(views, layout="paper", t_neg=0.9, detach_weights=False)
         >>> supcon = cct_loss_multiview(views[:2], labels=torch.randint(0, 3, (8,)))
     """
-    options = options_of(
-        layout=layout,
-        temperature=temperature,
-        t_pos=t_pos,
-        t_neg=t_neg,
-        alpha=alpha,
-        beta=beta,
-        cost=cost,
-        normalize=normalize,
-        detach_weights=detach_weights,
-        reduction=reduction,
-        impl=impl,
-        chunk_size=chunk_size,
-        return_details=return_details,
-        gather_distributed=gather_distributed,
-        check_finite=check_finite,
-    )
-    return loss_of_views(views, labels, options)
+    options = options_of(locals(), TABLE)
+    return views_loss(views, labels, options)

@@ -4,21 +4,21 @@
 from inner products, ``|a|^2 + |b|^2 - 2 a.b`` clamped at 0, so no ``(N, K, D)`` difference
 tensor is ever formed.
 
-Precision (:mod:`cct_loss.precision`): the inner products run in the embeddings' dtype (half
+Precision (:mod:`cct_loss.maths.precision`): the inner products run in the embeddings' dtype (half
 precision under autocast) with float32 accumulation; the squared norms, the costs and every
 gradient are float32 (float64 for float64 embeddings).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._autograd import apply, eager_twin
+from ..shortcuts import apply, eager_twin
 from .precision import (
     Precision,
     accumulation_dtype,
@@ -33,7 +33,7 @@ NORMALIZE_EPS = 1e-12
 
 
 class Preparation(NamedTuple):
-    """How raw embeddings become what the costs are computed on (:mod:`cct_loss.precision`):
+    """How raw embeddings become what the costs are computed on (:mod:`cct_loss.maths.precision`):
     cast to the compute dtype, projected onto the unit sphere (``unit``: ``normalize=True``,
     or the cosine cost, which is scale invariant), cast to the products' dtype."""
 
@@ -64,40 +64,21 @@ def prepare(x: Tensor, preparation: Preparation) -> Tensor:
 
 def prepare_rows(x: Tensor, preparation: Preparation) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`prepare` without autograd, for a function that computes its own gradients:
-    ``(prepared, unit, scale)``, where ``unit`` (compute dtype) and ``scale`` (``max(|x|, eps)``,
+    ``(prepared, unit, norm)``, where ``unit`` (compute dtype) and ``norm`` (``max(|x|, eps)``,
     ``None`` without normalising) are what :func:`prepare_rows_vjp` needs."""
     x = cast(x, preparation.compute)
     if not preparation.unit:
         return cast(x, preparation.products), x, None
-    unit, scale = _unit_forward(x)
-    return cast(unit, preparation.products), unit, scale
+    unit, norm = _unit_forward(x)
+    return cast(unit, preparation.products), unit, norm
 
 
-def prepare_rows_vjp(grad: Tensor, unit: Tensor, scale: Tensor | None, like: Tensor) -> Tensor:
+def prepare_rows_vjp(grad: Tensor, unit: Tensor, norm: Tensor | None, like: Tensor) -> Tensor:
     """The gradient of :func:`prepare_rows`'s input from that of its output, in ``like``'s
     dtype (the raw embeddings')."""
-    if scale is not None:
-        grad = _unit_vjp(cast(grad, unit.dtype), unit, scale)
+    if norm is not None:
+        grad = _unit_vjp(cast(grad, unit.dtype), unit, norm)
     return cast(grad, like.dtype)
-
-
-def prepare_embeddings(x: Tensor, *, cost: str, normalize: bool) -> Tensor:
-    """Put embeddings in the form the cost expects.
-
-    ``normalize=True`` projects onto the unit sphere (zero vectors stay zero). The cosine cost
-    is scale invariant, so it always works on unit vectors whatever ``normalize`` says.
-
-    Args:
-        x: ``(..., D)`` embeddings.
-        cost: ``"sqeuclidean"`` or ``"cosine"``.
-        normalize: project onto the unit sphere.
-
-    Returns:
-        ``(..., D)`` tensor.
-    """
-    if normalize or cost == "cosine":
-        return unit_rows(x)
-    return x
 
 
 def unit_rows(x: Tensor) -> Tensor:
@@ -110,15 +91,15 @@ def unit_rows(x: Tensor) -> Tensor:
 
 def _unit_forward(x: Tensor) -> tuple[Tensor, Tensor]:
     """``(x / max(|x|, eps), max(|x|, eps))`` over the last dim."""
-    scale = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(NORMALIZE_EPS)
-    return x / scale, scale
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(NORMALIZE_EPS)
+    return x / norm, norm
 
 
-def _unit_vjp(grad: Tensor, unit: Tensor, scale: Tensor) -> Tensor:
+def _unit_vjp(grad: Tensor, unit: Tensor, norm: Tensor) -> Tensor:
     """``(g - y (y . g)) / |x|`` where ``|x| > eps``, ``g / eps`` where the clamp holds (as for
     :func:`F.normalize`): the radial part of ``g`` goes where the norm, not eps, divides."""
-    radial = (unit * grad).sum(-1, keepdim=True).masked_fill_(scale <= NORMALIZE_EPS, 0.0)
-    result: Tensor = grad.sub(unit * radial).div_(scale)
+    radial = (unit * grad).sum(-1, keepdim=True).masked_fill_(norm <= NORMALIZE_EPS, 0.0)
+    result: Tensor = grad.sub(unit * radial).div_(norm)
     return result
 
 
@@ -136,26 +117,72 @@ class _UnitRows(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-        unit, scale = output
-        ctx.save_for_backward(inputs[0], unit, scale)
-        ctx.mark_non_differentiable(scale)
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for ``scale``
+        unit, norm = output
+        ctx.save_for_backward(inputs[0], unit, norm)
+        ctx.mark_non_differentiable(norm)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for ``norm``
 
     @staticmethod
     @backward_in_own_precision
-    def backward(ctx: Any, grad: Tensor | None, _grad_scale: Tensor | None) -> Tensor | None:
-        if grad is None:  # the unit vectors were not used (only their scale)
+    def backward(ctx: Any, grad: Tensor | None, _grad_norm: Tensor | None) -> Tensor | None:
+        if grad is None:  # the unit vectors were not used (only their norms)
             return None
-        x, unit, scale = ctx.saved_tensors
+        x, unit, norm = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
-            with torch.enable_grad():
-                fresh = x.clone()
-                normalized = F.normalize(fresh, dim=-1, eps=NORMALIZE_EPS)
-                differentiable: Tensor = torch.autograd.grad(
-                    normalized, fresh, grad, create_graph=True
-                )[0]
-            return differentiable
-        return _unit_vjp(grad, unit, scale)
+            return differentiable_vjp(_normalized, [x], [grad], [True])[0]
+        return _unit_vjp(grad, unit, norm)
+
+
+def _normalized(x: Tensor) -> tuple[Tensor]:
+    return (F.normalize(x, dim=-1, eps=NORMALIZE_EPS),)
+
+
+def differentiable_vjp(
+    formula: Callable[..., Sequence[Tensor | None]],
+    inputs: Sequence[Tensor | None],
+    cotangents: Sequence[Tensor | None],
+    needs: Sequence[bool],
+) -> list[Tensor | None]:
+    """The vector-Jacobian product of ``formula(*inputs)`` at ``cotangents``, itself recorded by
+    autograd: what a custom backward pass computes when it runs with ``create_graph=True``, so
+    that second (and higher) derivatives are exact. ``formula`` is the plain-autograd formula
+    the closed-form backward stands for; it holds that formula's whole graph.
+
+    Args:
+        formula: maps the inputs to its outputs (``None`` for an output that is absent).
+        inputs: the custom function's tensor inputs (``None`` where absent).
+        cotangents: the upstream gradient of each output (``None``: it does not count).
+        needs: which inputs need a gradient.
+
+    Returns:
+        One gradient per input (``None`` where not needed).
+    """
+    with torch.enable_grad():
+        # Fresh nodes: one input may be computed from another (the in-batch keys are a view of
+        # the queries), and the partial derivatives must not follow that path.
+        leaves = [None if x is None else x.clone() for x in inputs]
+        outputs = formula(*leaves)
+        pairs = [
+            (o, c)
+            for o, c in zip(outputs, cotangents, strict=True)
+            if o is not None and c is not None
+        ]
+        wanted = [x for x, need in zip(leaves, needs, strict=True) if need and x is not None]
+        found: Iterator[Tensor | None] = iter(())
+        if wanted and pairs:
+            found = iter(
+                torch.autograd.grad(
+                    [o for o, _ in pairs],
+                    wanted,
+                    [c for _, c in pairs],
+                    create_graph=True,
+                    allow_unused=True,
+                )
+            )
+    return [
+        next(found) if need and x is not None else None
+        for x, need in zip(leaves, needs, strict=True)
+    ]
 
 
 def cost_matrix(query: Tensor, keys: Tensor, cost: str) -> Tensor:
@@ -216,7 +243,7 @@ def cost_block(
 
     Args:
         query: ``(Q, D)`` prepared queries; query_sq: ``(Q,)`` their squared norms
-            (:func:`cct_loss.precision.squared_norms`; sqeuclidean only).
+            (:func:`cct_loss.maths.precision.squared_norms`; sqeuclidean only).
         keys: ``(C, D)`` keys shared by all queries, or ``(Q, C, D)`` keys per query.
         cost: ``"sqeuclidean"`` or ``"cosine"``.
         keys_sq: the keys' squared norms when the caller has them (else computed here).
@@ -243,16 +270,16 @@ def cost_block(
 
 
 def shifted_logits(
-    query: Tensor, keys: Tensor, cost: str, scale: float, *, keys_sq: Tensor | None = None
+    query: Tensor, keys: Tensor, cost: str, signed: float, *, keys_sq: Tensor | None = None
 ) -> Tensor:
-    """``scale * c(q, n_k)`` up to a constant per query, which a softmax over ``k`` ignores:
-    ``scale (|n_k|^2 - 2 q.n_k)`` (sqeuclidean, without ``|q|^2``) or ``-scale q.n_k``
+    """``signed * c(q, n_k)`` up to a constant per query, which a softmax over ``k`` ignores:
+    ``signed (|n_k|^2 - 2 q.n_k)`` (sqeuclidean, without ``|q|^2``) or ``-signed q.n_k``
     (cosine), in one matrix product with shared keys and no further pass over ``(Q, K)``.
 
     Args:
         query: ``(Q, D)``; keys: ``(K, D)``, in the products' dtype.
         cost: ``"sqeuclidean"`` or ``"cosine"``.
-        scale: the sharpness with its sign (see :func:`cct_loss.transport.logit_scale`).
+        signed: the sharpness with its sign (``+t_pos`` or ``-t_neg``).
         keys_sq: the keys' squared norms when the caller has them (else computed here).
 
     Returns:
@@ -261,11 +288,11 @@ def shifted_logits(
     if cost != "cosine" and keys_sq is None:
         keys_sq = squared_norms(keys)
     if keys.dtype != accumulation_dtype(keys):  # half-precision product, then scaled
-        logits = _gram(query, keys).mul_(-scale if cost == "cosine" else -2.0 * scale)
-        return logits if keys_sq is None else logits.add_(keys_sq, alpha=scale)
+        logits = _gram(query, keys).mul_(-signed if cost == "cosine" else -2.0 * signed)
+        return logits if keys_sq is None else logits.add_(keys_sq, alpha=signed)
     if keys_sq is None:
-        return torch.mm(query * -scale, keys.T)
-    return torch.addmm(keys_sq, query, keys.T, beta=scale, alpha=-2.0 * scale)
+        return torch.mm(query * -signed, keys.T)
+    return torch.addmm(keys_sq, query, keys.T, beta=signed, alpha=-2.0 * signed)
 
 
 def expected_cost_of_moments(
@@ -284,7 +311,7 @@ def expected_cost_of_moments(
 
     Args:
         weights: ``(Q, K)`` weights (rows sum to 1, or are 0 for a query without keys).
-        weighted_keys: ``(Q, D)`` ``weights @ keys`` (:func:`cct_loss.precision.product`).
+        weighted_keys: ``(Q, D)`` ``weights @ keys`` (:func:`cct_loss.maths.precision.product`).
         query: ``(Q, D)`` queries.
         cost: ``"sqeuclidean"`` or ``"cosine"``.
         query_sq, keys_sq: ``(Q,)`` and ``(K,)`` squared norms (:func:`squared_norms`;
@@ -446,8 +473,8 @@ def weights_vjp(
         if cost == "cosine":
             return toward.neg_(), None
         assert row_sums is not None and column_sums is not None
-        scale = column_sums.unsqueeze(-1).add_(row_sums)
-        return (q * scale).sub_(toward).mul_(2.0), None
+        times_q = column_sums.unsqueeze(-1).add_(row_sums)
+        return (q * times_q).sub_(toward).mul_(2.0), None
     if cost == "cosine":
         return toward_keys.neg_(), toward_query.neg_()
     assert row_sums is not None and column_sums is not None
@@ -482,8 +509,8 @@ def _uniform_vjp(
         return weighted * factor, toward_query.mul_(factor)
     column_sums = term.weights.sum(0).unsqueeze_(-1)
     if keys_are_queries:  # d/dq through both places the embeddings appear
-        scale = column_sums.add_(1.0) if rows is None else column_sums.add_(rows)
-        return (q * scale).sub_(weighted).sub_(toward_query).mul_(factor), None
+        times_q = column_sums.add_(1.0) if rows is None else column_sums.add_(rows)
+        return (q * times_q).sub_(weighted).sub_(toward_query).mul_(factor), None
     grad_query = q - weighted if rows is None else (q * rows).sub_(weighted)
     grad_keys = (cast(keys, q.dtype) * column_sums).sub_(toward_query)
     return grad_query.mul_(factor), grad_keys.mul_(factor)

@@ -1,4 +1,4 @@
-"""``nn.Module`` wrappers: they hold one validated options object and call the private core.
+"""The ``nn.Module`` forms: they hold one validated options object and take the one route.
 
 Every option is an attribute: reading ``crit.t_neg`` gives the current value and setting it
 (``crit.t_neg = 5.0``) validates the new value and takes effect on the next call.
@@ -10,28 +10,17 @@ nothing reads. Options are not buffers or parameters, so ``state_dict`` never ch
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 from torch import Tensor, nn
 
-from ._validation import names_valid_keywords
-from .core import PAIR_LAYOUTS, VIEW_LAYOUTS, check_layout, loss_of_pairs, loss_of_views
-from .details import CCTDetails
-from .options import (
-    KEYWORDS,
-    OPTION_NAMES,
-    CCTOptions,
-    options_of,
-    t_neg_of,
-    temperature_from_t_neg,
-)
-
-#: How close (difflib's ratio) a new attribute's name must be to an option's to be taken for
-#: a misspelling of it (``tneg``, ``temprature``, ``tpos``, ``detach_weight``).
-TYPO_CUTOFF = 0.8
+from ..checks import closest_name
+from ..implementations.table import TABLE
+from ..maths.reduction import CCTDetails
+from ..options import KEYWORDS, OPTION_NAMES, CCTOptions, options_of, temperature_from_t_neg
+from .route import pairs_loss, views_loss
+from .validate import PAIR_LAYOUTS, VIEW_LAYOUTS, check_layout, names_valid_keywords
 
 
 class _OptionsModule(nn.Module):
@@ -61,23 +50,7 @@ class _OptionsModule(nn.Module):
         check_finite: bool = False,
     ) -> None:
         super().__init__()
-        checked = options_of(
-            layout=layout,
-            temperature=temperature,
-            t_pos=t_pos,
-            t_neg=t_neg,
-            alpha=alpha,
-            beta=beta,
-            cost=cost,
-            normalize=normalize,
-            detach_weights=detach_weights,
-            reduction=reduction,
-            impl=impl,
-            chunk_size=chunk_size,
-            return_details=return_details,
-            gather_distributed=gather_distributed,
-            check_finite=check_finite,
-        )
+        checked = options_of(locals(), TABLE)
         check_layout(checked, self._layouts, type(self).__name__)
         object.__setattr__(self, "options", checked)
 
@@ -91,17 +64,20 @@ class _OptionsModule(nn.Module):
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in OPTION_NAMES:  # validated like the constructor's; never silently ignored
-            self._set_options(replace(self.options, **{name: value}))
+            self._set_options(self._with(**{name: value}))
         elif name == "temperature":  # converted by the current cost
-            t_neg = t_neg_of(None, value, self.options.cost)
-            self._set_options(replace(self.options, t_neg=t_neg))
+            self._set_options(self._with(temperature=value, t_neg=None))
         elif name == "options":
             if not isinstance(value, CCTOptions):
                 raise TypeError(f"options must be a CCTOptions, got {type(value).__name__}")
-            self._set_options(value)
+            self._set_options(self._with(**value.as_dict()))
         else:
             self._refuse_misspelt_option(name)
             super().__setattr__(name, value)
+
+    def _with(self, **changes: Any) -> CCTOptions:
+        """The module's options with ``changes``, validated as the constructor's are."""
+        return options_of({**self.options.as_dict(), "temperature": None, **changes}, TABLE)
 
     def _set_options(self, options: CCTOptions) -> None:
         check_layout(options, self._layouts, type(self).__name__)
@@ -114,10 +90,10 @@ class _OptionsModule(nn.Module):
             return
         if name in self._modules or name in self._parameters or name in self._buffers:
             return
-        close = difflib.get_close_matches(name.lower(), sorted(KEYWORDS), n=1, cutoff=TYPO_CUTOFF)
+        close = closest_name(name, sorted(KEYWORDS))
         if close:
             raise AttributeError(
-                f"{type(self).__name__} has no option {name!r}; did you mean {close[0]!r}? "
+                f"{type(self).__name__} has no option {name!r}; did you mean {close!r}? "
                 f"Its options are: {', '.join(sorted(KEYWORDS))}. (To give a subclass an "
                 "attribute of that name, declare it on the class.)"
             )
@@ -162,7 +138,7 @@ class CCTLoss(_OptionsModule):
         negative_labels: Tensor | None = None,
     ) -> Tensor | CCTDetails:
         """See :func:`cct_loss.cct_loss`."""
-        return loss_of_pairs(
+        return pairs_loss(
             query,
             positive,
             negatives,
@@ -190,4 +166,4 @@ class CCTMultiviewLoss(_OptionsModule):
 
     def forward(self, views: Sequence[Tensor], labels: Tensor | None = None) -> Tensor | CCTDetails:
         """See :func:`cct_loss.cct_loss_multiview`."""
-        return loss_of_views(views, labels, self.options, entry=self._call_name())
+        return views_loss(views, labels, self.options, entry=self._call_name())

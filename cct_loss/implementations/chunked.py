@@ -19,30 +19,23 @@ pulled back to the embeddings block by block by :func:`cct_loss.costs.cost_vjp`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._autograd import apply, eager_twin
-from .costs import WeightTerm, cost_block, cost_vjp, shifted_logits, weights_vjp
-from .precision import (
-    as_input_grads,
-    backward_in_own_precision,
-    squared_norms,
-)
-from .transport import (
+from ..maths.costs import WeightTerm, cost_block, cost_vjp, shifted_logits, weights_vjp
+from ..maths.expectation import (
     ConditionalExpectation,
-    Membership,
+    Side,
     differentiable_backward,
-    excluded_from_ids,
-    logit_scale,
-    membership_ids,
+    signed_sharpness,
     streamed_expectation,
 )
-
-if TYPE_CHECKING:
-    from .options import CCTOptions, Side
+from ..maths.precision import as_input_grads, backward_in_own_precision, squared_norms
+from ..options import CCTOptions
+from ..problem.description import KeySet, excluded_from_ids, key_ids
+from ..shortcuts import apply, eager_twin
 
 #: Elements per ``(Q, chunk)`` block when ``chunk_size`` is None, per device type. The CPU:
 #: 8 MiB in float32 (the size behind the CPU tables in BENCHMARKS.md). CUDA: 256 MiB,
@@ -74,7 +67,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
 
     ``setup_context`` and ``generate_vmap_rule`` make it work under ``torch.func``. When
     autograd records the backward itself (``create_graph=True``) the backward is
-    :func:`cct_loss.transport.differentiable_backward`, exact to any order but holding the
+    :func:`cct_loss.maths.expectation.differentiable_backward`, exact to any order but holding the
     ``(Q, K)`` graph of the formula: streaming and higher-order derivatives do not mix.
     """
 
@@ -90,7 +83,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
         key_self: Tensor | None,
         same_group: bool,
         cost: str,
-        scale: float | Tensor,
+        signed: float | Tensor,
         detach_weights: bool,
         chunk_size: int,
         return_details: bool,
@@ -110,7 +103,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
         offsets = torch.zeros_like(running_max)
         for start, stop in _blocks(num_keys, chunk_size):
             costs = cost_block(query, query_sq, keys[..., start:stop, :], cost)
-            logits = costs * scale  # a fresh tensor: updated in place
+            logits = costs * signed  # a fresh tensor: updated in place
             excluded = excluded_from_ids(ids, same_group, start, stop)
             if excluded is not None:
                 logits.masked_fill_(excluded, float("-inf"))
@@ -145,10 +138,10 @@ class _StreamingExpectedCost(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
         query, keys, *ids = inputs[:6]
-        same_group, cost, scale, detach_weights, chunk_size = inputs[6:11]
+        same_group, cost, signed, detach_weights, chunk_size = inputs[6:11]
         expected, log_normaliser, extreme, entropy = output
         ctx.save_for_backward(query, keys, *ids, expected, log_normaliser)
-        ctx.options = (cost, scale, detach_weights, chunk_size, same_group)
+        ctx.options = (cost, signed, detach_weights, chunk_size, same_group)
         ctx.mark_non_differentiable(log_normaliser, extreme, entropy)
 
     @staticmethod
@@ -162,7 +155,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         query, keys, *saved_ids, expected, log_normaliser = ctx.saved_tensors
         ids = (saved_ids[0], saved_ids[1], saved_ids[2], saved_ids[3])
-        cost, scale, detach_weights, chunk_size, same_group = ctx.options
+        cost, signed, detach_weights, chunk_size, same_group = ctx.options
         need_query, need_keys = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         nones = [None] * 11
         num_keys = keys.shape[-2]
@@ -174,7 +167,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
                 excluded_from_ids(ids, same_group, 0, num_keys),
                 ctx.needs_input_grad,
                 cost=cost,
-                scale=scale,
+                signed=signed,
                 detach_weights=detach_weights,
             )
             return *grads, *nones
@@ -186,17 +179,17 @@ class _StreamingExpectedCost(torch.autograd.Function):
         # Detached weights over shared keys need only the weights: from the logits without the
         # per-query constant s |q|^2 (or s for cosine), one product per block, with the
         # log-normaliser shifted alike (as dense's forward pass).
-        shifted = detach_weights and keys.dim() == 2 and not isinstance(scale, Tensor)
+        shifted = detach_weights and keys.dim() == 2 and not isinstance(signed, Tensor)
         if shifted:
-            lse = lse - scale * (1.0 if cost == "cosine" else query_sq)
+            lse = lse - signed * (1.0 if cost == "cosine" else query_sq)
         for start, stop in _blocks(num_keys, chunk_size):
             block = keys[..., start:stop, :]
             if shifted:
                 costs = None
-                logits = shifted_logits(query, block, cost, float(scale))
+                logits = shifted_logits(query, block, cost, float(signed))
             else:
                 costs = cost_block(query, query_sq, block, cost)
-                logits = costs * scale
+                logits = costs * signed
             excluded = excluded_from_ids(ids, same_group, start, stop)
             if excluded is not None:
                 logits.masked_fill_(excluded, float("-inf"))
@@ -215,7 +208,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
                     grad_cost = weights.mul_(grad_expected[..., None])
                 else:
                     assert costs is not None
-                    grad_cost = (costs - expected[..., None]).mul_(scale).add_(1.0)
+                    grad_cost = (costs - expected[..., None]).mul_(signed).add_(1.0)
                     grad_cost.mul_(weights).mul_(grad_expected[..., None])
                 block_query, block_keys = cost_vjp(
                     grad_cost, query, block, cost, need_keys=need_keys
@@ -228,34 +221,29 @@ class _StreamingExpectedCost(torch.autograd.Function):
         return *grads, *nones
 
 
-def chunked_expected_cost(
-    query: Tensor,
-    keys: Tensor,
-    members: Membership | None,
-    *,
-    side: Side,
-    options: CCTOptions,
+def expected_cost(
+    query: Tensor, keys: Tensor, key_set: KeySet | None, *, side: Side, options: CCTOptions
 ) -> ConditionalExpectation:
-    """Expected cost over the keys that take part, streamed; same contract as dense.
+    """The expected cost over the keys that take part, streamed (see
+    :class:`cct_loss.implementations.table.StreamingKernel`).
 
     Args:
         query: ``(Q, D)`` prepared queries.
         keys: ``(K, D)`` shared keys or ``(Q, K, D)`` per query.
-        members: which keys take part (shared keys only), or ``None`` (all).
+        key_set: which keys take part (shared keys only), or ``None`` (all).
         side: ``"positives"`` or ``"negatives"``.
         options: cost, sharpness, ``detach_weights``, ``chunk_size`` (``None`` picks
             :func:`default_chunk_size`), ``return_details``.
 
     Returns:
-        :class:`ConditionalExpectation` without weights (``weights=None``); the entropy
+        :class:`ConditionalExpectation` without weights; the entropy
         ``log Z - sum_k pi_k (l_k - m)`` and the extreme cost come from the running statistics.
     """
     chunk = options.chunk_size or default_chunk_size(
         query.shape[0], keys.shape[-2], query.device.type
     )
-    signed_t = logit_scale(options, side)
-    ids = membership_ids(members, keys.shape[-2], query.device)
-    same_group = members is not None and members.same_group
+    ids = key_ids(key_set, keys.shape[-2], query.device)
+    same_group = key_set is not None and key_set.same_group
     expected, log_normaliser, extreme, entropy = apply(
         _StreamingExpectedCost,
         query,
@@ -263,7 +251,7 @@ def chunked_expected_cost(
         *ids,
         same_group,
         options.cost,
-        signed_t,
+        signed_sharpness(options, side),
         options.detach_weights,
         chunk,
         bool(options.return_details),
@@ -271,4 +259,5 @@ def chunked_expected_cost(
     )
     if not options.return_details:  # the kernel wrote placeholders
         entropy = extreme = None
-    return streamed_expectation(expected, log_normaliser, extreme, entropy, members)
+    may_be_empty = key_set is not None and key_set.may_be_empty
+    return streamed_expectation(expected, log_normaliser, extreme, entropy, may_be_empty)

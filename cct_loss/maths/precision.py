@@ -27,6 +27,8 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 from torch import Tensor
 
+from .. import shortcuts
+
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
 
@@ -98,16 +100,12 @@ def resolve_precision(device: torch.device, *tensors: Tensor) -> Precision:
     return Precision(torch.float32, torch.float32 if low is None else low)
 
 
-#: Reused: entering a context costs microseconds, which a small batch's step notices.
-_NO_CONTEXT = contextlib.nullcontext()
-
-
 def own_precision(device: torch.device) -> contextlib.AbstractContextManager[object]:
     """Disable autocast on ``device``: inside, every dtype is the one the policy casts to.
     Without an enabled autocast there is nothing to disable (and no context to enter)."""
     if device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type):
         return torch.autocast(device_type=device.type, enabled=False)
-    return _NO_CONTEXT
+    return shortcuts.no_context()
 
 
 _Backward = TypeVar("_Backward", bound=Callable[..., Any])

@@ -1,0 +1,258 @@
+"""The one route every call takes, in four steps and only downward:
+
+1. **validate** the arguments (:mod:`cct_loss.front.validate`);
+2. **describe** the problem: the layouts say who is a query, a positive and a negative
+   (:mod:`cct_loss.problem.layouts`), gathering the candidates first across processes;
+3. **compute** it through the implementation table, the only door to an implementation
+   (:mod:`cct_loss.implementations.table`): each query's two sides, or, where the chosen
+   implementation offers one, the reduced loss in one pass;
+4. **reduce** through the one reduction (:mod:`cct_loss.maths.reduction`): mean, sum, none, the
+   diagnostics and the global-batch mean across processes.
+
+A trainer calls its loss with one signature at every step: the first call of a signature takes
+all four steps and leaves a :class:`Replay` (:mod:`cct_loss.shortcuts`), which later calls of
+that signature use to go from describe straight to the remembered implementation, checking at
+every call only what depends on the tensors themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .. import distributed, shortcuts
+from ..implementations import table
+from ..maths.costs import Preparation, prepare
+from ..maths.precision import (
+    autocast_dtype,
+    own_precision,
+    resolve_precision,
+    tf32_matmul_allowed,
+)
+from ..maths.reduction import CCTDetails, combine, paper_row_terms, reduce
+from ..options import CCTOptions
+from ..problem import layouts
+from ..problem.description import ContrastiveProblem
+from ..problem.layouts import GlobalRows
+from . import validate
+
+
+def pairs_loss(
+    query: Tensor,
+    positive: Tensor | None,
+    negatives: Tensor | None,
+    labels: Tensor | None,
+    negative_labels: Tensor | None,
+    options: CCTOptions,
+    entry: str = "cct_loss",
+) -> Tensor | CCTDetails:
+    """:func:`cct_loss.cct_loss` with its options in one object (see its docstring);
+    ``entry``: how the messages spell the call (``"CCTLoss(...)"`` for the module)."""
+    signature = _signature(query, positive, negatives, labels, negative_labels, options)
+    replay = None if signature is None else _REPLAYS.get(signature)
+    if replay is not None:  # a signature checked before: the same checks pass
+        assert positive is not None and signature is not None
+        validate.distinct(query, positive, negatives, entry)
+        problem = layouts.refill(replay.template, query, positive, negatives, options.layout)
+        if signature.autocast is None:  # nothing to disable
+            return replay.run(problem)
+        with own_precision(query.device):
+            return replay.run(problem)
+    query = validate.query_of(query, options, entry)
+    if positive is None:  # the one-view call with labels
+        labels = validate.one_view(negatives, labels, negative_labels, options, entry)
+        return views_loss([query], labels, options, entry=entry)
+    call = validate.pairs(query, positive, negatives, labels, negative_labels, options, entry)
+    embeddings = [x for x in (call.query, call.positive, call.negatives) if x is not None]
+    preparation = Preparation.of(
+        resolve_precision(call.device, *embeddings), cost=options.cost, normalize=options.normalize
+    )
+    with own_precision(call.device):
+        if call.row_counts is None:
+            problem = layouts.pairs(
+                call.query,
+                call.positive,
+                call.negatives,
+                options.layout,
+                labels=call.labels,
+                negative_labels=call.negative_labels,
+                preparation=preparation,
+            )
+            return _compute_and_reduce(problem, options, None, signature)
+        return _compute_and_reduce(
+            _across_processes(call, options, preparation), options, call.row_counts
+        )
+
+
+def views_loss(
+    views: Sequence[Tensor],
+    labels: Tensor | None,
+    options: CCTOptions,
+    *,
+    entry: str = "cct_loss_multiview",
+) -> Tensor | CCTDetails:
+    """:func:`cct_loss.cct_loss_multiview` with its options in one object; ``entry``: how the
+    messages name the call."""
+    call = validate.views(views, labels, options, entry)
+    stacked = call.views
+    preparation = Preparation.of(
+        resolve_precision(stacked.device, stacked), cost=options.cost, normalize=options.normalize
+    )
+    with own_precision(stacked.device):
+        if call.row_counts is None and options.layout != "paper":
+            problem = layouts.in_batch(stacked, labels=call.labels, preparation=preparation)
+            return _compute_and_reduce(problem, options, None)
+        prepared = prepare(stacked, preparation)
+        global_rows = _gather_views(prepared, call.labels, call.row_counts)
+        if options.layout == "paper":
+            return _paper(prepared, global_rows, options, call.row_counts)
+        problem = layouts.in_batch(prepared, labels=call.labels, global_rows=global_rows)
+        return _compute_and_reduce(problem, options, call.row_counts)
+
+
+class Replay(NamedTuple):
+    """What the first call of a signature worked out, for the calls after it: its problem
+    (whose key sets and preparation the later calls share) and the chosen implementation's
+    one-pass loss."""
+
+    template: ContrastiveProblem
+    run: Callable[[ContrastiveProblem], Tensor]
+
+
+#: The replays of recent signatures (see :func:`_signature`).
+_REPLAYS: shortcuts.Memo[Replay] = shortcuts.Memo(256)
+
+
+class Signature(NamedTuple):
+    """What decides every check of :func:`pairs_loss` and every choice it makes, so that a
+    call with an earlier call's signature can replay it: the options, the inputs' shapes,
+    dtypes and devices, and the precision state."""
+
+    options: CCTOptions
+    query: tuple[torch.Size, torch.dtype, torch.device]
+    positive: tuple[torch.Size, torch.dtype, torch.device]
+    negatives: tuple[torch.Size, torch.dtype, torch.device] | None
+    autocast: torch.dtype | None
+    tf32: bool
+
+
+def _signature(
+    query: object,
+    positive: object,
+    negatives: object,
+    labels: object,
+    negative_labels: object,
+    options: CCTOptions,
+) -> Signature | None:
+    """The call's :class:`Signature`, or ``None`` for a call that is not replayed: labels (the
+    number of queries with each term depends on them), a tensor option (a schedule), gathering
+    across processes, ``check_finite`` (it reads the tensors at every call), while the
+    shortcuts are off or a trace or transform is active."""
+    if labels is not None or negative_labels is not None or not options.constant:
+        return None
+    if not (
+        isinstance(query, Tensor)
+        and isinstance(positive, Tensor)
+        and (negatives is None or isinstance(negatives, Tensor))
+    ):
+        return None
+    if not shortcuts.active() or options.check_finite:
+        return None
+    if options.gather_distributed and distributed.is_active():
+        return None
+    device = query.device
+    return Signature(
+        options,
+        (query.shape, query.dtype, device),
+        (positive.shape, positive.dtype, positive.device),
+        None if negatives is None else (negatives.shape, negatives.dtype, negatives.device),
+        autocast_dtype(device),
+        device.type == "cuda" and tf32_matmul_allowed(),
+    )
+
+
+def _compute_and_reduce(
+    problem: ContrastiveProblem,
+    options: CCTOptions,
+    row_counts: list[int] | None,
+    signature: Signature | None = None,
+) -> Tensor | CCTDetails:
+    """Steps 3 and 4: through the implementation table, then the one reduction (or, on one
+    process for ``"mean"`` and ``"sum"`` without diagnostics, the implementation's one-pass
+    loss where it offers one, remembered for the replays of ``signature``)."""
+    implementation = table.choose(problem, options)
+    one_pass = row_counts is None and options.reduction != "none" and not options.return_details
+    if one_pass and implementation.one_pass is not None:
+        run = implementation.one_pass(problem, options)
+        if signature is not None:
+            _REPLAYS.put(signature, Replay(problem, run))
+        return run(problem)
+    sides = implementation.expectations(problem, options)
+    return reduce(combine(*sides), options, row_counts)
+
+
+def _paper(
+    views: Tensor,
+    global_rows: GlobalRows | None,
+    options: CCTOptions,
+    row_counts: list[int] | None,
+) -> Tensor | CCTDetails:
+    """The paper's objective: its problems through the table, its rows' terms, the reduction."""
+    problems = layouts.paper(views, global_rows=global_rows, own=bool(options.return_details))
+    attract, _ = table.choose(problems.attraction, options).expectations(
+        problems.attraction, options
+    )
+    assert attract is not None
+    pairs = []
+    for problem in problems.repulsions:
+        own, repel = table.choose(problem, options).expectations(problem, options)
+        assert repel is not None
+        pairs.append((own, repel))
+    return reduce(paper_row_terms(attract, pairs, problems.num_views), options, row_counts)
+
+
+def _across_processes(
+    call: validate.PairsCall, options: CCTOptions, preparation: Preparation
+) -> ContrastiveProblem:
+    """A :func:`cct_loss.cct_loss` call across processes: the embeddings prepared, the
+    candidates gathered from every rank, then the call described on them."""
+
+    def each(x: Tensor) -> Tensor:
+        return prepare(x, preparation)
+
+    if options.layout != "cross":  # in-batch (explicit negatives are not gathered)
+        views = each(layouts.in_batch_views(call.query, call.positive))
+        global_rows = _gather_views(views, call.labels, call.row_counts)
+        return layouts.in_batch(views, labels=call.labels, global_rows=global_rows)
+    positive = each(layouts.as_positives(call.positive))
+    return layouts.cross(
+        each(call.query),
+        positive,
+        negatives=None if call.negatives is None else each(call.negatives),
+        labels=call.labels,
+        negative_labels=call.negative_labels,
+        global_rows=_gather(positive, call.labels, call.row_counts),
+    )
+
+
+def _gather(rows: Tensor, labels: Tensor | None, counts: list[int] | None) -> GlobalRows | None:
+    """Every rank's ``rows`` (dim 0, rank order; gradients flow back to their rank) and
+    labels, given every rank's row count, or ``None`` when not gathering."""
+    if counts is None:
+        return None
+    gathered, offset = distributed.gather_rows(rows, counts)
+    gathered_labels = None if labels is None else distributed.all_gather_no_grad(labels, counts)
+    return GlobalRows(gathered, gathered_labels, offset)
+
+
+def _gather_views(
+    views: Tensor, labels: Tensor | None, counts: list[int] | None
+) -> GlobalRows | None:
+    """:func:`_gather` of ``(V, N, D)`` views along their rows."""
+    gathered = _gather(views.transpose(0, 1), labels, counts)
+    if gathered is None:
+        return None
+    return gathered._replace(rows=gathered.rows.transpose(0, 1))

@@ -1,0 +1,439 @@
+"""The first step of every call: its arguments checked, with messages that name a call that
+works.
+
+Each check raises ``TypeError`` (wrong kind of object) or ``ValueError`` (right kind, wrong
+shape or value) naming the argument, what it received and what was expected; the mistakes at a
+call site that look right and are not (a ``positive`` that is ``query`` itself, ``negatives``
+that is ``positive``, a stacked tensor given as the views) get a message with the call that was
+meant. Only shapes, dtypes, devices and memory addresses are read, never values (except with
+``check_finite=True``), so the checks cost no host synchronisation (docs/specification.md,
+"Inputs that are wrong").
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
+
+import torch
+from torch import Tensor
+
+from .. import distributed
+from ..checks import (
+    check_finite_inputs,
+    check_float_tensor,
+    check_labels,
+    check_same_device,
+    closest_name,
+    is_functorch_wrapped,
+    same_view,
+    shape_str,
+)
+from ..maths.precision import promoted_dtype
+from ..options import CCTOptions
+
+#: The layouts each entry point takes.
+PAIR_LAYOUTS = ("all", "cross")
+VIEW_LAYOUTS = ("all", "paper")
+
+
+class PairsCall(NamedTuple):
+    """A :func:`cct_loss.cct_loss` call whose arguments passed every check.
+
+    Attributes:
+        query, positive, negatives, labels, negative_labels: the arguments.
+        device: where they all live.
+        row_counts: every rank's rows when gathering across processes, else ``None``.
+    """
+
+    query: Tensor
+    positive: Tensor
+    negatives: Tensor | None
+    labels: Tensor | None
+    negative_labels: Tensor | None
+    device: torch.device
+    row_counts: list[int] | None
+
+
+class ViewsCall(NamedTuple):
+    """A :func:`cct_loss.cct_loss_multiview` call whose arguments passed every check.
+
+    Attributes:
+        views: ``(V, N, D)``, the views stacked in their promoted dtype.
+        labels: ``(N,)``, or ``None``.
+        row_counts: every rank's rows when gathering across processes, else ``None``.
+    """
+
+    views: Tensor
+    labels: Tensor | None
+    row_counts: list[int] | None
+
+
+def query_of(query: object, options: CCTOptions, entry: str) -> Tensor:
+    """The first checks of :func:`cct_loss.cct_loss`: its layout, and ``query`` itself."""
+    check_layout(options, PAIR_LAYOUTS, entry.removesuffix("(...)"))
+    return check_float_tensor("query", query, (2,), "(N, D)")
+
+
+def pairs(
+    query: Tensor,
+    positive: Tensor,
+    negatives: Tensor | None,
+    labels: Tensor | None,
+    negative_labels: Tensor | None,
+    options: CCTOptions,
+    entry: str,
+) -> PairsCall:
+    """The checks of :func:`cct_loss.cct_loss` (``entry``: how the messages spell the call)."""
+    if isinstance(positive, Tensor) and not positive.is_floating_point():
+        raise TypeError(
+            f"positive must have a floating-point dtype (embeddings), got {positive.dtype}. "
+            f"To pass class labels, name them: {entry}(query, labels=labels) for one view "
+            f"(metric learning), {entry}(query, positive, labels=labels) for two"
+        )
+    positive = check_float_tensor("positive", positive, (2, 3), "(N, D) or (N, M, D)")
+    check_not_query_itself(query, positive, entry)
+    n, d = query.shape
+    gathering = options.gather_distributed and distributed.is_active()
+    if n == 0 and not gathering:  # across processes every rank raises, in row_counts
+        raise ValueError(f"query is an empty batch: got shape {shape_str(query)}, expected N >= 1")
+    if d == 0:
+        raise ValueError(f"query has embedding dim D = 0: got shape {shape_str(query)}")
+    if positive.shape[0] != n or positive.shape[-1] != d:
+        raise ValueError(
+            f"positive must have shape (N, D) = ({n}, {d}) or (N, M, D) = ({n}, M, {d}) to match "
+            f"query {shape_str(query)}, got {shape_str(positive)}"
+        )
+    if positive.dim() == 3 and positive.shape[1] == 0:
+        raise ValueError(
+            f"positive has M = 0 positives per query (shape {shape_str(positive)}); expected M >= 1"
+        )
+    tensors = {"query": query, "positive": positive}
+    if labels is not None:
+        tensors["labels"] = check_labels("labels", labels, n, "N")
+    cross = options.layout == "cross"
+    if negatives is not None:
+        negatives = check_negatives(negatives, n, d, entry)
+        check_no_shared_memory(negatives, positive)
+        tensors["negatives"] = negatives
+        _check_explicit_negatives(negatives, labels, negative_labels, options)
+    if negative_labels is not None:
+        if negatives is None or negatives.dim() != 2:
+            raise ValueError(
+                "negative_labels labels the rows of (K, D) negatives; got negatives="
+                f"{None if negatives is None else shape_str(negatives)}"
+            )
+        if labels is None:
+            raise ValueError("negative_labels needs labels= (N,) for the queries' rows")
+        k = negatives.shape[0]
+        tensors["negative_labels"] = check_labels("negative_labels", negative_labels, k, "K")
+    if negatives is None and n < 2 and labels is None and not gathering:
+        mode = "layout='cross'" if cross else "in-batch mode (negatives=None)"
+        raise ValueError(
+            f"{mode} needs at least 2 rows so that each query has negatives; got query of "
+            f"shape {shape_str(query)}. Pass negatives, or a batch N >= 2"
+        )
+    device = check_same_device(tensors)
+    if options.check_finite:
+        check_finite_inputs({k: v for k, v in tensors.items() if v.is_floating_point()})
+    counts = distributed.row_counts(n, device) if gathering else None
+    return PairsCall(query, positive, negatives, labels, negative_labels, device, counts)
+
+
+def _check_explicit_negatives(
+    negatives: Tensor, labels: Tensor | None, negative_labels: Tensor | None, options: CCTOptions
+) -> None:
+    """What explicit negatives do not go with."""
+    cross = options.layout == "cross"
+    if negatives.dim() == 3 and (cross or labels is not None):
+        what = "layout='cross'" if cross else "labels"
+        raise ValueError(
+            f"{what} takes shared negatives of shape (K, D), got per-query negatives "
+            f"{shape_str(negatives)}"
+        )
+    if options.gather_distributed and not cross:
+        raise ValueError(
+            "gather_distributed=True gathers in-batch negatives (negatives=None, or "
+            "layout='cross'); with explicit negatives, gather them yourself, e.g. with "
+            "NegativeQueue(..., gather_distributed=True)"
+        )
+    if labels is not None and negative_labels is None and not cross:
+        raise ValueError(
+            "labels with explicit negatives (the MoCo mode of layout='all') need "
+            "negative_labels= (K,) to leave out same-label negatives; to draw same-label "
+            "positives from the batch use layout='cross'"
+        )
+
+
+def one_view(
+    negatives: Tensor | None,
+    labels: Tensor | None,
+    negative_labels: Tensor | None,
+    options: CCTOptions,
+    entry: str,
+) -> Tensor:
+    """``cct_loss(embeddings, labels=labels)``, the metric-learning call (one view with labels,
+    which is ``cct_loss_multiview([embeddings], labels=labels)``): its labels."""
+    if labels is None:
+        raise TypeError(
+            f"{entry}() needs positive= (the second view: {entry}(z1, z2)), or labels= for "
+            f"one view with class labels: {entry}(embeddings, labels=labels)"
+        )
+    if negatives is not None or negative_labels is not None or options.layout != "all":
+        raise ValueError(
+            "leaving out positive is the one-view call with labels (in-batch, layout='all', "
+            "no negatives): every other row with the same label is a positive. With "
+            f"explicit negatives pass each query's positive too: {entry}(query, positive, "
+            "negatives, labels=labels, negative_labels=negative_labels)"
+        )
+    return labels
+
+
+def views(
+    views: Sequence[Tensor], labels: Tensor | None, options: CCTOptions, entry: str
+) -> ViewsCall:
+    """The checks of :func:`cct_loss.cct_loss_multiview`; the views stacked."""
+    check_layout(options, VIEW_LAYOUTS, entry.removesuffix("(...)"))
+    gathering = options.gather_distributed and distributed.is_active()
+    stacked = stack_views(views, labels=labels is not None, gathering=gathering, entry=entry)
+    if options.check_finite:
+        check_finite_inputs({f"views[{i}]": view for i, view in enumerate(stacked)})
+    if labels is not None:
+        if options.layout == "paper":
+            raise ValueError(
+                "labels are not defined for layout='paper' (the official objective has no "
+                "classes); use layout='all'"
+            )
+        labels = check_labels("labels", labels, stacked.shape[1], "N")
+        check_same_device({"views": stacked, "labels": labels})
+    counts = distributed.row_counts(stacked.shape[1], stacked.device) if gathering else None
+    return ViewsCall(stacked, labels, counts)
+
+
+def distinct(query: Tensor, positive: Tensor, negatives: Tensor | None, entry: str) -> None:
+    """What depends on the tensors themselves rather than their shapes: checked at every call,
+    replayed ones too (the cheap half of the query check first)."""
+    if query.data_ptr() == positive.data_ptr():
+        check_not_query_itself(query, positive, entry)
+    if negatives is not None:
+        check_no_shared_memory(negatives, positive)
+
+
+def check_layout(options: CCTOptions, allowed: tuple[str, ...], entry: str) -> None:
+    """Refuse a layout that this entry point does not serve, saying which one does."""
+    if options.layout in allowed:
+        return
+    elsewhere = {
+        "paper": "cct_loss_multiview(views, layout='paper')",
+        "cross": "cct_loss(query, positive, layout='cross')",
+    }
+    raise ValueError(
+        f"layout must be one of {', '.join(map(repr, allowed))} for {entry}; got "
+        f"{options.layout!r} (use {elsewhere[options.layout]})"
+    )
+
+
+def check_negatives(negatives: Tensor, n: int, d: int, entry: str) -> Tensor:
+    if isinstance(negatives, Tensor) and not negatives.is_floating_point():
+        raise TypeError(
+            f"negatives must have a floating-point dtype (embeddings), got {negatives.dtype}. "
+            f"To pass class labels, name them: {entry}(query, positive, labels=labels)"
+        )
+    negatives = check_float_tensor("negatives", negatives, (2, 3), "(K, D) or (N, K, D)")
+    if negatives.dim() == 2:
+        rows, cols = negatives.shape
+        if cols != d:
+            hint = ""
+            if rows == d:
+                hint = (
+                    f"; this looks like a MoCo queue stored as (D, K) = ({rows}, {cols}): "
+                    "pass queue.T"
+                )
+            raise ValueError(
+                f"negatives must have shape (K, D) with D = {d} as in query, got "
+                f"{shape_str(negatives)}{hint}"
+            )
+        if rows == 0:
+            raise ValueError(
+                f"negatives has K = 0 rows (shape {shape_str(negatives)}); expected K >= 1"
+            )
+        return negatives
+    if negatives.shape[0] != n or negatives.shape[2] != d:
+        raise ValueError(
+            f"per-query negatives must have shape (N, K, D) = ({n}, K, {d}) to match query, got "
+            f"{shape_str(negatives)}"
+        )
+    if negatives.shape[1] == 0:
+        raise ValueError(
+            f"negatives has K = 0 per query (shape {shape_str(negatives)}); expected K >= 1"
+        )
+    return negatives
+
+
+def stack_views(views: Sequence[Tensor], *, labels: bool, gathering: bool, entry: str) -> Tensor:
+    """``(V, N, D)`` from a list of ``V`` views ``(N, D)``."""
+    if isinstance(views, Tensor) and views.dim() == 2:
+        with_labels = ", labels=labels" if labels else ""
+        raise ValueError(
+            f"views must be a list of V tensors (N, D), got one tensor of shape "
+            f"{shape_str(views)}: one view. Pass it in a list: {entry}([embeddings]"
+            f"{with_labels}) (one view needs labels: every other row with the same label is "
+            "a positive), or the views of each image: "
+            f"{entry}([view1, view2]{with_labels})"
+        )
+    if isinstance(views, Tensor):
+        raise ValueError(
+            f"views must be a list of V tensors (N, D), got one tensor of shape "
+            f"{shape_str(views)}: a stacked (V, N, D) and SupCon's (N, V, D) cannot be told "
+            f"apart. Pass {entry}(list(x.unbind(0))) for (V, N, D) or "
+            f"{entry}(list(x.unbind(1))) for (N, V, D)"
+        )
+    if not isinstance(views, Sequence) or isinstance(views, str):
+        raise TypeError(f"views must be a list of V tensors (N, D), got {type(views).__name__}")
+    checked = [check_float_tensor(f"views[{i}]", v, (2,), "(N, D)") for i, v in enumerate(views)]
+    least = 1 if labels else 2
+    if len(checked) < least:
+        hint = "" if labels else " (or 1 view with labels=)"
+        raise ValueError(f"views must hold at least {least} views{hint}, got {len(checked)}")
+    first = checked[0]
+    for i in range(1, len(checked)):
+        v = checked[i]
+        if v.shape != first.shape:
+            raise ValueError(
+                f"views[{i}] has shape {shape_str(v)} but views[0] has {shape_str(first)}; "
+                "expected every view to be (N, D) with the same N and D"
+            )
+    check_same_device({f"views[{i}]": v for i, v in enumerate(checked)})
+    check_distinct_views(checked, entry)
+    dtype = promoted_dtype([v.dtype for v in checked])
+    stacked = torch.stack([view.to(dtype) for view in checked])
+    _, n, d = stacked.shape
+    if n < 2 and not (gathering or labels):
+        raise ValueError(
+            f"multi-view in-batch negatives need N >= 2 rows per view, got shape {shape_str(stacked)}"
+        )
+    if n == 0 and not gathering:  # across processes every rank raises, in row_counts
+        raise ValueError(f"views are an empty batch: got shape {shape_str(stacked)}")
+    if d == 0:
+        raise ValueError(f"views have embedding dim D = 0: got shape {shape_str(stacked)}")
+    return stacked
+
+
+def check_no_shared_memory(negatives: Tensor, positive: Tensor) -> None:
+    """Refuse ``negatives`` that is ``positive`` or a view of its memory (eager mode only).
+
+    ``cct_loss(q, k, k)`` runs and is wrong: every query would count its own positive among its
+    negatives. What was meant is ``layout="cross"``. Memory ranges are compared, so a
+    ``negatives`` that merely interleaves with ``positive`` in one buffer is refused too; the
+    message says how to pass it anyway (a copy).
+    """
+    if negatives is positive:
+        overlap = True
+    elif (
+        torch.compiler.is_compiling()
+        or negatives.device != positive.device
+        or is_functorch_wrapped(negatives)
+        or is_functorch_wrapped(positive)
+        # different buffers (the usual case) cannot overlap: decided without the ranges
+        or negatives.untyped_storage().data_ptr() != positive.untyped_storage().data_ptr()
+    ):
+        return
+    else:
+        overlap = _byte_range(negatives, 0) < _byte_range(positive, 1) and _byte_range(
+            positive, 0
+        ) < _byte_range(negatives, 1)
+    if overlap:
+        raise ValueError(
+            "negatives is the same tensor as positive (or a view of its memory): each query "
+            "would count its own positive among its negatives. For MoCo v3 / CLIP, where the "
+            "negatives are the other rows of positive, use layout='cross' and no negatives; "
+            "if the overlap is intended, pass negatives.clone()"
+        )
+
+
+def check_not_query_itself(query: Tensor, positive: Tensor, entry: str) -> None:
+    """Refuse a ``positive`` that is ``query`` itself (:func:`same_view`; also as the single
+    positive of an ``(N, 1, D)`` view): every query would be its own positive, at distance 0,
+    and the loss a number that means nothing."""
+    own = positive if positive.dim() == 2 else positive[:, 0] if positive.shape[1] == 1 else None
+    if own is None or not same_view(query, own):
+        return
+    raise ValueError(
+        "positive is query itself (the same memory, shape and strides): every query would be "
+        "its own positive, at distance 0. Pass the other augmented view: "
+        f"{entry}(z1, z2); for one view with class labels: {entry}(embeddings, "
+        "labels=labels); if a copy is really meant: "
+        f"{entry}(query, query.clone())"
+    )
+
+
+def check_distinct_views(views: Sequence[Tensor], entry: str) -> None:
+    """Refuse a view given twice (:func:`same_view`): its rows would be their own positives."""
+    for i in range(1, len(views)):
+        for j in range(i):
+            if same_view(views[i], views[j]):
+                raise ValueError(
+                    f"views[{i}] is views[{j}] (the same memory, shape and strides): each of "
+                    "its rows would be its own positive, at distance 0. Pass the different "
+                    f"augmented views of each image: {entry}([view1, view2]); for one view "
+                    f"with class labels: {entry}([embeddings], labels=labels)"
+                )
+
+
+def _byte_range(x: Tensor, end: int) -> int:
+    """First byte (``end=0``) or one past the last byte (``end=1``) that ``x`` touches."""
+    start = x.data_ptr()
+    if end == 0:
+        return start
+    if x.numel() == 0:
+        return start
+    span = sum((size - 1) * abs(stride) for size, stride in zip(x.shape, x.stride(), strict=True))
+    return start + (span + 1) * x.element_size()
+
+
+_Callable = TypeVar("_Callable", bound=Callable[..., Any])
+
+
+def names_valid_keywords(function: _Callable) -> _Callable:
+    """Make an unknown keyword argument of ``function`` a ``TypeError`` that lists the valid
+    ones and suggests the closest (``tneg`` -> ``t_neg``), naming only ``function`` itself.
+
+    Only a keyword Python refuses at the call is rewritten: a ``TypeError`` raised inside
+    ``function`` passes through unchanged. A successful call costs one extra frame."""
+    parameters = inspect.signature(function).parameters
+    keywords = [
+        name
+        for name, p in parameters.items()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name != "self"
+    ]
+    method = "self" in parameters
+
+    @functools.wraps(function)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except TypeError as error:
+            unknown = [k for k in kwargs if k not in parameters]
+            raised_at_the_call = error.__traceback__ is not None and (
+                error.__traceback__.tb_next is None
+            )
+            if not (raised_at_the_call and unknown):
+                raise
+            # A constructor is named by the class called (a subclass's own name), not by
+            # the base class that defines __init__.
+            where = type(args[0]).__name__ if method and args else function.__name__
+            raise TypeError(unknown_keyword_message(where, unknown[0], keywords)) from None
+
+    return checked  # type: ignore[return-value]
+
+
+def unknown_keyword_message(where: str, name: str, valid: Sequence[str]) -> str:
+    """``where`` got ``name``, which is none of ``valid``: the message, with the closest."""
+    close = closest_name(name, valid)
+    hint = f"; did you mean {close!r}?" if close else "."
+    return (
+        f"{where}() got an unexpected keyword argument {name!r}{hint} "
+        f"The valid keywords are: {', '.join(valid)}"
+    )

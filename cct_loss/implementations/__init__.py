@@ -1,0 +1,1 @@
+"""The implementations (``impl``) and the table that is the only door to them."""

@@ -1,0 +1,256 @@
+"""The implementation table: every implementation by its ``impl`` name, the only door to one,
+and the rule ``impl="auto"`` follows.
+
+An implementation computes a :class:`ContrastiveProblem`'s two sides (its
+:class:`Implementation` entry's ``expectations``), and may also offer the reduced loss of a call
+in one pass (``one_pass``: dense, with its gradient computed in the forward pass). Streaming
+implementations (chunked, sdpa, triton) are a :class:`StreamingKernel` each, one side at a time;
+:func:`streamed` turns one into an entry (a query's own few positives are a small block in plain
+autograd, :func:`cct_loss.maths.expectation.block_expectation`). Adding an implementation is a
+new file in this folder and one entry in :data:`TABLE`, which option validation, dispatch and
+the tests all read.
+
+The ``auto`` rule (:func:`choose_impl`), read from the benchmark tables in BENCHMARKS.md:
+
+* **CPU**: ``dense`` while ``Q * K <= 2**24`` (the cost matrix within 64 MiB in float32),
+  ``chunked`` above it, where it is as fast or faster and holds no ``Q x K`` matrix. Per-query
+  negatives: always ``dense`` (their ``(N, K, D)`` input is already ``D`` times larger than
+  the cost matrix).
+* **CUDA**: ``triton`` where it serves the call (installed; ``D`` within the dimensions timed on
+  a GPU; half precision, or float32 with TF32 allowed; shared keys; not while tracing, where
+  it has not been timed) and the problem is large enough to fill the GPU; below that
+  ``dense``, while ``Q * K`` fits :data:`CUDA_DENSE_MAX_ELEMENTS`; above that ``sdpa``
+  (memory-lean, exact at any sharpness with detached weights; through the weights above
+  :data:`cct_loss.implementations.sdpa.SDPA_MAX_SHARPNESS` it hands the call to ``chunked``
+  itself). ``chunked`` is not picked on CUDA (its per-block launches make it slow there), nor
+  IEEE float32 ``triton`` (its products run on CUDA cores).
+* ``return_details="weights"`` always gets ``dense``, the implementation that holds them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from ..checks import is_functorch_wrapped
+from ..maths.expectation import ConditionalExpectation, Side, block_expectation
+from ..maths.precision import HALF_DTYPES, tf32_matmul_allowed
+from ..options import CCTOptions
+from ..problem.description import ContrastiveProblem, KeySet
+from . import chunked, dense, sdpa, triton_op
+
+Sides = tuple[ConditionalExpectation | None, ConditionalExpectation | None]
+
+
+class StreamingKernel(Protocol):
+    """An implementation that computes one side at a time: each query's expected cost over
+    the keys that take part.
+
+    ``(query (Q, D), keys (K, D) shared or (Q, K, D) per query, key_set, side, options)``;
+    ``key_set=None`` means every key takes part (per-query keys always). ``side`` picks the
+    sign and the sharpness of the softmax; ``options`` gives the cost, ``detach_weights``,
+    ``chunk_size`` and whether the diagnostics are wanted.
+    """
+
+    def __call__(
+        self,
+        query: Tensor,
+        keys: Tensor,
+        key_set: KeySet | None,
+        *,
+        side: Side,
+        options: CCTOptions,
+    ) -> ConditionalExpectation: ...
+
+
+class Implementation(NamedTuple):
+    """One entry of the table.
+
+    Attributes:
+        name: its ``impl`` name.
+        expectations: ``(problem, options) -> (attraction side, repulsion side)``, each a
+            :class:`ConditionalExpectation` or ``None`` where the problem has no such side.
+        one_pass: ``(problem, options) -> runner``, where ``runner(problem)`` is the call's
+            reduced loss (``"mean"`` or ``"sum"``, one process, no diagnostics) computed in one
+            pass; ``None`` where the implementation offers none. A runner serves every call
+            with the same signature (see :mod:`cct_loss.shortcuts`).
+    """
+
+    name: str
+    expectations: Callable[[ContrastiveProblem, CCTOptions], Sides]
+    one_pass: (
+        Callable[[ContrastiveProblem, CCTOptions], Callable[[ContrastiveProblem], Tensor]] | None
+    ) = None
+
+
+def streamed(kernel: StreamingKernel) -> Callable[[ContrastiveProblem, CCTOptions], Sides]:
+    """The two sides of a problem from a :class:`StreamingKernel`: the positives drawn from the
+    keys (labels) and the negatives through the kernel; a query's own few positives (given, or
+    its row's other views) as a small block in plain autograd."""
+
+    def expectations(problem: ContrastiveProblem, options: CCTOptions) -> Sides:
+        problem = problem.prepared()
+        query = problem.query
+        # In-batch the keys are the queries: a view keeps them distinct tensors for the
+        # autograd functions (torch.compile cannot trace one tensor passed twice to one).
+        keys = query.view_as(query) if problem.keys is None else problem.keys
+        attract = repel = None
+        positives, fixed = problem.positives, problem.fixed_positives
+        if fixed is not None:
+            attract = block_expectation(query, fixed, options)
+        elif positives is not None and not isinstance(positives, Tensor):
+            if positives.own_rows_only:
+                assert positives.rows is not None
+                own = positives.rows.fixed_positives(keys)
+                attract = block_expectation(query, own, options)
+            else:
+                attract = kernel(query, keys, positives, side="positives", options=options)
+        negatives = problem.negatives
+        if negatives is not None:
+            key_set = None if negatives.every_key else negatives
+            repel = kernel(query, keys, key_set, side="negatives", options=options)
+        return attract, repel
+
+    return expectations
+
+
+#: Every implementation by its ``impl`` name.
+TABLE: dict[str, Implementation] = {
+    "dense": Implementation("dense", dense.expectations, dense.one_pass),
+    "chunked": Implementation("chunked", streamed(chunked.expected_cost)),
+    "sdpa": Implementation("sdpa", streamed(sdpa.expected_cost)),
+    "triton": Implementation("triton", streamed(triton_op.expected_cost)),
+}
+
+#: CPU: ``auto`` stays dense while the ``Q x K`` cost matrix has at most this many entries
+#: (64 MiB in float32; dense keeps a few such matrices alive for the backward pass).
+AUTO_DENSE_MAX_ELEMENTS = 1 << 24
+#: CUDA: dense while ``Q x K`` has at most this many entries (1 GiB per float32 matrix).
+CUDA_DENSE_MAX_ELEMENTS = 1 << 28
+#: CUDA: the largest D for which ``auto`` considers Triton: the kernels take D up to 1024 (tiling
+#: D above 256), but only D <= 256 has been timed on a GPU; above, ``auto`` keeps dense or sdpa
+#: until a measurement shows the tiled kernels ahead.
+TRITON_AUTO_MAX_DIM = 256
+#: CUDA: Triton from this many query-key pairs ...
+TRITON_MIN_ELEMENTS = 1 << 24
+#: ... and this many queries (the forward kernel runs one program per 64 queries: fewer leave
+#: most of the GPU idle; MoCo N=512, K=65536 ran at 1.26x dense, N=4096 at 0.71x).
+TRITON_MIN_QUERIES = 1024
+
+
+class Call(NamedTuple):
+    """What ``auto`` decides from (host values only: deciding costs no synchronisation).
+
+    Attributes:
+        device_type: ``"cpu"``, ``"cuda"``, ...
+        num_queries, num_keys: the ``Q x K`` problem.
+        dim: the embedding dimension ``D``.
+        dtype: the products' dtype (half precision under autocast).
+        per_query: the keys are ``(Q, K, D)`` per query.
+        traced: under ``torch.compile`` or a ``torch.func`` transform.
+        tf32: float32 products may use TF32
+            (:func:`cct_loss.precision.tf32_matmul_allowed`).
+        triton_installed: the optional dependency is importable.
+    """
+
+    device_type: str
+    num_queries: int
+    num_keys: int
+    dim: int
+    dtype: torch.dtype
+    per_query: bool = False
+    traced: bool = False
+    tf32: bool = False
+    triton_installed: bool = False
+
+
+@functools.cache
+def triton_installed() -> bool:
+    """Whether the optional ``triton`` package can be imported (checked once)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_serves(call: Call) -> bool:
+    """Whether ``impl="triton"`` takes ``call`` at full speed (see the module docs)."""
+    fast_dtype = call.dtype in HALF_DTYPES or (call.dtype == torch.float32 and call.tf32)
+    return (
+        call.device_type == "cuda"
+        and call.triton_installed
+        and not call.per_query
+        and not call.traced
+        and call.dim <= TRITON_AUTO_MAX_DIM
+        and fast_dtype
+    )
+
+
+def choose_impl(impl: str, call: Call) -> str:
+    """Resolve ``impl="auto"`` for ``call`` (the rule in the module docs); other values are
+    returned unchanged. A pure function of its arguments."""
+    if impl != "auto":
+        return impl
+    if call.per_query:
+        return "dense"
+    elements = call.num_queries * call.num_keys
+    if call.device_type != "cuda":
+        return "dense" if elements <= AUTO_DENSE_MAX_ELEMENTS else "chunked"
+    if (
+        triton_serves(call)
+        and elements >= TRITON_MIN_ELEMENTS
+        and call.num_queries >= TRITON_MIN_QUERIES
+    ):
+        return "triton"
+    return "dense" if elements <= CUDA_DENSE_MAX_ELEMENTS else "sdpa"
+
+
+def describe_call(query: Tensor, keys: Tensor, dtype: torch.dtype | None = None) -> Call:
+    """The :class:`Call` of queries ``(Q, D)`` against keys ``(K, D)`` or ``(Q, K, D)``
+    (``dtype``: the products' dtype, when the embeddings are not prepared yet)."""
+    device_type = query.device.type
+    size = (query.shape[0], keys.shape[-2], query.shape[-1])
+    dtype = query.dtype if dtype is None else dtype
+    per_query = keys.dim() == 3
+    if device_type != "cuda":  # the rule reads nothing else there
+        return Call(device_type, *size, dtype, per_query=per_query)
+    traced = torch.compiler.is_compiling() or is_functorch_wrapped(query)
+    return cuda_call(*size, dtype, per_query=per_query, traced=traced)
+
+
+def cuda_call(
+    num_queries: int,
+    num_keys: int,
+    dim: int,
+    dtype: torch.dtype,
+    *,
+    per_query: bool = False,
+    traced: bool = False,
+) -> Call:
+    """A CUDA :class:`Call` with the process's state: whether TF32 is allowed (read by
+    :func:`cct_loss.precision.tf32_matmul_allowed`, whichever API set it) and whether Triton is
+    installed. Host values only."""
+    return Call(
+        "cuda",
+        num_queries,
+        num_keys,
+        dim,
+        dtype,
+        per_query=per_query,
+        traced=traced,
+        tf32=tf32_matmul_allowed(),
+        triton_installed=triton_installed(),
+    )
+
+
+def choose(problem: ContrastiveProblem, options: CCTOptions) -> Implementation:
+    """The implementation that serves ``problem``: the one ``options.impl`` names, or the one
+    ``auto`` picks (``return_details="weights"`` makes it dense, the one that holds them)."""
+    if options.impl != "auto":
+        return TABLE[options.impl]
+    if options.wants_weights:
+        return TABLE["dense"]
+    dtype = None if problem.preparation is None else problem.preparation.products
+    return TABLE[choose_impl("auto", describe_call(problem.query, problem.key_rows, dtype))]

@@ -1,0 +1,290 @@
+"""The one reduction: from each query's terms to the loss, and the diagnostics returned.
+
+Every path reduces here: the per-query terms of any implementation (:func:`reduce`), and dense's
+one-pass loss, which asks :func:`divisors` what each term's sum is divided by. ``"mean"`` is
+``alpha * mean(attraction over the queries that have positives) + beta * mean(repulsion over
+the queries that have negatives)``, a term that no query has being 0 (without labels every query
+has both, and this is the plain mean); ``"sum"`` and ``"none"`` use the per-query values, which
+are 0 for a missing term. Across processes (``gather_distributed=True``) each term's sum over
+this rank's queries is divided by its global count over the world size, so that DDP's averaging
+of the gradients gives the gradient of the mean over the concatenated global batch
+(docs/specification.md, "Across processes").
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .. import distributed
+from ..options import CCTOptions
+from .expectation import ConditionalExpectation
+
+
+class QueryTerms(NamedTuple):
+    """One entry per query (per row for the paper's objective): what :func:`reduce` reduces.
+
+    Attributes:
+        attraction: ``(Q,)`` ``sum_m pi_m^+ d_m^+`` (0 for a query without positives).
+        repulsion: ``(Q,)`` ``-sum_k pi_k^- d_k^-`` (0 for a query without negatives).
+        pos_entropy: ``(Q,)`` entropy of the positive weights (nats, no gradient), or ``None``
+            when the diagnostics were not asked for (so too the next two).
+        neg_entropy: ``(Q,)`` entropy of the negative weights.
+        accuracy: ``(Q,)`` 1.0 where the farthest positive is closer than the nearest negative.
+        pos_weights: positive weights, or ``None`` when the implementation does not hold them.
+        neg_weights: negative weights, or ``None`` when the implementation does not hold them.
+        has_positives: ``(Q,)`` bool, or ``None`` when every query has positives.
+        has_negatives: ``(Q,)`` bool, or ``None`` when every query has negatives.
+    """
+
+    attraction: Tensor
+    repulsion: Tensor
+    pos_entropy: Tensor | None
+    neg_entropy: Tensor | None
+    accuracy: Tensor | None
+    pos_weights: Tensor | None = None
+    neg_weights: Tensor | None = None
+    has_positives: Tensor | None = None
+    has_negatives: Tensor | None = None
+
+
+class CCTDetails(NamedTuple):
+    """Result of ``cct_loss(..., return_details=True)``.
+
+    ``loss == alpha * attraction + beta * repulsion`` holds for every reduction.
+
+    Attributes:
+        loss: the loss, reduced as asked (scalar, or ``(Q,)`` for ``reduction="none"``).
+        attraction: the attraction term, reduced like the loss (``"mean"``: over the queries
+            that have positives).
+        repulsion: the repulsion term, reduced like the loss (``"mean"``: over the queries
+            that have negatives).
+        pos_entropy: entropy (nats) of each query's positive weights; averaged over the
+            queries that have positives for ``"mean"`` and ``"sum"``, per query for ``"none"``.
+            Its exponential is the effective number of positives.
+        neg_entropy: the same for the negative weights (effective number of negatives).
+        accuracy: fraction of queries whose farthest positive is closer than their nearest
+            negative, among the queries that have both (per query 0/1 for ``"none"``): the
+            analogue of InfoNCE's top-1.
+        pos_weights: the positive weights with ``return_details="weights"``, else ``None``.
+        neg_weights: the negative weights with ``return_details="weights"``, else ``None``.
+            What the tuple holds never depends on the implementation ``auto`` picked.
+        queries_with_positives: how many of this call's queries have at least one positive
+            (per query, bool, for ``"none"``). Without labels, every query.
+        queries_with_negatives: the same for negatives.
+    """
+
+    loss: Tensor
+    attraction: Tensor
+    repulsion: Tensor
+    pos_entropy: Tensor
+    neg_entropy: Tensor
+    accuracy: Tensor
+    pos_weights: Tensor | None
+    neg_weights: Tensor | None
+    queries_with_positives: Tensor
+    queries_with_negatives: Tensor
+
+
+class Divisors(NamedTuple):
+    """What each term's sum over the queries is divided by: the number of queries that have it
+    (``"mean"``; a 0-dim tensor where labels decide it, at least 1 so that a term no query has
+    is 0), or 1 (``"sum"``)."""
+
+    attraction: float | Tensor
+    repulsion: float | Tensor
+
+
+def divisors(
+    options: CCTOptions,
+    num_queries: int,
+    has_positives: Tensor | None,
+    has_negatives: Tensor | None,
+    row_counts: list[int] | None = None,
+) -> Divisors:
+    """The :class:`Divisors` of a call's terms.
+
+    Args:
+        options: ``reduction`` is read.
+        num_queries: this call's queries (on this rank).
+        has_positives, has_negatives: ``(Q,)`` bool, or ``None`` where every query has the term.
+        row_counts: every rank's rows when gathering across processes, else ``None``.
+    """
+    if options.reduction != "mean":
+        return Divisors(1.0, 1.0)
+    if row_counts is None:
+        return Divisors(_count(has_positives, num_queries), _count(has_negatives, num_queries))
+    world = len(row_counts)
+    if has_positives is None and has_negatives is None:  # the global count is known here
+        rank, _ = distributed.rank_and_world_size()
+        queries_per_row = num_queries // row_counts[rank]
+        same = queries_per_row * sum(row_counts) / world
+        return Divisors(same, same)
+    # The counts depend on the labels: one small all-reduce across processes.
+    local = torch.stack(
+        [
+            _as_count(has_positives, num_queries, has_negatives),
+            _as_count(has_negatives, num_queries, has_positives),
+        ]
+    )
+    counts = distributed.all_reduce_sum(local).clamp_min(1.0) / world
+    return Divisors(counts[0], counts[1])
+
+
+def _count(flags: Tensor | None, num_queries: int) -> float | Tensor:
+    """How many queries have a term (at least 1), from its flags, or all of them."""
+    return float(num_queries) if flags is None else flags.sum().clamp_min(1)
+
+
+def _as_count(flags: Tensor | None, num_queries: int, other: Tensor | None) -> Tensor:
+    """A term's count as a float tensor (on the device of whichever flags exist)."""
+    if flags is not None:
+        return flags.sum().float()
+    assert other is not None
+    return other.new_full((), float(num_queries), dtype=torch.float32)
+
+
+def combine(
+    attract: ConditionalExpectation | None, repel: ConditionalExpectation | None
+) -> QueryTerms:
+    """Per-query terms from the two sides' expectations (repulsion is minus the expected cost),
+    with the contrastive accuracy where the diagnostics were asked for."""
+    assert attract is not None and repel is not None
+    accuracy = None
+    if attract.extreme is not None and repel.extreme is not None:
+        correct = attract.extreme < repel.extreme
+        both = _both(attract.present, repel.present)
+        if both is not None:
+            correct = correct & both
+        accuracy = correct.to(attract.value.dtype)
+    return QueryTerms(
+        attraction=attract.value,
+        repulsion=-repel.value,
+        pos_entropy=attract.entropy,
+        neg_entropy=repel.entropy,
+        accuracy=accuracy,
+        pos_weights=attract.weights,
+        neg_weights=repel.weights,
+        has_positives=attract.present,
+        has_negatives=repel.present,
+    )
+
+
+def _both(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a & b
+
+
+def paper_row_terms(
+    attract: ConditionalExpectation,
+    pairs: list[tuple[ConditionalExpectation | None, ConditionalExpectation]],
+    num_views: int,
+) -> QueryTerms:
+    """The paper's small-scale objective per row (docs/specification.md, "The paper's
+    configuration"), from its parts: ``attract`` over the ``V * N`` embeddings (view-major,
+    each against the other views of its row) and, for each pair of views ``x < y`` in
+    lexicographic order, the repulsion of view ``x``'s rows from the other rows of view ``y``.
+
+    Attraction is averaged over the views, repulsion over the pairs. A pair's accuracy is
+    whether ``z_y[i]`` is closer to ``z_x[i]`` than every other row of ``y``: with the
+    diagnostics, each pair's first entry is the attraction of ``z_x[i]`` to ``z_y[i]`` alone,
+    whose extreme is that cost (see :func:`cct_loss.problem.layouts.paper`).
+
+    Returns:
+        :class:`QueryTerms` of ``(N,)``; weights ``(V, N, V-1)`` and ``(P, N, N)``.
+    """
+    repels = [repel for _, repel in pairs]
+    n = repels[0].value.shape[0]
+
+    def per_row(x: Tensor) -> Tensor:
+        return x.reshape(-1, n).mean(0)
+
+    def over_pairs(xs: list[Tensor | None]) -> Tensor | None:
+        kept = [x for x in xs if x is not None]
+        return torch.stack(kept).mean(0) if kept and len(kept) == len(xs) else None
+
+    wins: list[Tensor | None] = [
+        None
+        if own is None or own.extreme is None or repel.extreme is None
+        else (own.extreme < repel.extreme).to(repel.value.dtype)
+        for own, repel in pairs
+    ]
+    neg_weights = [r.weights for r in repels]
+    return QueryTerms(
+        attraction=per_row(attract.value),
+        repulsion=-torch.stack([r.value for r in repels]).mean(0),
+        pos_entropy=None if attract.entropy is None else per_row(attract.entropy),
+        neg_entropy=over_pairs([r.entropy for r in repels]),
+        accuracy=over_pairs(wins),
+        pos_weights=None
+        if attract.weights is None
+        else attract.weights.reshape(num_views, n, num_views - 1),
+        neg_weights=None
+        if any(w is None for w in neg_weights)
+        else torch.stack([w for w in neg_weights if w is not None]),
+    )
+
+
+def reduce(
+    terms: QueryTerms, options: CCTOptions, row_counts: list[int] | None = None
+) -> Tensor | CCTDetails:
+    """The loss of per-query ``terms`` (and the diagnostics, where asked for), reduced as
+    ``options.reduction`` says: ``loss == alpha * attraction + beta * repulsion``.
+
+    Args:
+        terms: from :func:`combine` (or :func:`paper_row_terms`).
+        options: ``alpha``, ``beta``, ``reduction`` and ``return_details`` are read.
+        row_counts: every rank's rows when gathering across processes, else ``None``.
+    """
+    divide = divisors(
+        options, terms.attraction.shape[0], terms.has_positives, terms.has_negatives, row_counts
+    )
+    attraction = _reduced(terms.attraction, options.reduction, divide.attraction)
+    repulsion = _reduced(terms.repulsion, options.reduction, divide.repulsion)
+    loss = _times(attraction, options.alpha) + _times(repulsion, options.beta)
+    if not options.return_details:
+        return loss
+    assert terms.pos_entropy is not None and terms.neg_entropy is not None
+    assert terms.accuracy is not None
+    none = options.reduction == "none"
+
+    def stat(x: Tensor, flags: Tensor | None) -> Tensor:
+        if none:
+            return x if flags is None else torch.where(flags, x, 0.0)
+        if flags is None:
+            return x.mean()
+        return torch.where(flags, x, 0.0).sum() / flags.sum().clamp_min(1)
+
+    def present(flags: Tensor | None) -> Tensor:
+        if flags is None:
+            flags = torch.ones_like(terms.attraction, dtype=torch.bool)
+        return flags if none else flags.sum()
+
+    weights = options.wants_weights
+    return CCTDetails(
+        loss=loss,
+        attraction=attraction,
+        repulsion=repulsion,
+        pos_entropy=stat(terms.pos_entropy, terms.has_positives),
+        neg_entropy=stat(terms.neg_entropy, terms.has_negatives),
+        accuracy=stat(terms.accuracy, _both(terms.has_positives, terms.has_negatives)),
+        pos_weights=terms.pos_weights if weights else None,
+        neg_weights=terms.neg_weights if weights else None,
+        queries_with_positives=present(terms.has_positives),
+        queries_with_negatives=present(terms.has_negatives),
+    )
+
+
+def _reduced(x: Tensor, reduction: str, divisor: float | Tensor) -> Tensor:
+    if reduction == "none":
+        return x
+    total = x.sum()
+    return total if isinstance(divisor, float) and divisor == 1.0 else total / divisor
+
+
+def _times(x: Tensor, weight: float | Tensor) -> Tensor:
+    """``weight * x``, without multiplying by a Python 1."""
+    return x if isinstance(weight, float) and weight == 1.0 else x * weight

@@ -1,0 +1,298 @@
+"""Who is a query, a positive and a negative, for each call shape (docs/specification.md,
+"Who is a query, a positive and a negative").
+
+Each function describes a call as a :class:`ContrastiveProblem` and computes nothing: the
+queries, the keys, and which keys are each query's positives and negatives (a :class:`KeySet`:
+class labels as ids, or the block layout of the batch's instances as a few integers). No
+``N x K x D`` tensor is formed, and without labels no mask or id tensor is built.
+
+Groups: without labels a row's group is its instance (its global row index), so the other views
+of a row are its positives and every other row's embeddings its negatives; with labels it is the
+row's label.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .. import shortcuts
+from ..maths.costs import Preparation
+from .description import ContrastiveProblem, KeySet, OwnRows
+
+
+class GlobalRows(NamedTuple):
+    """The candidates of every rank, when training across processes.
+
+    Attributes:
+        rows: the gathered embeddings (``(V, N_all, D)`` views or ``(N_all, M, D)`` keys).
+        labels: ``(N_all,)`` gathered labels, or ``None``.
+        offset: the index of this rank's first row within ``N_all``.
+    """
+
+    rows: Tensor
+    labels: Tensor | None
+    offset: int
+
+
+def pairs(
+    query: Tensor,
+    positive: Tensor,
+    negatives: Tensor | None,
+    layout: str,
+    *,
+    labels: Tensor | None = None,
+    negative_labels: Tensor | None = None,
+    preparation: Preparation | None = None,
+) -> ContrastiveProblem:
+    """A :func:`cct_loss.cct_loss` call on one process: in-batch (``negatives=None``, layout
+    ``"all"``), cross, or the MoCo mode of ``"all"`` (explicit negatives)."""
+    if layout == "cross":
+        return cross(
+            query,
+            as_positives(positive),
+            negatives=negatives,
+            labels=labels,
+            negative_labels=negative_labels,
+            preparation=preparation,
+        )
+    if negatives is None:
+        views = in_batch_views(query, positive)
+        return in_batch(views, labels=labels, preparation=preparation)
+    return explicit_negatives(
+        query,
+        positive,
+        negatives,
+        labels=labels,
+        negative_labels=negative_labels,
+        preparation=preparation,
+    )
+
+
+def in_batch_views(query: Tensor, positive: Tensor) -> Tensor:
+    """``(M + 1, N, D)``: the query rows, then each view of ``positive``."""
+    if positive.dim() == 2:
+        return torch.stack([query, positive])
+    return torch.cat([query.unsqueeze(0), positive.transpose(0, 1)])
+
+
+def as_positives(positive: Tensor) -> Tensor:
+    """``(N, M, D)`` positives (``M = 1`` for an ``(N, D)`` positive)."""
+    return positive if positive.dim() == 3 else positive.unsqueeze(1)
+
+
+def in_batch(
+    views: Tensor,
+    *,
+    labels: Tensor | None = None,
+    global_rows: GlobalRows | None = None,
+    preparation: Preparation | None = None,
+) -> ContrastiveProblem:
+    """Symmetric in-batch layout (``layout="all"``, NT-Xent): every embedding is a query.
+
+    Row ``r = v * N + i`` is view ``v`` of instance ``i``. Without labels its positives are the
+    other views of instance ``i`` (in view order) and its negatives every view of every other
+    instance. With labels its positives are every embedding of a same-label row except itself
+    and its negatives every embedding of a row with another label (either set may be empty).
+
+    Args:
+        views: ``(V, N, D)`` embeddings; these rows are the queries. ``V >= 2`` without labels.
+        labels: ``(N,)`` integer labels, or ``None``.
+        global_rows: the global batch ``(V, N_all, D)`` across processes (with its labels and
+            this rank's offset), or ``None``: the keys are ``views`` themselves.
+        preparation: as in :class:`ContrastiveProblem`.
+    """
+    num_views, n, d = views.shape
+    flat = views.reshape(num_views * n, d)
+    keys, n_all, offset, key_labels = None, n, 0, labels
+    if global_rows is not None:
+        keys = global_rows.rows.reshape(-1, d)
+        n_all, offset = global_rows.rows.shape[1], global_rows.offset
+        key_labels = global_rows.labels
+    if labels is None:
+        sets = _INSTANCES.lookup(
+            (num_views, n, n_all, offset), lambda: _instances(num_views, n, n_all, offset)
+        )
+        return ContrastiveProblem(flat, keys, sets[0], sets[1], preparation)
+    rows = OwnRows(num_views, n, num_views, n_all, offset, includes_self=True)
+    assert key_labels is not None
+    query_groups = labels.repeat(num_views)
+    key_groups = query_groups if global_rows is None else key_labels.repeat(num_views)
+    positives = KeySet(query_groups, key_groups, same_group=True, rows=rows, may_be_empty=True)
+    negatives = KeySet(query_groups, key_groups, may_be_empty=True)
+    return ContrastiveProblem(flat, keys, positives, negatives, preparation)
+
+
+def _instances(num_views: int, n: int, n_all: int, offset: int) -> tuple[KeySet, KeySet]:
+    """The in-batch positives and negatives without labels: a row's other views, and every
+    other row's embeddings (a few integers, the same at every step)."""
+    rows = OwnRows(num_views, n, num_views, n_all, offset, includes_self=True)
+    return KeySet(same_group=True, rows=rows), KeySet(rows=rows)
+
+
+_INSTANCES: shortcuts.Memo[tuple[KeySet, KeySet]] = shortcuts.Memo(64)
+
+
+def cross(
+    query: Tensor,
+    positive: Tensor,
+    *,
+    negatives: Tensor | None = None,
+    labels: Tensor | None = None,
+    negative_labels: Tensor | None = None,
+    global_rows: GlobalRows | None = None,
+    preparation: Preparation | None = None,
+) -> ContrastiveProblem:
+    """Cross layout (``layout="cross"``; MoCo v3, CLIP): only ``query`` rows are queries.
+
+    Without labels query ``i``'s positives are ``positive[i, :]`` and its negatives every
+    embedding of every other row of ``positive``; with labels its positives are every
+    embedding of a row of ``positive`` with its label (row ``i`` included) and its negatives
+    those of rows with another label. The rows of ``negatives`` are negatives on top, except
+    those whose ``negative_labels`` equal the query's label.
+
+    Args:
+        query: ``(N, D)`` queries.
+        positive: ``(N, M, D)`` positives (this rank's rows).
+        negatives: ``(K, D)`` extra negatives (a queue), or ``None``.
+        labels: ``(N,)`` labels of the rows of ``query`` and ``positive``, or ``None``.
+        negative_labels: ``(K,)`` labels of ``negatives`` (needs ``labels``), or ``None``.
+        global_rows: the global ``positive`` ``(N_all, M, D)`` across processes, or ``None``.
+        preparation: as in :class:`ContrastiveProblem`.
+    """
+    n, m, _ = positive.shape
+    rows, offset, row_labels = positive, 0, labels
+    if global_rows is not None:
+        rows, offset, row_labels = global_rows.rows, global_rows.offset, global_rows.labels
+    n_all = rows.shape[0]
+    keys = _cross_keys(rows, negatives)
+    if labels is None:
+        own = OwnRows(1, n, m, n_all, offset, row_major=m > 1)
+        # Its positives are its own row's keys, positive[i]; every other key is a negative (a
+        # queue's keys belong to no row).
+        return ContrastiveProblem(
+            query, keys, KeySet(same_group=True, rows=own), KeySet(rows=own), preparation
+        )
+    assert row_labels is not None
+    batch_groups = row_labels.repeat_interleave(m)
+    pos_groups = neg_groups = batch_groups
+    if negatives is not None:  # the queue holds no positives; its labelled keys no negatives
+        unused = unused_group(labels).expand(negatives.shape[0])
+        pos_groups = torch.cat([batch_groups, unused])
+        extra = unused if negative_labels is None else negative_labels
+        neg_groups = torch.cat([batch_groups, extra])
+    # Row i always shares its own label: a query always has positives.
+    same = KeySet(labels, pos_groups, same_group=True)
+    other = KeySet(labels, neg_groups, may_be_empty=True)
+    return ContrastiveProblem(query, keys, same, other, preparation)
+
+
+def _cross_keys(rows: Tensor, negatives: Tensor | None) -> Tensor:
+    """The keys of the cross layout: every row's ``M`` positives (key ``j * M + w`` is
+    ``rows[j, w]``), then the rows of ``negatives``."""
+    keys = rows.reshape(rows.shape[0] * rows.shape[1], rows.shape[2])
+    return keys if negatives is None else torch.cat([keys, negatives])
+
+
+def refill(
+    template: ContrastiveProblem,
+    query: Tensor,
+    positive: Tensor,
+    negatives: Tensor | None,
+    layout: str,
+) -> ContrastiveProblem:
+    """The problem of a :func:`pairs` call (one process, no labels) on new tensors, with the
+    key sets of ``template``, an earlier call of the same shapes and options: the replay of a
+    trainer's step describes only its tensors (:mod:`cct_loss.shortcuts`)."""
+    _, _, positives, key_set, preparation = template
+    if layout == "cross":
+        keys = _cross_keys(as_positives(positive), negatives)
+        return ContrastiveProblem(query, keys, positives, key_set, preparation)
+    if negatives is None:
+        views = in_batch_views(query, positive)
+        flat = views.reshape(-1, views.shape[-1])
+        return ContrastiveProblem(flat, None, positives, key_set, preparation)
+    return ContrastiveProblem(query, negatives, positive, key_set, preparation)
+
+
+def unused_group(groups: Tensor) -> Tensor:
+    """A 0-dim id equal to none of ``groups`` (on the device: no host synchronisation)."""
+    low = groups.min()
+    return torch.where(low > torch.iinfo(groups.dtype).min, low - 1, groups.max() + 1)
+
+
+def explicit_negatives(
+    query: Tensor,
+    positive: Tensor,
+    negatives: Tensor,
+    *,
+    labels: Tensor | None = None,
+    negative_labels: Tensor | None = None,
+    preparation: Preparation | None = None,
+) -> ContrastiveProblem:
+    """MoCo mode of ``layout="all"``: only ``query`` rows are queries, their positives are
+    ``positive[i, :]``; negatives shared ``(K, D)`` or per query ``(N, K, D)``.
+
+    Args:
+        query: ``(N, D)`` queries.
+        positive: ``(N, M, D)`` positives, or ``(N, D)`` for one.
+        negatives: ``(K, D)`` or ``(N, K, D)`` negatives.
+        labels, negative_labels: ``(N,)`` and ``(K,)`` labels (shared negatives only): a
+            negative whose label equals the query's is left out. Both or neither.
+        preparation: as in :class:`ContrastiveProblem`.
+    """
+    key_set = KeySet()
+    if labels is not None and negative_labels is not None:
+        key_set = KeySet(labels, negative_labels, may_be_empty=True)
+    return ContrastiveProblem(query, negatives, positive, key_set, preparation)
+
+
+class PaperProblems(NamedTuple):
+    """The paper's small-scale objective as problems (see :func:`paper`).
+
+    Attributes:
+        attraction: every embedding against the other views of its row (positives only).
+        repulsions: one per pair of views ``x < y`` in lexicographic order: the rows of view
+            ``x`` against the other rows of view ``y`` (negatives), and, when ``own`` was
+            asked for, ``z_y[i]`` as the one positive of ``z_x[i]`` (its cost is the pair's
+            accuracy test; it takes no part in the loss).
+        num_views: ``V``.
+    """
+
+    attraction: ContrastiveProblem
+    repulsions: list[ContrastiveProblem]
+    num_views: int
+
+
+def paper(
+    views: Tensor, *, global_rows: GlobalRows | None = None, own: bool = False
+) -> PaperProblems:
+    """The objective of the official small-scale (CIFAR/STL) code (``layout="paper"``).
+
+    * attraction of row ``i``: for each view ``x``, ``z_x[i]`` attracts the other views
+      ``z_w[i]``; averaged over the ``V`` views;
+    * repulsion of row ``i``: for each pair of views ``x < y``, ``z_x[i]`` repels the other rows
+      ``z_y[j]`` (``j != i``) of view ``y``, one direction; averaged over the pairs.
+
+    Args:
+        views: ``(V, N, D)`` prepared embeddings, ``V >= 2``.
+        global_rows: the global batch ``(V, N_all, D)`` across processes (negatives of view
+            ``y`` come from all of its rows), or ``None``.
+        own: give each pair's problem ``z_y[i]`` as the positive of ``z_x[i]`` (for the
+            contrastive accuracy of the diagnostics).
+    """
+    num_views, n, d = views.shape
+    own_views = OwnRows(num_views, n, num_views, n, includes_self=True)
+    flat = views.reshape(num_views * n, d)
+    attraction = ContrastiveProblem(flat, None, KeySet(same_group=True, rows=own_views), None)
+    offset = 0 if global_rows is None else global_rows.offset
+    keys = views if global_rows is None else global_rows.rows
+    other_rows = KeySet(rows=OwnRows(1, n, 1, keys.shape[1], offset))
+    repulsions = [
+        ContrastiveProblem(views[x], keys[y], views[y] if own else None, other_rows)
+        for x, y in itertools.combinations(range(num_views), 2)
+    ]
+    return PaperProblems(attraction, repulsions, num_views)

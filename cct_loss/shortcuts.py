@@ -1,0 +1,160 @@
+"""Every per-call speed shortcut of the library, in one place, behind one switch.
+
+A trainer calls its loss with the same shapes and options at every step, and at the batch sizes
+people train with per GPU a step is made of fixed costs: each Python-level check, each context
+entered and each autograd function's argument binding costs microseconds, whatever the size of
+the tensors. The shortcuts below take those costs out of the steps after the first. None of them
+changes a value or a gradient: with :func:`disabled` every call takes the long way, and the tests
+check that the results are bit-identical either way (tests/test_shortcuts.py).
+
+* :class:`Memo`: tables that remember what an earlier call with the same key worked out: the
+  validated options of a set of keywords, a layout's block description, the plan of a call
+  signature (its checks passed, its implementation chosen) that later calls replay.
+* :func:`apply`: calls an autograd function through a classic-style twin. ``torch.func`` needs
+  functions written with ``setup_context``, whose ``apply`` binds every call's arguments through
+  :mod:`inspect` (about 25 microseconds for eight inputs and outputs, against 7 for the classic
+  style); :func:`eager_twin` derives the classic twin from the same ``forward``,
+  ``setup_context`` and ``backward``.
+* :func:`no_context`: one reused do-nothing context manager.
+
+The shortcuts step aside while ``torch.compile`` traces (a trace runs once, and must see the
+long way to capture it) and under ``torch.func`` transforms (which need the ``setup_context``
+functions themselves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, Generic, TypeVar
+
+import torch
+
+_enabled = True
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block every call takes the long way (no memo is read or written, autograd
+    functions are applied as they are)."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def active() -> bool:
+    """Whether the shortcuts apply now: switched on, not tracing, no ``torch.func`` transform."""
+    return (
+        _enabled
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
+_Value = TypeVar("_Value")
+
+#: The key types a memo accepts: anything else (a tensor option, a list) is built every call.
+_PLAIN = frozenset({bool, int, float, str, type(None), torch.dtype, torch.device})
+
+
+class Memo(Generic[_Value]):
+    """A bounded table from plain keys to what an earlier call built for them.
+
+    Args:
+        size: how many entries it keeps; when full it starts over (a trainer has a handful of
+            signatures: its training and evaluation batch sizes).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._table: dict[Hashable, _Value] = {}
+
+    def get(self, key: Hashable) -> _Value | None:
+        """The value remembered for ``key``, or ``None`` (always ``None`` while switched off;
+        a caller reads only keys it made while :func:`active`)."""
+        return self._table.get(key) if _enabled else None
+
+    def put(self, key: Hashable, value: _Value) -> None:
+        """Remember ``value`` for ``key`` (nothing while inactive)."""
+        if not active():
+            return
+        if len(self._table) >= self.size:
+            self._table.clear()
+        self._table[key] = value
+
+    def lookup(self, key: tuple[Any, ...], build: Callable[[], _Value]) -> _Value:
+        """The value for ``key``, built by ``build`` the first time; built every time while
+        inactive or when a part of the key is not a plain value (a tensor, a list). Parts are
+        told apart by type as well (``True`` is not ``1``, which Python's equality says it is)."""
+        types = tuple(map(type, key))
+        if not (_PLAIN.issuperset(types) and active()):
+            return build()
+        typed = (key, types)
+        found = self._table.get(typed)
+        if found is None:
+            found = build()
+            self.put(typed, found)
+        return found
+
+    def clear(self) -> None:
+        self._table.clear()
+
+
+_Function = TypeVar("_Function", bound=type[torch.autograd.Function])
+
+#: The classic twin of each registered function.
+_TWINS: dict[type[torch.autograd.Function], type[torch.autograd.Function]] = {}
+#: The registered functions whose twin returns the first output alone.
+_FIRST_ONLY: set[type[torch.autograd.Function]] = set()
+
+
+def eager_twin(function: _Function) -> _Function:
+    """Register a classic-style twin of ``function`` (an autograd function written with
+    ``setup_context``) for :func:`apply`; returns ``function`` itself (a class decorator).
+
+    A function may set ``saved_outputs = True``: its outputs after the first exist only to be
+    saved for the backward pass (``setup_context`` can save nothing else). The twin returns the
+    first output alone and keeps the rest to itself, which costs less per call; :func:`apply`
+    returns the same tuple either way."""
+    forward, setup_context, backward = function.forward, function.setup_context, function.backward
+    first_only = getattr(function, "saved_outputs", False)
+
+    class Twin(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, *inputs: Any) -> Any:
+            output = forward(*inputs)
+            setup_context(ctx, inputs, output)
+            return output[0] if first_only else output
+
+    Twin.backward = staticmethod(backward)  # type: ignore[method-assign]
+    Twin.__name__ = Twin.__qualname__ = f"{function.__name__}Eager"
+    _TWINS[function] = Twin
+    if first_only:
+        _FIRST_ONLY.add(function)
+    # Function.apply binds a setup_context function's arguments through inspect.signature at
+    # every call: give it the signature once, rather than rebuilt each time.
+    function.forward.__signature__ = inspect.signature(forward)  # type: ignore[attr-defined]
+    return function
+
+
+def apply(function: type[torch.autograd.Function], *inputs: Any) -> Any:
+    """``function.apply(*inputs)``, through its classic twin when the shortcuts are active."""
+    if not active():
+        return function.apply(*inputs)
+    twin = _TWINS[function]
+    if function in _FIRST_ONLY:
+        return (twin.apply(*inputs),)
+    return twin.apply(*inputs)
+
+
+#: Entering a context costs microseconds: the one reused where nothing needs entering.
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def no_context() -> contextlib.AbstractContextManager[object]:
+    """A context manager that does nothing (one reused object while the shortcuts are active)."""
+    return _NO_CONTEXT if _enabled else contextlib.nullcontext()
