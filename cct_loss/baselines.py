@@ -1,13 +1,6 @@
-"""InfoNCE baselines, written the way trainers write them, for side-by-side comparisons
-(benchmarks, examples, the demo, the operator-count tests).
-
-Each is the fastest usual formulation of the loss cct-loss replaces in that layout, so that a
-ratio against it is the ratio a user sees when swapping: the README's NT-Xent (SimCLR), MoCo's
-InfoNCE with the positive logit in column 0, CLIP's cross-entropy in one direction, and
-SupCon (Khosla et al., 2020, the loss outside the log). The multi-positive NT-Xent is kept
-for batches of more than two views. Each is written from the loss's published definition and documented behaviour, not copied
-from any implementation.
-"""
+"""InfoNCE baselines as trainers write them, for side-by-side comparisons (benchmarks, examples,
+the operator-count tests): the fastest usual formulation of each loss cct-loss replaces, written
+from its published definition, so that a ratio against it is the ratio a user sees."""
 
 from __future__ import annotations
 
@@ -17,18 +10,8 @@ from torch import Tensor
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
-    """NT-Xent (SimCLR) as trainers write it, and as the README and the docs show it: ``2N``
-    queries, each with the other view of its row as the target and the other ``2N - 2``
-    embeddings as the rest of the softmax.
-
-    Args:
-        z1: ``(N, D)`` the first view of each row (normalised here).
-        z2: ``(N, D)`` the second view of the same rows.
-        temperature: softmax temperature.
-
-    Returns:
-        Scalar loss, the mean over the ``2N`` queries.
-    """
+    """NT-Xent (SimCLR) as the README shows it: ``2N`` queries, each with the other view of its
+    row as the target, over ``(N, D)`` views ``z1``, ``z2`` (normalised here)."""
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     logits = z @ z.T / temperature
     logits.fill_diagonal_(float("-inf"))
@@ -38,20 +21,9 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
 
 
 def info_nce_multiview(views: Tensor, temperature: float = 0.2) -> Tensor:
-    """Symmetric multi-positive NT-Xent over ``(V, N, D)`` views (plain NT-Xent for V = 2).
-
-    Every embedding is a query; its ``V - 1`` positives are the other views of its row, the
-    candidates are all other embeddings. With ``V > 2`` the loss is the mean over positives of
-    ``-log softmax`` (the SupCon form), the multi-positive InfoNCE that CCT with ``M = V - 1``
-    positives should be compared with.
-
-    Args:
-        views: ``(V, N, D)`` embeddings (normalised here).
-        temperature: softmax temperature.
-
-    Returns:
-        Scalar loss, the mean over the ``V N`` queries.
-    """
+    """Multi-positive NT-Xent over ``(V, N, D)`` views (normalised here; plain NT-Xent for V = 2):
+    every embedding a query, its ``V - 1`` other views its positives, the mean over positives of
+    ``-log softmax`` (the SupCon form): what CCT with ``M = V - 1`` compares with."""
     num_views, n, d = views.shape
     flat = F.normalize(views.reshape(num_views * n, d), dim=-1)
     logits = flat @ flat.T / temperature
@@ -63,20 +35,8 @@ def info_nce_multiview(views: Tensor, temperature: float = 0.2) -> Tensor:
 
 
 def info_nce_queue(query: Tensor, key: Tensor, queue: Tensor, temperature: float = 0.2) -> Tensor:
-    """MoCo's InfoNCE: the positive logit in column 0, the ``(K, D)`` queue after it.
-
-    The queue holds normalised keys, as MoCo's does (it enqueues normalised keys), so it is
-    not normalised again at every step.
-
-    Args:
-        query: ``(N, D)`` queries (normalised here).
-        key: ``(N, D)`` their positives (normalised here).
-        queue: ``(K, D)`` normalised negatives.
-        temperature: softmax temperature (MoCo v2: 0.2).
-
-    Returns:
-        Scalar loss.
-    """
+    """MoCo's InfoNCE: the positive logit in column 0, the ``(K, D)`` queue after it. ``query``
+    and ``key`` are normalised here; the queue holds normalised keys, as MoCo's does."""
     q, k = F.normalize(query, dim=1), F.normalize(key, dim=1)
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / temperature
     labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
@@ -84,36 +44,16 @@ def info_nce_queue(query: Tensor, key: Tensor, queue: Tensor, temperature: float
 
 
 def clip_info_nce(query: Tensor, key: Tensor, temperature: float = 0.07) -> Tensor:
-    """CLIP's loss in one direction (``query`` against every ``key``, the matching row the
-    target), the layout of ``cct_loss(query, key, layout="cross")``.
-
-    Args:
-        query: ``(N, D)`` queries, e.g. images (normalised here).
-        key: ``(N, D)`` the other tower's embeddings, e.g. texts; row ``i`` is query ``i``'s
-            positive, the other rows its negatives (normalised here).
-        temperature: softmax temperature (CLIP learns ``1 / temperature``; a constant here).
-
-    Returns:
-        Scalar loss.
-    """
+    """CLIP's loss in one direction: ``query`` ``(N, D)`` against every row of ``key``, the
+    matching row the target (the layout of ``cct_loss(query, key, layout="cross")``)."""
     logits = F.normalize(query, dim=1) @ F.normalize(key, dim=1).T / temperature
     return F.cross_entropy(logits, torch.arange(query.shape[0], device=query.device))
 
 
 def supcon(z1: Tensor, z2: Tensor, labels: Tensor, temperature: float = 0.1) -> Tensor:
-    """SupCon (Khosla et al., 2020, the loss with the mean over positives outside the log) for
-    two views: every embedding is an anchor; its positives are every other embedding with its
-    label, the denominator every other embedding.
-
-    Args:
-        z1: ``(N, D)`` the first view of each row (normalised here).
-        z2: ``(N, D)`` the second view.
-        labels: ``(N,)`` integer class labels of the rows.
-        temperature: softmax temperature.
-
-    Returns:
-        Scalar loss, the mean over the ``2N`` anchors (each has a positive: its other view).
-    """
+    """SupCon (Khosla et al., 2020; the mean over positives outside the log) for two ``(N, D)``
+    views with ``(N,)`` labels: every embedding an anchor, its positives every other embedding
+    with its label."""
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     logits = z @ z.T / temperature
     logits.fill_diagonal_(float("-inf"))

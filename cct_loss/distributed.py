@@ -1,19 +1,11 @@
-"""Process-group helpers: rank, world size and an all-gather that keeps gradients.
+"""Process-group helpers: rank, world size, row counts and an all-gather that keeps gradients;
+no-ops without an initialised group of two or more ranks.
 
-Without an initialised ``torch.distributed`` process group (or with a world of one) every
-helper is a no-op, so the same trainer runs on one device.
-
-Gradient convention: :func:`gather_rows` sums, in its backward pass, the gradients that every
-rank computed for the gathered tensor and hands each rank the slice of its own rows. With each
-rank's loss its share of the global mean (scaled by the world size, see
-:func:`cct_loss.cct_loss`) and DDP averaging parameter gradients over ranks, the gradient every
-rank applies equals the single-process gradient of the mean loss over the concatenated global
-batch. Ranks may hold different numbers of rows: the counts are exchanged first and the rows
-padded to the largest. The counts are host values, and they travel through a process group
-that works on the CPU (:func:`host_group`: the group itself under gloo, else a gloo group over
-the same ranks), so that reading them never waits for the GPU: a small all-gather between
-processes, and no device synchronisation.
-"""
+:func:`gather_rows`'s backward sums every rank's gradient for the gathered rows and hands each
+rank its own: with each rank's loss its share of the global mean times the world size, DDP's
+averaging gives the single-process gradient of the concatenated batch (docs/distributed.md).
+Row counts travel through a group that works on the CPU (:func:`host_group`), so reading them
+never waits for the GPU."""
 
 from __future__ import annotations
 

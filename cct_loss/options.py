@@ -1,28 +1,25 @@
 """The options of every entry point: the one list (:class:`CCTOptions`), their checks, and
 ``temperature``, InfoNCE's way to set ``t_neg``.
 
-:class:`CCTOptions` is the one place the options are defined. The public signatures
-(:func:`cct_loss.cct_loss`, :func:`cct_loss.cct_loss_multiview`, the modules' constructors) and
-:class:`OptionKeywords` (what the typed overloads accept) spell them out again, because
-``help()``, ``inspect``, IDEs and type checkers read them from the source; a test
-(tests/test_api.py) holds each of them to this list: the same names, in the same order, with the
-same defaults and annotations. The functions' bodies pass their keywords on without naming them
-(``options_of(locals(), ...)``). Adding an option is a field here with its check, and the same
-keyword in those mirrors (the test says where it is missing).
-"""
+The entry points take their options as ``**options`` and get their signatures from this list
+(:func:`spell_out_options`), so ``help()`` and ``inspect`` show every option with its default.
+:class:`OptionKeywords` repeats the list for type checkers and IDEs, which read the source;
+tests/test_api.py holds it to :class:`CCTOptions`."""
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields
 from numbers import Real
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 
 from torch import Tensor
 
 from . import shortcuts
-from .checks import shape_str
+from .checks import closest_name, shape_str
 
 COSTS = ("sqeuclidean", "cosine")
 REDUCTIONS = ("mean", "sum", "none")
@@ -113,22 +110,65 @@ for _field in fields(CCTOptions):
     KEYWORDS[_field.name] = None if _field.name == "t_neg" else _field.default
 
 
-def options_of(values: Mapping[str, Any], implementations: Collection[str]) -> CCTOptions:
-    """The validated :class:`CCTOptions` of an entry point's keywords (``temperature`` resolved
-    into ``t_neg`` by :func:`t_neg_of`); ``impl`` must be ``"auto"`` or one of
-    ``implementations`` (the implementation table's names).
+def options_of(
+    given: Mapping[str, Any], implementations: Collection[str], where: str
+) -> CCTOptions:
+    """The validated :class:`CCTOptions` of the keywords an entry point was ``given`` (the
+    others at their defaults; ``temperature`` resolved into ``t_neg``). ``impl`` must be
+    ``"auto"`` or one of ``implementations`` (the implementation table's names); an unknown
+    keyword is a ``TypeError`` naming ``where`` (the function or class called) and the closest
+    option.
 
     Validated once per distinct set of plain values (:mod:`cct_loss.shortcuts`); a tensor option
-    (a schedule) is validated at every call.
-    """
-    impl = values["impl"]
+    (a schedule) is validated at every call."""
+    if not given.keys() <= _NAMES:
+        unknown = next(name for name in given if name not in _NAMES)
+        raise TypeError(unknown_keyword_message(where, unknown, list(KEYWORDS)))
+    impl = given.get("impl", "auto")
     if impl != "auto" and (not isinstance(impl, str) or impl not in implementations):
         check_choice("impl", impl, ("auto", *implementations))
-    key = tuple(map(values.__getitem__, KEYWORDS))
-    return _VALIDATED.lookup(key, lambda: _build(values))
+    key = tuple(itertools.chain.from_iterable(given.items()))
+    return _VALIDATED.lookup(key, lambda: _build({**KEYWORDS, **given}))
+
+
+def unknown_keyword_message(where: str, name: str, valid: list[str]) -> str:
+    """``where`` got ``name``, which is none of ``valid``: the message, with the closest."""
+    close = closest_name(name, valid)
+    hint = f"; did you mean {close!r}?" if close else "."
+    return (
+        f"{where}() got an unexpected keyword argument {name!r}{hint} "
+        f"The valid keywords are: {', '.join(valid)}"
+    )
+
+
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
+
+def spell_out_options(function: _Function) -> _Function:
+    """Give ``function``, which takes its options as ``**options``, the signature that spells
+    out every option with its default and type (from :class:`CCTOptions`), for ``help()`` and
+    :func:`inspect.signature`. Returns ``function`` itself."""
+    signature = inspect.signature(function)
+    own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    spelt = [name for name in KEYWORDS if name not in signature.parameters]
+    options = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=KEYWORDS[name],
+                          annotation=_ANNOTATIONS[name])
+        for name in spelt
+    ]  # fmt: skip
+    function.__signature__ = signature.replace(parameters=[*own, *options])  # type: ignore[attr-defined]
+    return function
 
 
 _VALIDATED: shortcuts.Memo[CCTOptions] = shortcuts.Memo(256)
+
+
+_NAMES = frozenset(KEYWORDS)
+_ANNOTATIONS = {
+    **{f.name: f.type for f in fields(CCTOptions)},
+    "t_neg": "float | Tensor | None",
+    "temperature": "float | Tensor | None",
+}
 
 
 def _build(values: Mapping[str, Any]) -> CCTOptions:
@@ -251,10 +291,8 @@ def check_chunk_size(value: object) -> int | None:
 
 
 class OptionKeywords(TypedDict, total=False):
-    """The keyword options as the typed overloads of :func:`cct_loss.cct_loss` and
-    :func:`cct_loss.cct_loss_multiview` spell them (``return_details`` apart: the overloads
-    spell it out, since it decides the return type). A mirror of :data:`KEYWORDS` for type
-    checkers, held to it by a test."""
+    """The keyword options, for type checkers and IDEs (``return_details`` apart: the typed
+    overloads spell it, since it decides what is returned); held to :data:`KEYWORDS` by a test."""
 
     layout: str
     temperature: float | Tensor | None
@@ -270,3 +308,9 @@ class OptionKeywords(TypedDict, total=False):
     chunk_size: int | None
     gather_distributed: bool
     check_finite: bool
+
+
+class ModuleKeywords(OptionKeywords, total=False):
+    """The keyword options of the modules' constructors (``return_details`` too)."""
+
+    return_details: bool | str

@@ -1,26 +1,13 @@
 """Every per-call speed shortcut of the library, in one place, behind one switch.
 
-A trainer calls its loss with the same shapes and options at every step, and at the batch sizes
-people train with per GPU a step is made of fixed costs: each Python-level check, each context
-entered and each autograd function's argument binding costs microseconds, whatever the size of
-the tensors. The shortcuts below take those costs out of the steps after the first. None of them
-changes a value or a gradient: with :func:`disabled` every call takes the long way, and the tests
-check that the results are bit-identical either way (tests/test_shortcuts.py).
-
-* :class:`Memo`: tables that remember what an earlier call with the same key worked out: the
-  validated options of a set of keywords, a layout's block description, the plan of a call
-  signature (its checks passed, its implementation chosen) that later calls replay.
-* :func:`apply`: calls an autograd function through a classic-style twin. ``torch.func`` needs
-  functions written with ``setup_context``, whose ``apply`` binds every call's arguments through
-  :mod:`inspect` (about 25 microseconds for eight inputs and outputs, against 7 for the classic
-  style); :func:`eager_twin` derives the classic twin from the same ``forward``,
-  ``setup_context`` and ``backward``.
-* :func:`no_context`: one reused do-nothing context manager.
-
-The shortcuts step aside while ``torch.compile`` traces (a trace runs once, and must see the
-long way to capture it) and under ``torch.func`` transforms (which need the ``setup_context``
-functions themselves).
-"""
+At per-GPU batch sizes a step is made of fixed costs: Python-level checks, contexts entered, an
+autograd function's argument binding. The shortcuts take them out of the steps after the first:
+memo tables (:class:`Memo`: validated options, layouts' block descriptions, replayed call plans),
+classic-style twins of ``setup_context`` autograd functions (:func:`apply`; ``Function.apply``
+binds such a function's arguments through :mod:`inspect`, about 25 microseconds a call), and one
+reused empty context. None changes a value: with :func:`disabled` every call takes the long way,
+and tests/test_shortcuts.py checks that results are bit-identical. They step aside while
+``torch.compile`` traces and under ``torch.func`` transforms."""
 
 from __future__ import annotations
 

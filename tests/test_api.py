@@ -154,6 +154,20 @@ def test_signatures_show_every_option(entry: Any) -> None:
     assert "temperature" in documented
 
 
+def test_the_typed_keywords_mirror_the_one_list() -> None:
+    """The options are defined once (CCTOptions, with temperature): the signatures are made from
+    it (above), and the TypedDicts that type checkers read repeat it exactly, names and types."""
+    from cct_loss import options
+
+    keywords = [k for k in options.KEYWORDS if k != "return_details"]
+    assert list(options.OptionKeywords.__annotations__) == keywords
+    module = options.ModuleKeywords.__annotations__
+    assert set(module) == set(options.KEYWORDS)
+    spelt = inspect.signature(cct_loss).parameters
+    for name, annotation in module.items():
+        assert getattr(annotation, "__forward_arg__", annotation) == spelt[name].annotation, name
+
+
 @pytest.mark.parametrize(
     ("call", "pattern"),
     [

@@ -1,26 +1,34 @@
-"""The ``nn.Module`` forms: they hold one validated options object and take the one route.
+"""The ``nn.Module`` forms: each holds one validated options object and takes the one route.
 
-Every option is an attribute: reading ``crit.t_neg`` gives the current value and setting it
-(``crit.t_neg = 5.0``) validates the new value and takes effect on the next call.
-``crit.temperature`` reads and sets ``t_neg`` in InfoNCE's terms, converted by the module's
-current cost. Assigning a public attribute whose name is a close misspelling of an option
-(``crit.tneg = 5``) is an ``AttributeError`` naming the option, not a new attribute that
-nothing reads. Options are not buffers or parameters, so ``state_dict`` never changes.
-"""
+Every option is an attribute (``crit.t_neg = 5.0`` is validated and takes effect on the next
+call; ``crit.temperature`` converts by the current cost). A new attribute named like an option
+(``crit.tneg = 5``) is an ``AttributeError`` naming it. Options are not buffers: ``state_dict``
+never changes."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 from ..checks import closest_name
 from ..implementations.table import TABLE
 from ..maths.reduction import CCTDetails
-from ..options import KEYWORDS, OPTION_NAMES, CCTOptions, options_of, temperature_from_t_neg
+from ..options import (
+    KEYWORDS,
+    OPTION_NAMES,
+    CCTOptions,
+    ModuleKeywords,
+    options_of,
+    spell_out_options,
+    temperature_from_t_neg,
+)
 from .route import pairs_loss, views_loss
-from .validate import PAIR_LAYOUTS, VIEW_LAYOUTS, check_layout, names_valid_keywords
+from .validate import PAIR_LAYOUTS, VIEW_LAYOUTS, check_layout
 
 
 class _OptionsModule(nn.Module):
@@ -29,28 +37,10 @@ class _OptionsModule(nn.Module):
     options: CCTOptions
     _layouts: tuple[str, ...] = ()
 
-    @names_valid_keywords
-    def __init__(
-        self,
-        *,
-        layout: str = "all",
-        temperature: float | Tensor | None = None,
-        t_pos: float | Tensor = 1.0,
-        t_neg: float | Tensor | None = None,
-        alpha: float | Tensor = 1.0,
-        beta: float | Tensor = 1.0,
-        cost: str = "sqeuclidean",
-        normalize: bool = True,
-        detach_weights: bool = True,
-        reduction: str = "mean",
-        impl: str = "auto",
-        chunk_size: int | None = None,
-        return_details: bool | str = False,
-        gather_distributed: bool = False,
-        check_finite: bool = False,
-    ) -> None:
+    @spell_out_options
+    def __init__(self, **options: Unpack[ModuleKeywords]) -> None:
         super().__init__()
-        checked = options_of(locals(), TABLE)
+        checked = options_of(options, TABLE, type(self).__name__)
         check_layout(checked, self._layouts, type(self).__name__)
         object.__setattr__(self, "options", checked)
 
@@ -77,7 +67,8 @@ class _OptionsModule(nn.Module):
 
     def _with(self, **changes: Any) -> CCTOptions:
         """The module's options with ``changes``, validated as the constructor's are."""
-        return options_of({**self.options.as_dict(), "temperature": None, **changes}, TABLE)
+        values = {**self.options.as_dict(), **changes}
+        return options_of(values, TABLE, type(self).__name__)
 
     def _set_options(self, options: CCTOptions) -> None:
         check_layout(options, self._layouts, type(self).__name__)

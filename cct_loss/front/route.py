@@ -1,19 +1,11 @@
-"""The one route every call takes, in four steps and only downward:
+"""The one route every call takes, in four steps and only downward: **validate** the arguments
+(:mod:`~cct_loss.front.validate`); **describe** the problem (:mod:`cct_loss.problem.layouts`,
+the candidates gathered first across processes); **compute** it through the implementation
+table (:mod:`cct_loss.implementations.table`), per query or as a one-pass loss where the
+implementation offers one; **reduce** through the one reduction (:mod:`cct_loss.maths.reduction`).
 
-1. **validate** the arguments (:mod:`cct_loss.front.validate`);
-2. **describe** the problem: the layouts say who is a query, a positive and a negative
-   (:mod:`cct_loss.problem.layouts`), gathering the candidates first across processes;
-3. **compute** it through the implementation table, the only door to an implementation
-   (:mod:`cct_loss.implementations.table`): each query's two sides, or, where the chosen
-   implementation offers one, the reduced loss in one pass;
-4. **reduce** through the one reduction (:mod:`cct_loss.maths.reduction`): mean, sum, none, the
-   diagnostics and the global-batch mean across processes.
-
-A trainer calls its loss with one signature at every step: the first call of a signature takes
-all four steps and leaves a :class:`Replay` (:mod:`cct_loss.shortcuts`), which later calls of
-that signature use to go from describe straight to the remembered implementation, checking at
-every call only what depends on the tensors themselves.
-"""
+The first call of a signature leaves a :class:`Replay` (:mod:`cct_loss.shortcuts`): later calls
+of that signature check only what depends on the tensors themselves, and describe only them."""
 
 from __future__ import annotations
 

@@ -1,21 +1,12 @@
-"""The first step of every call: its arguments checked, with messages that name a call that
-works.
-
-Each check raises ``TypeError`` (wrong kind of object) or ``ValueError`` (right kind, wrong
-shape or value) naming the argument, what it received and what was expected; the mistakes at a
-call site that look right and are not (a ``positive`` that is ``query`` itself, ``negatives``
-that is ``positive``, a stacked tensor given as the views) get a message with the call that was
-meant. Only shapes, dtypes, devices and memory addresses are read, never values (except with
-``check_finite=True``), so the checks cost no host synchronisation (docs/specification.md,
-"Inputs that are wrong").
-"""
+"""The first step of every call: its arguments checked (docs/specification.md, "Inputs that are
+wrong"). Messages name the argument, what it got and what was expected; the mistakes a call site
+makes (``positive`` that is ``query``, ``negatives`` that is ``positive``, a stacked tensor as
+the views) name the call that was meant. Only shapes, dtypes, devices and addresses are read."""
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, TypeVar
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -26,7 +17,6 @@ from ..checks import (
     check_float_tensor,
     check_labels,
     check_same_device,
-    closest_name,
     is_functorch_wrapped,
     same_view,
     shape_str,
@@ -391,49 +381,3 @@ def _byte_range(x: Tensor, end: int) -> int:
         return start
     span = sum((size - 1) * abs(stride) for size, stride in zip(x.shape, x.stride(), strict=True))
     return start + (span + 1) * x.element_size()
-
-
-_Callable = TypeVar("_Callable", bound=Callable[..., Any])
-
-
-def names_valid_keywords(function: _Callable) -> _Callable:
-    """Make an unknown keyword argument of ``function`` a ``TypeError`` that lists the valid
-    ones and suggests the closest (``tneg`` -> ``t_neg``), naming only ``function`` itself.
-
-    Only a keyword Python refuses at the call is rewritten: a ``TypeError`` raised inside
-    ``function`` passes through unchanged. A successful call costs one extra frame."""
-    parameters = inspect.signature(function).parameters
-    keywords = [
-        name
-        for name, p in parameters.items()
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name != "self"
-    ]
-    method = "self" in parameters
-
-    @functools.wraps(function)
-    def checked(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return function(*args, **kwargs)
-        except TypeError as error:
-            unknown = [k for k in kwargs if k not in parameters]
-            raised_at_the_call = error.__traceback__ is not None and (
-                error.__traceback__.tb_next is None
-            )
-            if not (raised_at_the_call and unknown):
-                raise
-            # A constructor is named by the class called (a subclass's own name), not by
-            # the base class that defines __init__.
-            where = type(args[0]).__name__ if method and args else function.__name__
-            raise TypeError(unknown_keyword_message(where, unknown[0], keywords)) from None
-
-    return checked  # type: ignore[return-value]
-
-
-def unknown_keyword_message(where: str, name: str, valid: Sequence[str]) -> str:
-    """``where`` got ``name``, which is none of ``valid``: the message, with the closest."""
-    close = closest_name(name, valid)
-    hint = f"; did you mean {close!r}?" if close else "."
-    return (
-        f"{where}() got an unexpected keyword argument {name!r}{hint} "
-        f"The valid keywords are: {', '.join(valid)}"
-    )

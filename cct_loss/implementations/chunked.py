@@ -1,21 +1,9 @@
 """``impl="chunked"``: the expected cost streamed over blocks of keys with an online softmax.
 
-For each query the forward pass keeps, over blocks of ``chunk_size`` keys, a running maximum
-``m`` of the logits ``l_k = s d_k`` (``s = +t_pos`` for positives, ``-t_neg`` for negatives), a
-running normaliser ``Z = sum exp(l_k - m)`` and a running weighted cost
-``S = sum exp(l_k - m) d_k`` (as flash attention does); the expected cost is ``E = S / Z``. The
-backward pass recomputes each block from the inputs and two saved numbers per query (``E`` and
-``log sum_k exp(l_k)``), so no ``(Q, K)`` tensor is ever held, forward or backward: memory is
-``O(Q D + K D + Q chunk_size)``. Which keys take part is rebuilt per block from integer ids.
-A query with no key taking part keeps ``m = -inf`` and gets ``E = 0``.
-
-Gradients (``pi_k = softmax_k(l_k)``, ``g`` the upstream gradient of ``E``):
-
-* ``detach_weights=True``: ``dE/dd_k = pi_k``;
-* ``detach_weights=False``: ``dE/dd_k = pi_k (1 + s (d_k - E))``,
-
-pulled back to the embeddings block by block by :func:`cct_loss.costs.cost_vjp`.
-"""
+The forward pass keeps per query a running maximum of the logits ``s d_k``, a normaliser and a
+weighted cost (as flash attention does); the backward pass recomputes each block from the inputs
+and two saved numbers per query (``E`` and the log-normaliser). No ``(Q, K)`` tensor is ever
+held: memory is ``O(Q D + K D + Q chunk_size)`` (docs/implementations.md)."""
 
 from __future__ import annotations
 
@@ -224,21 +212,10 @@ class _StreamingExpectedCost(torch.autograd.Function):
 def expected_cost(
     query: Tensor, keys: Tensor, key_set: KeySet | None, *, side: Side, options: CCTOptions
 ) -> ConditionalExpectation:
-    """The expected cost over the keys that take part, streamed (see
-    :class:`cct_loss.implementations.table.StreamingKernel`).
-
-    Args:
-        query: ``(Q, D)`` prepared queries.
-        keys: ``(K, D)`` shared keys or ``(Q, K, D)`` per query.
-        key_set: which keys take part (shared keys only), or ``None`` (all).
-        side: ``"positives"`` or ``"negatives"``.
-        options: cost, sharpness, ``detach_weights``, ``chunk_size`` (``None`` picks
-            :func:`default_chunk_size`), ``return_details``.
-
-    Returns:
-        :class:`ConditionalExpectation` without weights; the entropy
-        ``log Z - sum_k pi_k (l_k - m)`` and the extreme cost come from the running statistics.
-    """
+    """Each query's expected cost over the keys that take part, streamed in blocks of
+    ``options.chunk_size`` keys (``None``: :func:`default_chunk_size`); a
+    :class:`~cct_loss.implementations.table.StreamingKernel`. The entropy and the extreme cost
+    come from the running statistics; no weights."""
     chunk = options.chunk_size or default_chunk_size(
         query.shape[0], keys.shape[-2], query.device.type
     )

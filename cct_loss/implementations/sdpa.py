@@ -1,30 +1,11 @@
-"""``impl="sdpa"``: the expected cost through ``torch.nn.functional.scaled_dot_product_attention``.
+"""``impl="sdpa"``: the expected cost through ``F.scaled_dot_product_attention``.
 
-The weights are an attention pattern. For the squared Euclidean cost,
-``s d_k = s (|q|^2 + |n_k|^2 - 2 q.n_k)`` (``s = -t_neg`` for negatives, ``+t_pos`` for
-positives), and ``|q|^2`` does not depend on ``k``, so
-
-    softmax_k(s d_k) = softmax_k(2|s| q'.n'_k)   with q' = [q, 1],
-                                                  n'_k = sign(-s) [n_k, -|n_k|^2 / 2].
-
-With values ``v_k = [n_k, |n_k|^2]`` the attention output ``O = sum_k pi_k v_k`` gives the
-expected cost ``E = |q|^2 + O[D] - 2 q.O[:D]``. On the unit sphere the extra column is constant
-and this is the familiar ``softmax_k(2t q.n_k)``; the augmentation makes it exact for any norms
-(zero vectors and ``normalize=False`` included). For the cosine cost (unit vectors),
-``softmax_k(-s q.n_k)`` and ``E = 1 - q.O``. Which keys take part becomes a boolean attention
-mask. The sharpness is the kernel's ``scale``; a 0-dim tensor sharpness multiplies ``q'``
-instead (``scale=1``). The attention runs in the embeddings' dtype: half precision under the
-precision policy (:mod:`cct_loss.precision`), which FlashAttention and cuDNN require.
-With gradients through the weights the fused kernels lose accuracy at large sharpness: above
-:data:`SDPA_MAX_SHARPNESS` (per device type; or for a tensor sharpness, whose value is not
-read) ``chunked`` serves the call. Higher-order derivatives raise a clear error.
-
-That hands forward and backward to PyTorch's fused attention kernels (FlashAttention-style on
-CUDA, a memory-lean flash kernel on the CPU). ``detach_weights=True`` detaches the query and
-key arguments (not the values), which is exactly "weights are constants": the gradient then
-flows only through the costs. Weight entropies and extreme costs are not produced by the
-kernel; when diagnostics are asked for they come from one extra no-grad streaming pass.
-"""
+The weights are an attention pattern: with ``q' = [q, 1]``, ``n'_k = [n_k, -|n_k|^2 / 2]`` and
+values ``[n_k, |n_k|^2]``, ``softmax(-t |q - n_k|^2)`` is ``softmax(2t q'.n'_k)`` and the
+output gives ``E`` exactly, for any norms (docs/implementations.md). The attention runs in the
+products' dtype; with detached weights the query and key arguments are detached. Through the
+weights above :data:`SDPA_MAX_SHARPNESS` the fused kernels lose accuracy, and ``chunked`` serves
+the call; higher derivatives raise."""
 
 from __future__ import annotations
 
@@ -96,20 +77,10 @@ def _pad_last(x: Tensor, multiple: int) -> Tensor:
 def expected_cost(
     query: Tensor, keys: Tensor, key_set: KeySet | None, *, side: Side, options: CCTOptions
 ) -> ConditionalExpectation:
-    """Expected cost over the keys that take part, from one attention call.
-
-    Args:
-        query: ``(Q, D)`` prepared queries.
-        keys: ``(K, D)`` shared keys or ``(Q, K, D)`` per query.
-        key_set: which keys take part (shared keys only; a ``(Q, K)`` boolean attention mask
-            is built from them), or ``None`` (all).
-        side: ``"positives"`` or ``"negatives"``.
-        options: cost, sharpness, ``detach_weights``, ``return_details`` (the diagnostics
-            come from an extra no-grad streaming pass; otherwise they are NaN).
-
-    Returns:
-        :class:`ConditionalExpectation` without weights.
-    """
+    """Each query's expected cost over the keys that take part, from one attention call (the
+    key set becomes a boolean mask); a
+    :class:`~cct_loss.implementations.table.StreamingKernel`. The diagnostics come from one
+    extra no-grad streaming pass; no weights."""
     t = options.t_pos if side == "positives" else options.t_neg
     if not options.detach_weights and (
         isinstance(t, Tensor) or t > sdpa_max_sharpness(query.device.type)

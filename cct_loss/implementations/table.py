@@ -1,31 +1,12 @@
 """The implementation table: every implementation by its ``impl`` name, the only door to one,
 and the rule ``impl="auto"`` follows.
 
-An implementation computes a :class:`ContrastiveProblem`'s two sides (its
-:class:`Implementation` entry's ``expectations``), and may also offer the reduced loss of a call
-in one pass (``one_pass``: dense, with its gradient computed in the forward pass). Streaming
-implementations (chunked, sdpa, triton) are a :class:`StreamingKernel` each, one side at a time;
-:func:`streamed` turns one into an entry (a query's own few positives are a small block in plain
-autograd, :func:`cct_loss.maths.expectation.block_expectation`). Adding an implementation is a
-new file in this folder and one entry in :data:`TABLE`, which option validation, dispatch and
-the tests all read.
-
-The ``auto`` rule (:func:`choose_impl`), read from the benchmark tables in BENCHMARKS.md:
-
-* **CPU**: ``dense`` while ``Q * K <= 2**24`` (the cost matrix within 64 MiB in float32),
-  ``chunked`` above it, where it is as fast or faster and holds no ``Q x K`` matrix. Per-query
-  negatives: always ``dense`` (their ``(N, K, D)`` input is already ``D`` times larger than
-  the cost matrix).
-* **CUDA**: ``triton`` where it serves the call (installed; ``D`` within the dimensions timed on
-  a GPU; half precision, or float32 with TF32 allowed; shared keys; not while tracing, where
-  it has not been timed) and the problem is large enough to fill the GPU; below that
-  ``dense``, while ``Q * K`` fits :data:`CUDA_DENSE_MAX_ELEMENTS`; above that ``sdpa``
-  (memory-lean, exact at any sharpness with detached weights; through the weights above
-  :data:`cct_loss.implementations.sdpa.SDPA_MAX_SHARPNESS` it hands the call to ``chunked``
-  itself). ``chunked`` is not picked on CUDA (its per-block launches make it slow there), nor
-  IEEE float32 ``triton`` (its products run on CUDA cores).
-* ``return_details="weights"`` always gets ``dense``, the implementation that holds them.
-"""
+An entry computes a problem's two sides, and may offer the reduced loss in one pass (dense).
+Streaming implementations (chunked, sdpa, triton) compute one side at a time
+(:class:`StreamingKernel`); :func:`streamed` makes one an entry. A new implementation is a new
+file here and one entry in :data:`TABLE`, which option validation, dispatch and the tests read.
+The ``auto`` rule (:func:`choose_impl`) and the measurements behind it: docs/implementations.md
+and BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -69,17 +50,10 @@ class StreamingKernel(Protocol):
 
 
 class Implementation(NamedTuple):
-    """One entry of the table.
-
-    Attributes:
-        name: its ``impl`` name.
-        expectations: ``(problem, options) -> (attraction side, repulsion side)``, each a
-            :class:`ConditionalExpectation` or ``None`` where the problem has no such side.
-        one_pass: ``(problem, options) -> runner``, where ``runner(problem)`` is the call's
-            reduced loss (``"mean"`` or ``"sum"``, one process, no diagnostics) computed in one
-            pass; ``None`` where the implementation offers none. A runner serves every call
-            with the same signature (see :mod:`cct_loss.shortcuts`).
-    """
+    """An entry of the table: its ``impl`` name; ``expectations(problem, options)``, the two
+    sides (``None`` where the problem has none); and ``one_pass(problem, options)``, a runner
+    whose ``runner(problem)`` is the reduced loss of every call of that signature (one process,
+    ``"mean"``/``"sum"``, no diagnostics), or ``None``."""
 
     name: str
     expectations: Callable[[ContrastiveProblem, CCTOptions], Sides]
@@ -144,19 +118,9 @@ TRITON_MIN_QUERIES = 1024
 
 
 class Call(NamedTuple):
-    """What ``auto`` decides from (host values only: deciding costs no synchronisation).
-
-    Attributes:
-        device_type: ``"cpu"``, ``"cuda"``, ...
-        num_queries, num_keys: the ``Q x K`` problem.
-        dim: the embedding dimension ``D``.
-        dtype: the products' dtype (half precision under autocast).
-        per_query: the keys are ``(Q, K, D)`` per query.
-        traced: under ``torch.compile`` or a ``torch.func`` transform.
-        tf32: float32 products may use TF32
-            (:func:`cct_loss.precision.tf32_matmul_allowed`).
-        triton_installed: the optional dependency is importable.
-    """
+    """What ``auto`` decides from, host values only (deciding costs no synchronisation): the
+    device type, ``Q``, ``K``, ``D``, the products' dtype, per-query keys, whether a trace or
+    transform is active, whether TF32 is allowed, whether Triton is installed."""
 
     device_type: str
     num_queries: int

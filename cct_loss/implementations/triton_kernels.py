@@ -1,36 +1,14 @@
-"""The Triton kernels of ``impl="triton"`` (imported only when that implementation runs).
+"""The Triton kernels of ``impl="triton"`` (imported only when it runs).
 
-For one query and the keys that take part, with logits ``l_k = s c_k`` (``s = +t_pos`` for
-positives, ``-t_neg`` for negatives) and ``pi = softmax(l)``:
-
-* :func:`expected_cost_forward`: one program per block of queries streams over blocks of keys
-  with a running maximum, normaliser and weighted cost (as flash attention does) and writes, per
-  query, ``E = sum_k pi_k c_k``, ``log sum_k exp(l_k)``, the entropy of ``pi`` and the extreme
-  cost (largest for positives, smallest for negatives);
-* :func:`expected_cost_grad_query` and :func:`expected_cost_grad_keys`: the backward pass, one
-  program per block of queries (looping over keys) and one per block of keys (looping over
-  queries), each recomputing the block's costs and weights from the saved log-normaliser, so
-  neither writes a ``Q x K`` tensor and neither needs atomics. With ``G_qk = g_q dE/dc_qk``
-  (``pi_k`` with detached weights, ``pi_k (1 + s (c_k - E))`` through them):
-  ``dq = 2 (sum_k G_qk q - G n)`` and ``dn = 2 (sum_q G_qk n - G^T q)`` (sqeuclidean) or
-  ``-G n`` and ``-G^T q`` (cosine).
-
-**Any D.** Where one feature block covers ``D`` (``SINGLE_D``: ``BLOCK_D >= D``, the usual
-case up to ``D = 256``), a program holds its queries (or keys) in registers for its whole loop.
-Above that the products are tiled over ``D``: each block's ``q.n`` accumulates over feature
-tiles of ``BLOCK_D`` in float32 (the squared norms come from the same tiles), and each backward
-program writes one tile of ``BLOCK_DOUT`` output columns (the grid's second axis), so its
-accumulator stays ``BLOCK_Q x BLOCK_DOUT``; a program recomputes the block's costs for its
-tile. Still no ``Q x K`` tensor and no atomics. ``ACCUMULATE`` adds the key gradient into the
-buffer that holds the query gradient (in-batch, where the keys are the queries: one ``(Q, D)``
-gradient buffer instead of three).
-
-Which keys take part is computed from integer ids (groups, self indices) inside the kernels;
-rows and columns beyond ``Q`` and ``K`` and feature columns beyond ``D`` are masked, so any
-sizes work. Products run in the embeddings' dtype with float32 accumulation (IEEE float32
-unless ``PRECISION`` asks for TF32); everything else is float32. ``UPCAST`` widens half
-operands before the products (Triton's CPU interpreter computes bfloat16 ``tl.dot`` wrongly).
-"""
+:func:`expected_cost_forward` streams over key blocks with a running maximum, normaliser and
+weighted cost, writing per query ``E``, the log-normaliser, the entropy and the extreme cost;
+:func:`expected_cost_grad_query` and :func:`expected_cost_grad_keys` recompute each block from
+the log-normaliser, one program per query block and one per key block: no ``Q x K`` tensor, no
+atomics. Above one feature tile (``SINGLE_D`` false) the products accumulate over tiles of ``D``
+and each backward program writes one tile of output columns. Which keys take part comes from
+integer ids; out-of-range rows and columns are masked. Products in the embeddings' dtype with
+float32 accumulation (TF32 where ``PRECISION`` says); ``UPCAST`` widens half operands for the
+CPU interpreter, whose bfloat16 ``tl.dot`` is wrong."""
 
 from __future__ import annotations
 

@@ -1,34 +1,12 @@
-"""``impl="triton"``: the expected cost from hand-written Triton kernels
-(:mod:`cct_loss.implementations.triton_kernels`), launched through ``torch.library`` custom ops.
+"""``impl="triton"``: the expected cost from the Triton kernels
+(:mod:`~cct_loss.implementations.triton_kernels`), launched through ``torch.library`` custom
+ops with fake implementations, so ``torch.compile(fullgraph=True)`` traces a loss that uses it.
 
-One forward kernel streams over blocks of keys with a running maximum, normaliser and weighted
-cost per query, and writes the diagnostics (entropy, extreme cost) in the same pass; the
-backward pass is two kernels that recompute each block's costs and weights from the saved
-log-normaliser. No ``Q x K`` tensor is ever written, and which keys take part (the in-batch
-exclusion, labels) is computed from integer ids inside the kernels: memory is ``O(Q D + K D)``.
-
-The launches are two custom ops, ``cct_loss::triton_expected_cost`` (forward) and
-``cct_loss::triton_expected_cost_backward``, each with a fake (meta) implementation that gives
-its outputs' shapes, as flash-attn registers its kernels: ``torch.compile(fullgraph=True)``
-traces a loss that uses ``impl="triton"`` and calls the ops at run time. The forward op's
-autograd formula calls the backward op; a backward pass that must itself be differentiable
-(``create_graph=True``) differentiates the formula in plain autograd instead, as ``chunked``
-does. Both ``detach_weights`` settings are exact.
-
-Triton is optional (``pip install cct-loss[triton]``). The kernels run on CUDA devices, or on
-the CPU through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before ``triton`` was
-imported (how the test suite checks them). Inputs are float32, float16 or bfloat16 (the
-precision policy's products' dtype), with float32 accumulation; float32 products are IEEE
-unless TF32 is allowed (:func:`cct_loss.maths.precision.tf32_matmul_allowed`). IEEE float32
-products run on CUDA cores and are slow (BENCHMARKS.md): that path warns, and ``auto`` never
-takes it. ``D`` up to :data:`MAX_DIM`: up to one feature tile a block's features stay in
-registers, above it the kernels tile ``D`` inside the products. The tiles come from a table per
-``D`` and dtype (:mod:`cct_loss.implementations.triton_tiles`). In-batch, where the keys are the
-queries, the two gradients are written into one buffer (eager mode). ``impl="triton"`` never
-hands a call to another implementation: it runs its kernels or raises. Not supported, each with
-an error naming the path that is: per-query ``(Q, K, D)`` keys, float64, ``D > 1024`` and
-``torch.func`` transforms.
-"""
+Memory is ``O(Q D + K D)``. A backward pass that must itself be differentiable differentiates
+the formula in plain autograd. The kernels run on CUDA, or on the CPU through Triton's
+interpreter (``TRITON_INTERPRET=1`` before triton is imported). Refused, each with a message
+naming the path that works: per-query keys, float64, ``D > MAX_DIM``, ``torch.func``. IEEE
+float32 products are slow and warn (docs/implementations.md)."""
 
 from __future__ import annotations
 
@@ -369,19 +347,9 @@ def triton_cdiv(a: int, b: int) -> int:
 def expected_cost(
     query: Tensor, keys: Tensor, key_set: KeySet | None, *, side: Side, options: CCTOptions
 ) -> ConditionalExpectation:
-    """The expected cost over the keys that take part, by the Triton kernels (see
-    :class:`cct_loss.implementations.table.StreamingKernel`).
-
-    Args:
-        query: ``(Q, D)`` prepared queries; keys: ``(K, D)`` shared keys.
-        key_set: which keys take part, or ``None`` (all).
-        side: ``"positives"`` or ``"negatives"``.
-        options: cost, sharpness, ``detach_weights``, ``return_details``.
-
-    Returns:
-        :class:`ConditionalExpectation` without weights; the entropy and the extreme cost come
-        from the forward kernel.
-    """
+    """Each query's expected cost over the keys that take part, by the Triton kernels; a
+    :class:`~cct_loss.implementations.table.StreamingKernel`. The entropy and the extreme cost
+    come from the forward kernel; no weights."""
     _kernels()  # a clear error first where triton is not installed
     check_supported(query, keys)
     signed = signed_sharpness(options, side)

@@ -1,17 +1,8 @@
-"""Tile sizes of ``impl="triton"`` on a GPU, per embedding dimension and dtype.
+"""Tile sizes of ``impl="triton"`` on a GPU, per ``D`` bucket and dtype, written by
+``python3 benchmarks/tune_triton.py --write`` on a CUDA machine (no autotuning at run time).
 
-This file is written by ``python3 benchmarks/tune_triton.py --write`` on a CUDA machine: for
-each ``D`` bucket and dtype it times forward + backward of the in-batch call over a small set of
-candidate tiles (see that script) and keeps the fastest. No autotuning happens at run time, so
-nothing is tuned inside a timed step, and the CPU interpreter uses its own fixed tiles
-(:data:`cct_loss.triton_impl.INTERPRETER_TILES`).
-
-Each entry: ``(BLOCK_Q, BLOCK_K, BLOCK_D, BLOCK_DOUT, num_warps, num_stages)`` for dimensions
-up to the bucket's ``D`` (a ``D`` whose power of two fits in ``BLOCK_D`` is one feature tile,
-held in registers; above it the products are tiled over ``D``, see
-:mod:`cct_loss.triton_kernels`). ``"half"`` is float16 and bfloat16, ``"float32"`` is float32
-with TF32.
-"""
+Each entry: ``(BLOCK_Q, BLOCK_K, BLOCK_D, BLOCK_DOUT, num_warps, num_stages)``. ``"half"`` is
+float16 and bfloat16, ``"float32"`` float32 with TF32."""
 
 from __future__ import annotations
 

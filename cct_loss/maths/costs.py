@@ -1,13 +1,7 @@
-"""Transport costs between embeddings, always from matrix products.
-
-``c(a, b) = ||a - b||^2`` ("sqeuclidean") or ``1 - cos(a, b)`` ("cosine"). Both are computed
-from inner products, ``|a|^2 + |b|^2 - 2 a.b`` clamped at 0, so no ``(N, K, D)`` difference
-tensor is ever formed.
-
-Precision (:mod:`cct_loss.maths.precision`): the inner products run in the embeddings' dtype (half
-precision under autocast) with float32 accumulation; the squared norms, the costs and every
-gradient are float32 (float64 for float64 embeddings).
-"""
+"""Transport costs between embeddings: ``|a - b|^2`` ("sqeuclidean") or ``1 - cos(a, b)``
+("cosine"), from inner products (``|a|^2 + |b|^2 - 2 a.b``, clamped at 0), so no ``(N, K, D)``
+difference is formed; their gradients; and the embeddings' preparation (casts, normalisation).
+Products run in the embeddings' dtype with float32 accumulation (:mod:`.precision`)."""
 
 from __future__ import annotations
 
@@ -47,15 +41,8 @@ class Preparation(NamedTuple):
 
 
 def prepare(x: Tensor, preparation: Preparation) -> Tensor:
-    """``x`` prepared (see :class:`Preparation`), differentiable by autograd.
-
-    Args:
-        x: ``(..., D)`` raw embeddings.
-        preparation: the dtypes, and whether to normalise.
-
-    Returns:
-        ``(..., D)`` in the products' dtype.
-    """
+    """``(..., D)`` raw embeddings prepared (:class:`Preparation`), differentiably: in the
+    products' dtype."""
     x = cast(x, preparation.compute)
     if preparation.unit:
         x = unit_rows(x)
@@ -143,20 +130,11 @@ def differentiable_vjp(
     cotangents: Sequence[Tensor | None],
     needs: Sequence[bool],
 ) -> list[Tensor | None]:
-    """The vector-Jacobian product of ``formula(*inputs)`` at ``cotangents``, itself recorded by
-    autograd: what a custom backward pass computes when it runs with ``create_graph=True``, so
-    that second (and higher) derivatives are exact. ``formula`` is the plain-autograd formula
-    the closed-form backward stands for; it holds that formula's whole graph.
-
-    Args:
-        formula: maps the inputs to its outputs (``None`` for an output that is absent).
-        inputs: the custom function's tensor inputs (``None`` where absent).
-        cotangents: the upstream gradient of each output (``None``: it does not count).
-        needs: which inputs need a gradient.
-
-    Returns:
-        One gradient per input (``None`` where not needed).
-    """
+    """The vector-Jacobian product of ``formula(*inputs)`` at ``cotangents`` (``None``: an
+    output that does not count), recorded by autograd: what a custom backward pass computes
+    when it runs with ``create_graph=True``, so that higher derivatives are exact. ``formula``
+    is the plain-autograd formula the closed-form backward stands for. One gradient per input,
+    ``None`` where ``needs`` says none is needed."""
     with torch.enable_grad():
         # Fresh nodes: one input may be computed from another (the in-batch keys are a view of
         # the queries), and the partial derivatives must not follow that path.
@@ -186,23 +164,10 @@ def differentiable_vjp(
 
 
 def cost_matrix(query: Tensor, keys: Tensor, cost: str) -> Tensor:
-    """Costs of every query against shared ``(K, D)`` keys, or against its own ``(Q, K, D)``
-    keys, in plain, twice-differentiable autograd.
-
-    Used for the ``M`` positives of each query (a small block) and, by the kernels, to
-    recompute a block when a backward pass must itself be differentiable (``create_graph=True``).
-    The value is clamped at 0; the gradient is the formula's everywhere (see :func:`cost_vjp`).
-    Per-query keys are multiplied and summed, which holds a ``(Q, K, D)`` temporary the size of
-    the keys themselves.
-
-    Args:
-        query: ``(Q, D)`` prepared embeddings.
-        keys: ``(K, D)`` shared, or ``(Q, K, D)`` per query.
-        cost: ``"sqeuclidean"`` or ``"cosine"``.
-
-    Returns:
-        ``(Q, K)`` costs.
-    """
+    """``(Q, K)`` costs of ``(Q, D)`` queries against shared ``(K, D)`` or per-query
+    ``(Q, K, D)`` keys, in plain, twice-differentiable autograd (a query's few positives, and
+    the formula a differentiable backward differentiates). The value is clamped at 0; the
+    gradient is the formula's everywhere, as in :func:`cost_vjp`."""
     gram = _rowwise_gram(query, keys) if keys.dim() == 3 else _gram(query, keys)
     if cost == "cosine":  # inputs are unit vectors (or zero): 1 - cos(a, b)
         raw = 1.0 - gram
@@ -239,18 +204,9 @@ def cost_block(
     *,
     keys_sq: Tensor | None = None,
 ) -> Tensor:
-    """Clamped costs of every query against a block of keys (no autograd graph needed).
-
-    Args:
-        query: ``(Q, D)`` prepared queries; query_sq: ``(Q,)`` their squared norms
-            (:func:`cct_loss.maths.precision.squared_norms`; sqeuclidean only).
-        keys: ``(C, D)`` keys shared by all queries, or ``(Q, C, D)`` keys per query.
-        cost: ``"sqeuclidean"`` or ``"cosine"``.
-        keys_sq: the keys' squared norms when the caller has them (else computed here).
-
-    Returns:
-        ``(Q, C)`` costs in the accumulation dtype, a fresh tensor.
-    """
+    """``(Q, C)`` clamped costs of ``(Q, D)`` queries (``query_sq``: their squared norms,
+    sqeuclidean only) against ``(C, D)`` shared or ``(Q, C, D)`` per-query keys (``keys_sq``
+    when the caller has them), without autograd: a fresh tensor in the accumulation dtype."""
     if cost != "cosine" and keys_sq is None:
         keys_sq = squared_norms(keys)
     if keys.dim() == 2 and keys.dtype == accumulation_dtype(keys):  # one BLAS call
@@ -272,19 +228,10 @@ def cost_block(
 def shifted_logits(
     query: Tensor, keys: Tensor, cost: str, signed: float, *, keys_sq: Tensor | None = None
 ) -> Tensor:
-    """``signed * c(q, n_k)`` up to a constant per query, which a softmax over ``k`` ignores:
-    ``signed (|n_k|^2 - 2 q.n_k)`` (sqeuclidean, without ``|q|^2``) or ``-signed q.n_k``
-    (cosine), in one matrix product with shared keys and no further pass over ``(Q, K)``.
-
-    Args:
-        query: ``(Q, D)``; keys: ``(K, D)``, in the products' dtype.
-        cost: ``"sqeuclidean"`` or ``"cosine"``.
-        signed: the sharpness with its sign (``+t_pos`` or ``-t_neg``).
-        keys_sq: the keys' squared norms when the caller has them (else computed here).
-
-    Returns:
-        ``(Q, K)`` logits in the accumulation dtype, a fresh tensor.
-    """
+    """``(Q, K)`` logits ``signed * c(q, n_k)`` (``signed``: ``+t_pos`` or ``-t_neg``) up to
+    a constant per query, which a softmax ignores: ``signed (|n_k|^2 - 2 q.n_k)`` or
+    ``-signed q.n_k`` (cosine), from one matrix product and no further pass over ``(Q, K)``. A
+    fresh tensor in the accumulation dtype."""
     if cost != "cosine" and keys_sq is None:
         keys_sq = squared_norms(keys)
     if keys.dtype != accumulation_dtype(keys):  # half-precision product, then scaled
@@ -305,22 +252,11 @@ def expected_cost_of_moments(
     keys_sq: Tensor | None,
     rows_sum_to_one: bool,
 ) -> Tensor:
-    """``E_q = sum_k pi_qk c(q, n_k)`` from the weights' moments, without the ``(Q, K)`` costs:
-    ``|q|^2 sum_k pi_qk + sum_k pi_qk |n_k|^2 - 2 q.(pi n)_q`` (sqeuclidean) or
-    ``sum_k pi_qk - q.(pi n)_q`` (cosine), clamped at 0 like the costs.
-
-    Args:
-        weights: ``(Q, K)`` weights (rows sum to 1, or are 0 for a query without keys).
-        weighted_keys: ``(Q, D)`` ``weights @ keys`` (:func:`cct_loss.maths.precision.product`).
-        query: ``(Q, D)`` queries.
-        cost: ``"sqeuclidean"`` or ``"cosine"``.
-        query_sq, keys_sq: ``(Q,)`` and ``(K,)`` squared norms (:func:`squared_norms`;
-            sqeuclidean only).
-        rows_sum_to_one: every row of ``weights`` sums to 1 (else their sums are taken).
-
-    Returns:
-        ``(Q,)`` expected costs in the accumulation dtype.
-    """
+    """``(Q,)`` expected costs ``E_q = sum_k pi_qk c(q, n_k)`` from the ``(Q, K)`` weights'
+    moments (``weighted_keys = weights @ keys``, ``(Q, D)``) and the squared norms, without the
+    cost matrix: ``|q|^2 sum_k pi_qk + sum_k pi_qk |n_k|^2 - 2 q.(pi n)_q`` or
+    ``sum_k pi_qk - q.(pi n)_q`` (cosine), clamped at 0 like the costs. ``rows_sum_to_one``:
+    else the weights' row sums are taken (a query without keys has a zero row)."""
     toward = torch.linalg.vecdot(cast(query, weighted_keys.dtype), weighted_keys)
     row_sums = None if rows_sum_to_one else weights.sum(-1)
     if cost == "cosine":
@@ -336,24 +272,11 @@ def expected_cost_of_moments(
 def cost_vjp(
     grad_cost: Tensor, query: Tensor, keys: Tensor, cost: str, *, need_keys: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """Pull a gradient on a ``(Q, C)`` cost block back to the queries and the keys.
-
-    ``d cost / d q = 2 (q - n)`` and ``d cost / d n = 2 (n - q)`` (sqeuclidean) or ``-n`` and
-    ``-q`` (cosine): the derivative of the formula's cost, also where rounding made the matrix
-    product's value slightly negative and the forward pass clamped it to 0 (there the true
-    gradient is ``2 (q - n)``, almost zero, not exactly zero).
-
-    Args:
-        grad_cost: ``(Q, C)`` gradient with respect to the costs (accumulation dtype).
-        query: ``(Q, D)``; keys: ``(C, D)`` shared or ``(Q, C, D)`` per query, in the
-            products' dtype.
-        cost: ``"sqeuclidean"`` or ``"cosine"``.
-        need_keys: whether to compute the keys' gradient.
-
-    Returns:
-        ``(Q, D)`` query gradient and the keys' gradient (shaped like ``keys``) or ``None``,
-        in the accumulation dtype.
-    """
+    """Pull a ``(Q, C)`` gradient on the costs back to the ``(Q, D)`` queries and (where
+    ``need_keys``) the ``(C, D)`` or ``(Q, C, D)`` keys, in the accumulation dtype:
+    ``d c / d q = 2 (q - n)`` and ``2 (n - q)``, or ``-n`` and ``-q`` (cosine). That is the
+    formula's derivative also where rounding made a cost slightly negative and the forward pass
+    clamped it to 0 (the true gradient there is almost zero, not zero)."""
     shared = keys.dim() == 2
     dtype = keys.dtype  # the products' dtype; everything else in the accumulation dtype
     q, n = cast(query, grad_cost.dtype), cast(keys, grad_cost.dtype)
@@ -381,18 +304,52 @@ def cost_vjp(
     return grad_query, 2.0 * g * (n - q.unsqueeze(1))
 
 
-class WeightTerm(NamedTuple):
-    """One softmax's share of a detached-weights backward pass: ``G += grad * weights``.
+def pair_costs(
+    a: Tensor, b: Tensor, cost: str, *, total: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """``c(a, b)`` over the last dim of two broadcastable tensors of embeddings (each query
+    against its own few keys, no matrix product): ``|a - b|^2`` from the difference itself,
+    exact, or ``1 - a.b`` (unit vectors), in the accumulation dtype; ``total``: their sum alone.
 
-    Attributes:
-        weights: ``(Q, K)`` weights over shared keys (accumulation dtype).
-        grad: the upstream gradient of their expected costs, ``(Q,)``, or one value for every
-            query (a number or a 0-dim tensor).
-        weighted_keys: ``weights @ keys`` (``(Q, D)``) when the forward pass has it, else
-            ``None`` (computed here).
-        rows_sum_to_one: every row of ``weights`` sums to 1 (a query without keys has a zero
-            row otherwise, and the row sums are taken).
+    Returns:
+        The costs (or their sum), and the difference ``a - b`` (sqeuclidean; ``None`` for
+        cosine), which the gradient reuses (:func:`pair_costs_vjp`).
     """
+    acc = accumulation_dtype(a)
+    a, b = cast(a, acc), cast(b, acc)
+    if cost == "cosine":
+        if total:
+            return (a * b).sum().neg_().add_(float(a.numel() // a.shape[-1])), None
+        gram: Tensor = torch.linalg.vecdot(a, b)
+        return gram.neg_().add_(1.0), None
+    difference = a - b
+    squared: Tensor
+    if total:
+        squared = (difference * difference).sum()
+    else:
+        squared = torch.linalg.vecdot(difference, difference)
+    return squared, difference
+
+
+def pair_costs_vjp(
+    grad: Tensor | float, a: Tensor, b: Tensor, cost: str, difference: Tensor | None, need_b: bool
+) -> tuple[Tensor, Tensor | None]:
+    """The gradients of ``sum grad * c(a, b)`` (:func:`pair_costs`; ``grad`` broadcasts against
+    the embeddings) for ``a`` and, where ``need_b``, ``b``: ``2 g (a - b)`` and its negative,
+    or ``-g b`` and ``-g a`` (cosine), in the accumulation dtype."""
+    acc = accumulation_dtype(a)
+    if cost == "cosine":
+        return cast(b, acc) * -grad, cast(a, acc) * -grad if need_b else None
+    if difference is None:
+        difference = cast(a, acc) - cast(b, acc)
+    toward = difference * (grad * 2.0)
+    return toward, toward.neg() if need_b else None
+
+
+class WeightTerm(NamedTuple):
+    """One softmax's share of a detached-weights backward pass, ``G += grad * weights``: its
+    ``(Q, K)`` weights, the upstream gradient of its expected costs (``(Q,)`` or one value),
+    ``weights @ keys`` when the forward pass has it, and whether every row sums to 1."""
 
     weights: Tensor
     grad: Tensor | float
@@ -409,25 +366,11 @@ def weights_vjp(
     need_keys: bool,
     keys_are_queries: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """:func:`cost_vjp` of ``G = sum_t grad_t * weights_t`` (the detached-weights backward of one
-    or two softmaxes over the same shared ``(K, D)`` keys) without forming the ``(Q, K)``
-    products of one softmax.
-
-    ``sum_k G_qk n_k = sum_t g_tq (W_t n)_q`` (the forward pass's moments) and
-    ``sum_q G_qk q_q = (G^T q)_k``; the row sums of ``G`` are ``sum_t g_t`` where every row of
-    every ``W_t`` sums to 1.
-
-    Args:
-        terms: the softmaxes (:class:`WeightTerm`), one or more.
-        query: ``(Q, D)``; keys: ``(K, D)``, in the products' dtype.
-        cost: ``"sqeuclidean"`` or ``"cosine"``.
-        need_keys: whether to compute the keys' gradient.
-        keys_are_queries: the keys are the queries themselves (in-batch): the first gradient
-            returned is then their total, the second ``None``.
-
-    Returns:
-        The queries' and (``need_keys``) the keys' gradients, in the accumulation dtype.
-    """
+    """:func:`cost_vjp` of ``G = sum_t grad_t * weights_t`` (the detached-weights backward of
+    one or two softmaxes over the same ``(K, D)`` keys) without a ``(Q, K)`` product per
+    softmax: ``sum_k G_qk n_k = sum_t g_tq (W_t n)_q`` (the forward pass's moments), and the
+    row sums of ``G`` are ``sum_t g_t`` where the weights' rows sum to 1. With
+    ``keys_are_queries`` (in-batch) the first gradient is the total, the second ``None``."""
     dtype = keys.dtype  # the products' dtype; everything else in the accumulation dtype
     acc = terms[0].weights.dtype
     q = cast(query, acc)

@@ -1,17 +1,7 @@
-"""The conditional expectation at the heart of CCT, as the implementations share it.
-
-For one query with costs ``c_1..c_K`` to the keys that take part (its positives, or its
-negatives) and a sharpness ``t``:
-
-    pi_k = softmax_k(s c_k)          s = +t_pos for positives, -t_neg for negatives
-    E    = sum_k pi_k c_k            the query-conditional expected cost
-
-Attraction is ``E`` over the positives, repulsion is ``-E`` over the negatives (the
-specification: docs/specification.md). A query with no key taking part has ``E = 0`` and is
-flagged absent. Here: the result type every implementation returns per side, the formula in plain
-autograd (what every closed-form backward stands for, and what a backward differentiates when it
-must itself be differentiable), and the diagnostics computed from weights.
-"""
+"""The conditional expectation every implementation computes, for one query and the keys that
+take part: ``E = sum_k softmax_k(s c_k) c_k`` with ``s = +t_pos`` (positives: attraction is
+``E``) or ``-t_neg`` (negatives: repulsion is ``-E``); ``E = 0`` for a query with no key. Here:
+the result type, the formula in plain autograd, and the diagnostics from weights."""
 
 from __future__ import annotations
 
@@ -30,20 +20,10 @@ Side = Literal["positives", "negatives"]
 
 
 class ConditionalExpectation(NamedTuple):
-    """One side's result per query, from any implementation.
-
-    Attributes:
-        value: ``(Q,)`` expected cost ``sum_k pi_k c_k`` (differentiable); 0 for a query with no
-            key taking part.
-        entropy: ``(Q,)`` entropy of ``pi`` in nats (no gradient), or ``None`` when the
-            diagnostics were not asked for.
-        extreme: ``(Q,)`` largest cost (positives) or smallest cost (negatives), no gradient,
-            or ``None`` when the diagnostics were not asked for.
-        weights: the weights ``pi``, or ``None`` from implementations that never hold them
-            (``(Q, K)``, zero where a key does not take part; ``(Q, M)`` for own positives).
-        present: ``(Q,)`` bool, True where at least one key takes part; ``None`` when every
-            query has keys by construction.
-    """
+    """One side's result per query: the ``(Q,)`` expected cost (differentiable; 0 without keys),
+    the weights' entropy and the extreme cost (largest positive, nearest negative; ``None``
+    without diagnostics), the weights (``None`` where an implementation never holds them), and
+    which queries have keys (``None``: all)."""
 
     value: Tensor
     entropy: Tensor | None
@@ -82,14 +62,24 @@ def block_expectation(query: Tensor, keys: Tensor, options: CCTOptions) -> Condi
     Args:
         query: ``(Q, D)`` prepared queries; keys: ``(Q, M, D)`` each query's positives.
     """
-    costs = cost_matrix(query, keys, options.cost)
-    logits = (costs.detach() if options.detach_weights else costs) * options.t_pos
-    weights = torch.softmax(logits, dim=-1)
-    value = (weights * costs).sum(-1)
+    value, weights, costs = block_formula(
+        query, keys, cost=options.cost, signed=options.t_pos, detach_weights=options.detach_weights
+    )
     entropy = extreme = None
     if options.return_details:
         entropy, extreme = weight_statistics(weights.detach(), costs.detach(), None, "positives")
     return ConditionalExpectation(value, entropy, extreme, weights)
+
+
+def block_formula(
+    query: Tensor, keys: Tensor, *, cost: str, signed: float | Tensor, detach_weights: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Each query's expected cost over its own ``(Q, M, D)`` keys in plain autograd (every key
+    takes part): ``(value (Q,), weights (Q, M), costs (Q, M))``."""
+    costs = cost_matrix(query, keys, cost)
+    logits = (costs.detach() if detach_weights else costs) * signed
+    weights = torch.softmax(logits, dim=-1)
+    return (weights * costs).sum(-1), weights, costs
 
 
 def streamed_expectation(
@@ -119,19 +109,9 @@ def expected_cost_formula(
     signed: float | Tensor,
     detach_weights: bool,
 ) -> Tensor:
-    """``(Q,)`` expected cost over the keys that take part, in plain autograd.
-
-    Every operation is differentiable to any order (no in-place update, no clamp mask in the
-    gradient, no 0/0 for a query without keys): this is the formula the implementations'
-    closed-form backward passes stand for.
-
-    Args:
-        query: ``(Q, D)``; keys: ``(K, D)`` shared or ``(Q, K, D)`` per query.
-        excluded: ``(Q, K)`` bool, True where a key sits out, or ``None`` (all take part).
-        cost: ``"sqeuclidean"`` or ``"cosine"``.
-        signed: ``+t_pos`` or ``-t_neg`` (:func:`signed_sharpness`).
-        detach_weights: treat the weights as constants.
-    """
+    """``(Q,)`` expected cost over the keys that take part (``excluded``: ``(Q, K)``, True where a
+    key sits out), in plain autograd differentiable to any order (no in-place update, no 0/0):
+    the formula every closed-form backward stands for."""
     costs = cost_matrix(query, keys, cost)
     logits = (costs.detach() if detach_weights else costs) * signed
     if excluded is not None:

@@ -1,21 +1,8 @@
-"""The precision policy: which dtype the matrix products run in, and which everything else does.
-
-* Float64 inputs: everything in float64 (autocast never casts float64).
-* Under :func:`torch.autocast` on the inputs' device (float32 or half inputs): the matrix
-  products (query-key costs, the gradients' products) run in the autocast dtype, as
-  :func:`torch.nn.functional.linear` does for InfoNCE's ``q @ k.T`` in the same trainer.
-* Half-precision inputs without autocast (all of them float16, or all bfloat16): the products
-  run in that dtype.
-* Otherwise (float32): everything in float32, as without the policy.
-
-Everything that is not a product, namely normalising, squared norms, the softmax, the weighted
-sums, the reduction and the result, is computed in float32 (or float64), and the loss is
-returned in that dtype. The library disables autocast around its own work (:func:`own_precision`)
-and casts explicitly, so the policy does not depend on which ops autocast happens to list.
-
-Kernels read the policy from their inputs: embeddings arrive in the products' dtype, and
-:func:`product` and :func:`accumulation_dtype` give the rest.
-"""
+"""The precision policy (docs/precision.md): under autocast, or for half-precision inputs, the
+matrix products run in the low-precision dtype with float32 accumulation, as InfoNCE's
+``q @ k.T`` does in the same trainer; everything else (norms, softmax, sums, the result) runs in
+float32, or float64 for float64 inputs. The library disables autocast around its own work and
+casts explicitly, so the policy does not depend on which ops autocast lists."""
 
 from __future__ import annotations
 
@@ -53,17 +40,11 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def tf32_matmul_allowed() -> bool:
-    """Whether float32 matrix products on CUDA may use TF32, however the user said so.
-
-    PyTorch has two ways to set it: the legacy flag ``torch.backends.cuda.matmul.allow_tf32``
-    (and ``torch.set_float32_matmul_precision``), and the newer
-    ``torch.backends.cuda.matmul.fp32_precision`` / ``torch.backends.fp32_precision`` (``"tf32"``,
-    ``"ieee"``, ``"none"`` for "inherit"). Reading the legacy flag after the new API has set TF32
-    raises ``RuntimeError`` ("mix of the legacy and new APIs"); reading the new one after a
-    legacy setting works. So the new attribute is read where it exists, the global setting
-    where the matmul one inherits it, and the legacy flag only on a torch without the new API.
-    Host values only: no device is touched.
-    """
+    """Whether float32 matrix products on CUDA may use TF32, whichever API set it: the legacy
+    ``torch.backends.cuda.matmul.allow_tf32``, or the newer ``fp32_precision`` of
+    ``torch.backends.cuda.matmul`` or ``torch.backends`` (``"none"`` inherits). The legacy read
+    raises after the new API set TF32 ("mix of the legacy and new APIs"), so the new one is read
+    where it exists. Host values only."""
     matmul = torch.backends.cuda.matmul
     precision = getattr(matmul, "fp32_precision", None)
     if precision is None:  # a torch without the new API

@@ -1,15 +1,10 @@
-"""The one reduction: from each query's terms to the loss, and the diagnostics returned.
+"""The one reduction: from each query's terms to the loss and the diagnostics. Every path uses
+it: :func:`reduce` for per-query terms, and dense's one-pass loss through :func:`divisors`.
 
-Every path reduces here: the per-query terms of any implementation (:func:`reduce`), and dense's
-one-pass loss, which asks :func:`divisors` what each term's sum is divided by. ``"mean"`` is
-``alpha * mean(attraction over the queries that have positives) + beta * mean(repulsion over
-the queries that have negatives)``, a term that no query has being 0 (without labels every query
-has both, and this is the plain mean); ``"sum"`` and ``"none"`` use the per-query values, which
-are 0 for a missing term. Across processes (``gather_distributed=True``) each term's sum over
-this rank's queries is divided by its global count over the world size, so that DDP's averaging
-of the gradients gives the gradient of the mean over the concatenated global batch
-(docs/specification.md, "Across processes").
-"""
+``"mean"`` is ``alpha * mean(attraction over the queries with positives) + beta *
+mean(repulsion over the queries with negatives)`` (a term no query has is 0); across processes a
+term's sum is divided by its global count over the world size, so DDP's averaging gives the
+gradient of the global batch's mean (docs/specification.md)."""
 
 from __future__ import annotations
 
@@ -24,20 +19,10 @@ from .expectation import ConditionalExpectation
 
 
 class QueryTerms(NamedTuple):
-    """One entry per query (per row for the paper's objective): what :func:`reduce` reduces.
-
-    Attributes:
-        attraction: ``(Q,)`` ``sum_m pi_m^+ d_m^+`` (0 for a query without positives).
-        repulsion: ``(Q,)`` ``-sum_k pi_k^- d_k^-`` (0 for a query without negatives).
-        pos_entropy: ``(Q,)`` entropy of the positive weights (nats, no gradient), or ``None``
-            when the diagnostics were not asked for (so too the next two).
-        neg_entropy: ``(Q,)`` entropy of the negative weights.
-        accuracy: ``(Q,)`` 1.0 where the farthest positive is closer than the nearest negative.
-        pos_weights: positive weights, or ``None`` when the implementation does not hold them.
-        neg_weights: negative weights, or ``None`` when the implementation does not hold them.
-        has_positives: ``(Q,)`` bool, or ``None`` when every query has positives.
-        has_negatives: ``(Q,)`` bool, or ``None`` when every query has negatives.
-    """
+    """One entry per query (per row for the paper's objective): ``(Q,)`` attraction and
+    repulsion (0 where a query has no such term), the weights' entropies and the contrastive
+    accuracy (``None`` without diagnostics), the weights where held, and which queries have
+    positives and negatives (``None``: all)."""
 
     attraction: Tensor
     repulsion: Tensor
@@ -183,19 +168,11 @@ def paper_row_terms(
     pairs: list[tuple[ConditionalExpectation | None, ConditionalExpectation]],
     num_views: int,
 ) -> QueryTerms:
-    """The paper's small-scale objective per row (docs/specification.md, "The paper's
-    configuration"), from its parts: ``attract`` over the ``V * N`` embeddings (view-major,
-    each against the other views of its row) and, for each pair of views ``x < y`` in
-    lexicographic order, the repulsion of view ``x``'s rows from the other rows of view ``y``.
-
-    Attraction is averaged over the views, repulsion over the pairs. A pair's accuracy is
-    whether ``z_y[i]`` is closer to ``z_x[i]`` than every other row of ``y``: with the
-    diagnostics, each pair's first entry is the attraction of ``z_x[i]`` to ``z_y[i]`` alone,
-    whose extreme is that cost (see :func:`cct_loss.problem.layouts.paper`).
-
-    Returns:
-        :class:`QueryTerms` of ``(N,)``; weights ``(V, N, V-1)`` and ``(P, N, N)``.
-    """
+    """The paper's objective per row (docs/layouts.md) from its parts: ``attract`` over the
+    ``V * N`` embeddings, and for each pair of views ``x < y`` (lexicographic) its repulsion
+    with, under the diagnostics, the attraction of ``z_x[i]`` to ``z_y[i]`` alone (whose extreme
+    is that cost: the pair's accuracy). Attraction averages over views, repulsion over pairs;
+    weights ``(V, N, V-1)`` and ``(P, N, N)``."""
     repels = [repel for _, repel in pairs]
     n = repels[0].value.shape[0]
 

@@ -1,14 +1,7 @@
-"""The problem description: who is a query, which keys there are, and which keys are each
-query's positives and negatives.
-
-A layout (:mod:`cct_loss.problem.layouts`) describes a call as a :class:`ContrastiveProblem`;
-an implementation (:mod:`cct_loss.implementations`) computes it. Which keys take part in a
-query's softmax is a :class:`KeySet`: class labels as integer ids, or the block layout of a
-batch's instances as a few integers (:class:`OwnRows`), never a mask tensor handed over. Each
-implementation builds what it needs from that: dense fills the own-row entries of its matrices
-through a strided view, a streaming implementation builds the ``(Q, block)`` boolean of each
-block from ids (:meth:`KeySet.ids`).
-"""
+"""The problem description: the queries, the keys, and which keys are each query's positives
+and negatives (:class:`ContrastiveProblem`). A :class:`KeySet` says which keys take part by
+class labels as ids, or by the batch's block layout as a few integers (:class:`OwnRows`), never
+by a mask handed over: each implementation builds what it needs."""
 
 from __future__ import annotations
 
@@ -21,18 +14,14 @@ from ..maths.costs import Preparation, prepare
 
 
 class OwnRows(NamedTuple):
-    """Where each query's own row (instance) sits among the keys, from a few integers.
+    """Where each query's own row sits among the keys, from a few integers.
 
-    Query ``q = v * rows + i`` (``v < query_views``) is view ``v`` of row ``offset + i`` of the
-    batch. The first ``key_views * key_rows`` keys are the embeddings of the batch's
-    ``key_rows`` rows: key ``w * key_rows + j`` (view-major) or, with ``row_major``,
-    ``j * key_views + w`` is view ``w`` of row ``j``. Keys after those (a queue) belong to no
-    row. ``includes_self``: the keys are the queries' own embeddings (in-batch), query
-    ``(v, i)`` being key ``(v, offset + i)``, which is never its own positive.
-
-    The own-row entries of a ``(Q, K)`` matrix are a strided view of it (:meth:`entries`), so
-    dense kernels exclude or read them without building a mask or an index.
-    """
+    Query ``v * rows + i`` is view ``v`` of row ``offset + i``. The first
+    ``key_views * key_rows`` keys are the batch's rows: key ``w * key_rows + j`` (or, with
+    ``row_major``, ``j * key_views + w``) is view ``w`` of row ``j``; later keys (a queue) belong
+    to no row. ``includes_self``: the keys are the queries' own embeddings, and a query is never
+    its own positive. The own-row entries of a ``(Q, K)`` matrix are a strided view
+    (:meth:`entries`): no mask or index is built."""
 
     query_views: int
     rows: int
@@ -135,26 +124,11 @@ KeyIds = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]
 
 
 class KeySet(NamedTuple):
-    """Which keys take part in each query's softmax.
-
-    Groups are class labels (``query_groups``, ``key_groups``) or, without labels, the
-    instances of :class:`OwnRows` (``rows``). Key ``k`` takes part for query ``q`` when
-
-    * ``same_group=False`` (negatives): their groups differ;
-    * ``same_group=True`` (positives): their groups are equal and the key is not the query
-      itself (``rows.includes_self``).
-
-    ``KeySet()`` (no groups, no rows) means every key takes part.
-
-    Attributes:
-        query_groups: ``(Q,)`` integer ids, or ``None`` (groups from ``rows``).
-        key_groups: ``(K,)`` integer ids, or ``None``.
-        same_group: positives (True) or negatives (False).
-        rows: the block layout of the batch's instances (groups without labels, and which key
-            is the query itself), or ``None``.
-        may_be_empty: a query may have no key taking part (labels); kernels then guard
-            against an empty softmax.
-    """
+    """Which keys take part in each query's softmax: those whose group differs from the
+    query's (``same_group=False``, negatives) or equals it and is not the query itself
+    (``same_group=True``, positives). Groups are labels (``query_groups``, ``key_groups``) or,
+    without, the instances of ``rows``; ``KeySet()`` is every key. ``may_be_empty``: a query may
+    have none (labels)."""
 
     query_groups: Tensor | None = None
     key_groups: Tensor | None = None
@@ -227,6 +201,33 @@ class KeySet(NamedTuple):
         return excluded
 
 
+def label_masks(
+    positives: KeySet | Tensor | None, negatives: KeySet | None, num_keys: int, device: torch.device
+) -> tuple[Tensor | None, Tensor | None]:
+    """The ``(Q, K)`` masks of the keys that sit out of the positives' and of the negatives'
+    softmax, for the sides drawn by label (``None`` for a side that is not): one comparison of
+    the labels when both sides compare the same ones."""
+    pos = positives if isinstance(positives, KeySet) and positives.labelled else None
+    neg = negatives if negatives is not None and negatives.labelled else None
+    if (
+        pos is None
+        or neg is None
+        or pos.query_groups is not neg.query_groups
+        or pos.key_groups is not neg.key_groups
+    ):
+        return (
+            None if pos is None else pos.excluded_mask(num_keys, device),
+            None if neg is None else neg.excluded_mask(num_keys, device),
+        )
+    same = neg.excluded_mask(num_keys, device)  # a negative sits out where the labels agree
+    assert same is not None
+    others = ~same
+    if pos.excludes_self:
+        assert pos.rows is not None
+        pos.rows.entries(others).diagonal(dim1=0, dim2=1).fill_(True)
+    return others, same
+
+
 def key_ids(key_set: KeySet | None, num_keys: int, device: torch.device) -> KeyIds:
     """The id arrays of ``key_set`` (all ``None`` when every key takes part)."""
     if key_set is None:
@@ -253,22 +254,12 @@ def excluded_from_ids(
 
 
 class ContrastiveProblem(NamedTuple):
-    """A whole call, as a layout describes it: the queries, the keys, and which keys are each
-    query's positives and negatives. An implementation computes it.
-
-    Attributes:
-        query: ``(Q, D)`` queries.
-        keys: ``(K, D)`` keys shared by all queries, ``(Q, K, D)`` keys per query (negatives
-            only), or ``None``: the keys are the queries themselves (in-batch, one process).
-        positives: a :class:`KeySet` of the keys (``same_group=True``), a ``(Q, M, D)``
-            tensor of each query's own positives (``(Q, D)`` for one: MoCo), or ``None`` (no
-            attraction term).
-        negatives: a :class:`KeySet` of the keys, or ``None`` (no repulsion term).
-        preparation: how the embeddings become what the costs are computed on (casts and
-            normalisation, :class:`cct_loss.maths.costs.Preparation`), or ``None`` when they
-            already are (gathered across processes after preparing). Dense prepares the raw
-            embeddings inside its own autograd function; the others call :meth:`prepared`.
-    """
+    """A whole call as a layout describes it: ``query`` ``(Q, D)``; ``keys`` ``(K, D)`` shared,
+    ``(Q, K, D)`` per query, or ``None`` (the queries themselves); ``positives`` (a
+    :class:`KeySet`, each query's own ``(Q, M, D)`` or ``(Q, D)`` positives, or ``None``);
+    ``negatives`` (a :class:`KeySet` or ``None``); ``preparation``, how the raw embeddings are
+    cast and normalised (``None``: already prepared). Dense prepares inside its own autograd
+    function; the others call :meth:`prepared`."""
 
     query: Tensor
     keys: Tensor | None

@@ -1,15 +1,7 @@
-"""Who is a query, a positive and a negative, for each call shape (docs/specification.md,
-"Who is a query, a positive and a negative").
-
-Each function describes a call as a :class:`ContrastiveProblem` and computes nothing: the
-queries, the keys, and which keys are each query's positives and negatives (a :class:`KeySet`:
-class labels as ids, or the block layout of the batch's instances as a few integers). No
-``N x K x D`` tensor is formed, and without labels no mask or id tensor is built.
-
-Groups: without labels a row's group is its instance (its global row index), so the other views
-of a row are its positives and every other row's embeddings its negatives; with labels it is the
-row's label.
-"""
+"""Who is a query, a positive and a negative for each call shape (docs/specification.md): each
+function describes a call as a :class:`ContrastiveProblem` and computes nothing. Without labels
+a row's group is its instance (its other views are its positives, every other row's embeddings
+its negatives) and no mask or id tensor is built; with labels it is the row's label."""
 
 from __future__ import annotations
 
@@ -91,20 +83,11 @@ def in_batch(
     global_rows: GlobalRows | None = None,
     preparation: Preparation | None = None,
 ) -> ContrastiveProblem:
-    """Symmetric in-batch layout (``layout="all"``, NT-Xent): every embedding is a query.
-
-    Row ``r = v * N + i`` is view ``v`` of instance ``i``. Without labels its positives are the
-    other views of instance ``i`` (in view order) and its negatives every view of every other
-    instance. With labels its positives are every embedding of a same-label row except itself
-    and its negatives every embedding of a row with another label (either set may be empty).
-
-    Args:
-        views: ``(V, N, D)`` embeddings; these rows are the queries. ``V >= 2`` without labels.
-        labels: ``(N,)`` integer labels, or ``None``.
-        global_rows: the global batch ``(V, N_all, D)`` across processes (with its labels and
-            this rank's offset), or ``None``: the keys are ``views`` themselves.
-        preparation: as in :class:`ContrastiveProblem`.
-    """
+    """The symmetric in-batch layout (``"all"``, NT-Xent) of ``(V, N, D)`` views: every
+    embedding is a query, row ``v * N + i`` view ``v`` of instance ``i``. Without labels its
+    positives are the other views of ``i``, its negatives every view of every other instance;
+    with ``(N,)`` labels, same-label embeddings but itself, and the other labels' (either may be
+    empty). ``global_rows``: the candidates across processes."""
     num_views, n, d = views.shape
     flat = views.reshape(num_views * n, d)
     keys, n_all, offset, key_labels = None, n, 0, labels
@@ -146,23 +129,11 @@ def cross(
     global_rows: GlobalRows | None = None,
     preparation: Preparation | None = None,
 ) -> ContrastiveProblem:
-    """Cross layout (``layout="cross"``; MoCo v3, CLIP): only ``query`` rows are queries.
-
-    Without labels query ``i``'s positives are ``positive[i, :]`` and its negatives every
-    embedding of every other row of ``positive``; with labels its positives are every
-    embedding of a row of ``positive`` with its label (row ``i`` included) and its negatives
-    those of rows with another label. The rows of ``negatives`` are negatives on top, except
-    those whose ``negative_labels`` equal the query's label.
-
-    Args:
-        query: ``(N, D)`` queries.
-        positive: ``(N, M, D)`` positives (this rank's rows).
-        negatives: ``(K, D)`` extra negatives (a queue), or ``None``.
-        labels: ``(N,)`` labels of the rows of ``query`` and ``positive``, or ``None``.
-        negative_labels: ``(K,)`` labels of ``negatives`` (needs ``labels``), or ``None``.
-        global_rows: the global ``positive`` ``(N_all, M, D)`` across processes, or ``None``.
-        preparation: as in :class:`ContrastiveProblem`.
-    """
+    """The cross layout (MoCo v3, CLIP): only ``query`` rows ``(N, D)`` are queries. Without
+    labels query ``i``'s positives are ``positive[i, :]`` (``(N, M, D)``) and its negatives every
+    other row of ``positive``; with labels the rows with its label (``i`` included) and those
+    with another. ``negatives`` ``(K, D)`` are negatives on top, but for those whose
+    ``negative_labels`` equal the query's. ``global_rows``: ``positive`` across processes."""
     n, m, _ = positive.shape
     rows, offset, row_labels = positive, 0, labels
     if global_rows is not None:
@@ -233,17 +204,9 @@ def explicit_negatives(
     negative_labels: Tensor | None = None,
     preparation: Preparation | None = None,
 ) -> ContrastiveProblem:
-    """MoCo mode of ``layout="all"``: only ``query`` rows are queries, their positives are
-    ``positive[i, :]``; negatives shared ``(K, D)`` or per query ``(N, K, D)``.
-
-    Args:
-        query: ``(N, D)`` queries.
-        positive: ``(N, M, D)`` positives, or ``(N, D)`` for one.
-        negatives: ``(K, D)`` or ``(N, K, D)`` negatives.
-        labels, negative_labels: ``(N,)`` and ``(K,)`` labels (shared negatives only): a
-            negative whose label equals the query's is left out. Both or neither.
-        preparation: as in :class:`ContrastiveProblem`.
-    """
+    """The MoCo mode of ``"all"``: ``query`` rows are the queries, ``positive[i]`` their
+    positives, ``negatives`` ``(K, D)`` shared or ``(N, K, D)`` per query; with ``labels`` and
+    ``negative_labels`` a negative with the query's label is left out."""
     key_set = KeySet()
     if labels is not None and negative_labels is not None:
         key_set = KeySet(labels, negative_labels, may_be_empty=True)
@@ -251,16 +214,9 @@ def explicit_negatives(
 
 
 class PaperProblems(NamedTuple):
-    """The paper's small-scale objective as problems (see :func:`paper`).
-
-    Attributes:
-        attraction: every embedding against the other views of its row (positives only).
-        repulsions: one per pair of views ``x < y`` in lexicographic order: the rows of view
-            ``x`` against the other rows of view ``y`` (negatives), and, when ``own`` was
-            asked for, ``z_y[i]`` as the one positive of ``z_x[i]`` (its cost is the pair's
-            accuracy test; it takes no part in the loss).
-        num_views: ``V``.
-    """
+    """The paper's objective as problems: the attraction of every embedding to its row's other
+    views, and per pair of views ``x < y`` the repulsion of view ``x``'s rows from the other
+    rows of ``y`` (with ``own``, ``z_y[i]`` as ``z_x[i]``'s one positive: the accuracy test)."""
 
     attraction: ContrastiveProblem
     repulsions: list[ContrastiveProblem]
@@ -270,20 +226,11 @@ class PaperProblems(NamedTuple):
 def paper(
     views: Tensor, *, global_rows: GlobalRows | None = None, own: bool = False
 ) -> PaperProblems:
-    """The objective of the official small-scale (CIFAR/STL) code (``layout="paper"``).
-
-    * attraction of row ``i``: for each view ``x``, ``z_x[i]`` attracts the other views
-      ``z_w[i]``; averaged over the ``V`` views;
-    * repulsion of row ``i``: for each pair of views ``x < y``, ``z_x[i]`` repels the other rows
-      ``z_y[j]`` (``j != i``) of view ``y``, one direction; averaged over the pairs.
-
-    Args:
-        views: ``(V, N, D)`` prepared embeddings, ``V >= 2``.
-        global_rows: the global batch ``(V, N_all, D)`` across processes (negatives of view
-            ``y`` come from all of its rows), or ``None``.
-        own: give each pair's problem ``z_y[i]`` as the positive of ``z_x[i]`` (for the
-            contrastive accuracy of the diagnostics).
-    """
+    """The objective of the official small-scale (CIFAR/STL) code on prepared ``(V, N, D)``
+    views: attraction of each view to the other views of its row, averaged over views;
+    repulsion, for each pair ``x < y``, of view ``x``'s rows from the other rows of ``y``,
+    averaged over pairs. ``global_rows``: the views across processes; ``own``: see
+    :class:`PaperProblems`."""
     num_views, n, d = views.shape
     own_views = OwnRows(num_views, n, num_views, n, includes_self=True)
     flat = views.reshape(num_views * n, d)
