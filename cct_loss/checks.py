@@ -35,14 +35,8 @@ def shape_str(x: Tensor) -> str:
 
 
 def check_float_tensor(name: str, x: object, ndims: Collection[int], layout: str) -> Tensor:
-    """``x`` as a floating-point tensor with one of the allowed numbers of dims.
-
-    Args:
-        name: the argument's name, for the message.
-        x: the value received.
-        ndims: the allowed values of ``x.dim()``.
-        layout: the expected layout in words, e.g. ``"(N, D)"``.
-    """
+    """``x`` as a floating-point tensor with one of ``ndims`` dims; ``name`` and ``layout``
+    (``"(N, D)"``) go into the message."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -117,10 +111,9 @@ def is_functorch_wrapped(x: Tensor) -> bool:
 
 
 def same_view(a: Tensor, b: Tensor) -> bool:
-    """Whether ``a`` and ``b`` are exactly the same data: one tensor, or views of one memory
-    with the same offset, shape and strides (``z`` and ``z.detach()``). Views that merely share
-    a buffer (``z.chunk(2)``, ``feats.unbind(1)``) are not. Decided from metadata only; under
-    ``torch.compile`` and ``torch.func`` (no storage to compare) only identity counts."""
+    """Whether ``a`` and ``b`` are exactly the same data (one tensor, or views with the same
+    offset, shape and strides, as ``z.detach()``); ``z.chunk(2)``'s parts are not. Under
+    compile and ``torch.func`` (no storage) only identity counts."""
     if a is b:
         return True
     if torch.compiler.is_compiling() or is_functorch_wrapped(a) or is_functorch_wrapped(b):

@@ -29,11 +29,8 @@ def rank_and_world_size(group: Any = None) -> tuple[int, int]:
 
 
 def row_counts(rows: int, device: torch.device, group: Any = None) -> list[int]:
-    """Every rank's number of rows, in rank order (one small all-gather on the CPU).
-
-    Raises ``ValueError`` on every rank (so that none hangs in a later collective) when a rank
-    has no rows: a query set needs at least one row per rank.
-    """
+    """Every rank's number of rows, in rank order (one small all-gather on the CPU); a
+    ``ValueError`` on every rank (none hangs in a later collective) when a rank has none."""
     counts = _gather_counts(rows, device, group)
     if min(counts) == 0:
         raise ValueError(
@@ -114,12 +111,9 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
 
 def gather_rows(x: Tensor, counts: list[int], group: Any = None) -> tuple[Tensor, int]:
-    """Every rank's ``x`` concatenated along dim 0 in rank order, and this rank's offset in it.
-
-    Ranks may hold different numbers of rows (``counts``, from :func:`row_counts`). Gradients
-    flow back to the rank that produced each row (summed over the ranks that used it).
-    Without an active process group, returns ``(x, 0)``.
-    """
+    """Every rank's ``x`` concatenated along dim 0 in rank order (``counts`` rows each, from
+    :func:`row_counts`), and this rank's offset; gradients flow back to each row's rank.
+    ``(x, 0)`` without an active group."""
     if not is_active(group):
         return x, 0
     rank, _ = rank_and_world_size(group)

@@ -28,12 +28,8 @@ LAYOUTS = ("all", "cross", "paper")
 
 @dataclass(frozen=True, eq=False)
 class CCTOptions:
-    """The validated options of one call (see :func:`cct_loss.cct_loss` for their meaning).
-
-    ``t_pos``, ``t_neg``, ``alpha`` and ``beta`` are floats or 0-dim tensors: a tensor is checked
-    for its shape, dtype and ``requires_grad``, never for its value (reading it would cost a
-    host synchronisation).
-    """
+    """The validated options of one call (their meaning: :func:`cct_loss.cct_loss`); a tensor
+    ``t_pos``, ``t_neg``, ``alpha`` or ``beta`` is checked for shape and dtype, not value."""
 
     layout: str = "all"
     t_pos: float | Tensor = 1.0
@@ -101,26 +97,21 @@ OPTION_NAMES = tuple(f.name for f in fields(CCTOptions) if f.init)
 #: Every keyword the entry points take, in their order, with its default: the options, and
 #: ``temperature`` before ``t_pos``; ``t_neg`` defaults to ``None`` there (1.0 unless
 #: ``temperature`` is given).
-KEYWORDS: dict[str, object] = {}
-for _field in fields(CCTOptions):
-    if not _field.init:
-        continue
-    if _field.name == "t_pos":
-        KEYWORDS["temperature"] = None
-    KEYWORDS[_field.name] = None if _field.name == "t_neg" else _field.default
+_DEFAULTS = {f.name: f.default for f in fields(CCTOptions) if f.init}
+KEYWORDS: dict[str, object] = {
+    "layout": _DEFAULTS["layout"],
+    "temperature": None,
+    **_DEFAULTS,
+    "t_neg": None,
+}
 
 
 def options_of(
     given: Mapping[str, Any], implementations: Collection[str], where: str
 ) -> CCTOptions:
-    """The validated :class:`CCTOptions` of the keywords an entry point was ``given`` (the
-    others at their defaults; ``temperature`` resolved into ``t_neg``). ``impl`` must be
-    ``"auto"`` or one of ``implementations`` (the implementation table's names); an unknown
-    keyword is a ``TypeError`` naming ``where`` (the function or class called) and the closest
-    option.
-
-    Validated once per distinct set of plain values (:mod:`cct_loss.shortcuts`); a tensor option
-    (a schedule) is validated at every call."""
+    """The validated :class:`CCTOptions` of the keywords an entry point was ``given`` (others at
+    their defaults): ``impl`` among ``implementations``, an unknown keyword a ``TypeError`` naming
+    ``where``. Validated once per set of plain values (:mod:`cct_loss.shortcuts`)."""
     if not given.keys() <= _NAMES:
         unknown = next(name for name in given if name not in _NAMES)
         raise TypeError(unknown_keyword_message(where, unknown, list(KEYWORDS)))
@@ -164,11 +155,9 @@ _VALIDATED: shortcuts.Memo[CCTOptions] = shortcuts.Memo(256)
 
 
 _NAMES = frozenset(KEYWORDS)
-_ANNOTATIONS = {
-    **{f.name: f.type for f in fields(CCTOptions)},
-    "t_neg": "float | Tensor | None",
-    "temperature": "float | Tensor | None",
-}
+_ANNOTATIONS = {f.name: f.type for f in fields(CCTOptions)} | dict.fromkeys(
+    ("t_neg", "temperature"), "float | Tensor | None"
+)
 
 
 def _build(values: Mapping[str, Any]) -> CCTOptions:
@@ -214,14 +203,9 @@ def t_neg_of(
 def check_scalar_option(
     name: str, value: object, *, nonnegative: bool = False, positive: bool = False
 ) -> float | Tensor:
-    """``t_pos``/``t_neg`` (``nonnegative``: an inverse temperature ``>= 0``), ``temperature``
-    (``positive``: ``> 0``) or ``alpha``/``beta`` (any finite number).
-
-    A Python number is checked for its value and returned as a float. A 0-dim floating-point
-    tensor is checked for its shape, dtype and ``requires_grad`` but not for its value (reading
-    it would cost a host synchronisation, and a recompile per value under ``torch.compile``).
-    A tensor that requires grad is refused: the options are constants to autograd.
-    """
+    """A sharpness (``nonnegative``), a temperature (``positive``) or a weight: a number checked
+    and made a float, or a 0-dim float tensor checked for everything but its value (that would
+    synchronise). One that requires grad is refused: options are constants to autograd."""
     if positive:
         what = "a temperature > 0"
     elif nonnegative:

@@ -79,21 +79,16 @@ class NegativeQueue(nn.Module):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
-        self.size = size
-        self.dim = dim
-        self.gather_distributed = gather_distributed
-        self.with_labels = with_labels
+        self.size, self.dim = size, dim
+        self.gather_distributed, self.with_labels = gather_distributed, with_labels
         self.register_buffer("keys", torch.zeros(size, dim, dtype=dtype, device=device))
         if with_labels:
-            labels = torch.zeros(size, dtype=torch.long, device=device)
-            self.register_buffer("key_labels", labels)
+            self.register_buffer("key_labels", torch.zeros(size, dtype=torch.long, device=device))
         self.register_buffer("write_position", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("fill_level", torch.zeros((), dtype=torch.long, device=device))
-        # Host mirrors of the two counters: shapes depend on them, so reading them must not
-        # synchronise with the device. They are restored from the buffers on load.
-        # The write position lives on the device only (``write_position``), so a compiled step
-        # that enqueues does not guard on it; the fill level is mirrored on the host because
-        # the shape of negatives() depends on it (constant once the queue is full).
+        # The fill level decides negatives()'s shape: mirrored on the host (restored on load), so
+        # reading it never synchronises. The write position lives on the device only, so a
+        # compiled step that enqueues does not guard on it.
         self._filled = 0
         self.register_load_state_dict_post_hook(_sync_host_counters)  # type: ignore[no-untyped-call]
 

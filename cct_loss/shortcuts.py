@@ -49,12 +49,8 @@ _PLAIN = frozenset({bool, int, float, str, type(None), torch.dtype, torch.device
 
 
 class Memo(Generic[_Value]):
-    """A bounded table from plain keys to what an earlier call built for them.
-
-    Args:
-        size: how many entries it keeps; when full it starts over (a trainer has a handful of
-            signatures: its training and evaluation batch sizes).
-    """
+    """A table from plain keys to what an earlier call built for them, emptied when it holds
+    ``size`` (a trainer has a handful of signatures)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -100,13 +96,9 @@ _FIRST_ONLY: set[type[torch.autograd.Function]] = set()
 
 
 def eager_twin(function: _Function) -> _Function:
-    """Register a classic-style twin of ``function`` (an autograd function written with
-    ``setup_context``) for :func:`apply`; returns ``function`` itself (a class decorator).
-
-    A function may set ``saved_outputs = True``: its outputs after the first exist only to be
-    saved for the backward pass (``setup_context`` can save nothing else). The twin returns the
-    first output alone and keeps the rest to itself, which costs less per call; :func:`apply`
-    returns the same tuple either way."""
+    """Register a classic twin of ``function`` (a ``setup_context`` autograd function) for
+    :func:`apply`. With ``saved_outputs = True`` the outputs after the first are only saved for
+    the backward, and the twin returns the first alone (cheaper); :func:`apply` hides it."""
     forward, setup_context, backward = function.forward, function.setup_context, function.backward
     first_only = getattr(function, "saved_outputs", False)
 

@@ -129,15 +129,8 @@ class CCTLoss(_OptionsModule):
         negative_labels: Tensor | None = None,
     ) -> Tensor | CCTDetails:
         """See :func:`cct_loss.cct_loss`."""
-        return pairs_loss(
-            query,
-            positive,
-            negatives,
-            labels,
-            negative_labels,
-            self.options,
-            entry=self._call_name(),
-        )
+        tensors = (query, positive, negatives, labels, negative_labels)
+        return pairs_loss(*tensors, self.options, entry=self._call_name())
 
 
 class CCTMultiviewLoss(_OptionsModule):

@@ -64,15 +64,8 @@ def pairs_loss(
     )
     with own_precision(call.device):
         if call.row_counts is None:
-            problem = layouts.pairs(
-                call.query,
-                call.positive,
-                call.negatives,
-                options.layout,
-                labels=call.labels,
-                negative_labels=call.negative_labels,
-                preparation=preparation,
-            )
+            tensors = (call.query, call.positive, call.negatives)
+            problem = layouts.pairs(*tensors, options.layout, *call[3:5], preparation)
             return _compute_and_reduce(problem, options, None, signature)
         return _compute_and_reduce(
             _across_processes(call, options, preparation), options, call.row_counts
@@ -139,10 +132,8 @@ def _signature(
     negative_labels: object,
     options: CCTOptions,
 ) -> Signature | None:
-    """The call's :class:`Signature`, or ``None`` for a call that is not replayed: labels (the
-    number of queries with each term depends on them), a tensor option (a schedule), gathering
-    across processes, ``check_finite`` (it reads the tensors at every call), while the
-    shortcuts are off or a trace or transform is active."""
+    """The call's :class:`Signature`, or ``None`` for a call that is not replayed: labels, a
+    tensor option, gathering, ``check_finite``, the shortcuts off or a trace active."""
     if labels is not None or negative_labels is not None or not options.constant:
         return None
     if not (
@@ -156,14 +147,11 @@ def _signature(
     if options.gather_distributed and distributed.is_active():
         return None
     device = query.device
+    keys = None if negatives is None else (negatives.shape, negatives.dtype, negatives.device)
     return Signature(
-        options,
-        (query.shape, query.dtype, device),
-        (positive.shape, positive.dtype, positive.device),
-        None if negatives is None else (negatives.shape, negatives.dtype, negatives.device),
-        autocast_dtype(device),
-        device.type == "cuda" and tf32_matmul_allowed(),
-    )
+        options, (query.shape, query.dtype, device), (positive.shape, positive.dtype, positive.device),
+        keys, autocast_dtype(device), device.type == "cuda" and tf32_matmul_allowed(),
+    )  # fmt: skip
 
 
 def _compute_and_reduce(
@@ -220,14 +208,9 @@ def _across_processes(
         global_rows = _gather_views(views, call.labels, call.row_counts)
         return layouts.in_batch(views, labels=call.labels, global_rows=global_rows)
     positive = each(layouts.as_positives(call.positive))
-    return layouts.cross(
-        each(call.query),
-        positive,
-        negatives=None if call.negatives is None else each(call.negatives),
-        labels=call.labels,
-        negative_labels=call.negative_labels,
-        global_rows=_gather(positive, call.labels, call.row_counts),
-    )
+    negatives = None if call.negatives is None else each(call.negatives)
+    global_rows = _gather(positive, call.labels, call.row_counts)
+    return layouts.cross(each(call.query), positive, negatives, *call[3:5], global_rows)
 
 
 def _gather(rows: Tensor, labels: Tensor | None, counts: list[int] | None) -> GlobalRows | None:

@@ -30,13 +30,8 @@ VIEW_LAYOUTS = ("all", "paper")
 
 
 class PairsCall(NamedTuple):
-    """A :func:`cct_loss.cct_loss` call whose arguments passed every check.
-
-    Attributes:
-        query, positive, negatives, labels, negative_labels: the arguments.
-        device: where they all live.
-        row_counts: every rank's rows when gathering across processes, else ``None``.
-    """
+    """A :func:`cct_loss.cct_loss` call whose arguments passed every check, with their device
+    and, when gathering, every rank's rows."""
 
     query: Tensor
     positive: Tensor
@@ -48,13 +43,8 @@ class PairsCall(NamedTuple):
 
 
 class ViewsCall(NamedTuple):
-    """A :func:`cct_loss.cct_loss_multiview` call whose arguments passed every check.
-
-    Attributes:
-        views: ``(V, N, D)``, the views stacked in their promoted dtype.
-        labels: ``(N,)``, or ``None``.
-        row_counts: every rank's rows when gathering across processes, else ``None``.
-    """
+    """A :func:`cct_loss.cct_loss_multiview` call that passed every check: the views stacked
+    ``(V, N, D)`` in their promoted dtype, the labels and, when gathering, every rank's rows."""
 
     views: Tensor
     labels: Tensor | None
@@ -312,13 +302,9 @@ def stack_views(views: Sequence[Tensor], *, labels: bool, gathering: bool, entry
 
 
 def check_no_shared_memory(negatives: Tensor, positive: Tensor) -> None:
-    """Refuse ``negatives`` that is ``positive`` or a view of its memory (eager mode only).
-
-    ``cct_loss(q, k, k)`` runs and is wrong: every query would count its own positive among its
-    negatives. What was meant is ``layout="cross"``. Memory ranges are compared, so a
-    ``negatives`` that merely interleaves with ``positive`` in one buffer is refused too; the
-    message says how to pass it anyway (a copy).
-    """
+    """Refuse ``negatives`` that is ``positive`` or a view of its memory (eager mode):
+    ``cct_loss(q, k, k)`` counts each query's positive among its negatives, where
+    ``layout="cross"`` was meant. Memory ranges are compared; a copy passes."""
     if negatives is positive:
         overlap = True
     elif (
@@ -351,11 +337,10 @@ def check_not_query_itself(query: Tensor, positive: Tensor, entry: str) -> None:
     if own is None or not same_view(query, own):
         return
     raise ValueError(
-        "positive is query itself (the same memory, shape and strides): every query would be "
-        "its own positive, at distance 0. Pass the other augmented view: "
-        f"{entry}(z1, z2); for one view with class labels: {entry}(embeddings, "
-        "labels=labels); if a copy is really meant: "
-        f"{entry}(query, query.clone())"
+        "positive is query itself (the same memory, shape and strides): every query would be its "
+        f"own positive, at distance 0. Pass the other augmented view: {entry}(z1, z2); for one "
+        f"view with class labels: {entry}(embeddings, labels=labels); if a copy is really "
+        f"meant: {entry}(query, query.clone())"
     )
 
 

@@ -51,13 +51,9 @@ def _blocks(num_keys: int, chunk_size: int) -> list[tuple[int, int]]:
 
 @eager_twin
 class _StreamingExpectedCost(torch.autograd.Function):
-    """``E_q = sum_k softmax_k(s d_qk) d_qk`` streamed over key blocks (see module docs).
-
-    ``setup_context`` and ``generate_vmap_rule`` make it work under ``torch.func``. When
-    autograd records the backward itself (``create_graph=True``) the backward is
-    :func:`cct_loss.maths.expectation.differentiable_backward`, exact to any order but holding the
-    ``(Q, K)`` graph of the formula: streaming and higher-order derivatives do not mix.
-    """
+    """``E_q = sum_k softmax_k(s d_qk) d_qk`` streamed over key blocks (see the module docs);
+    works under ``torch.func``. A backward with ``create_graph=True`` differentiates the formula,
+    which holds the ``(Q, K)`` graph: streaming and higher derivatives do not mix."""
 
     generate_vmap_rule = True
 
@@ -148,16 +144,11 @@ class _StreamingExpectedCost(torch.autograd.Function):
         nones = [None] * 11
         num_keys = keys.shape[-2]
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+            excluded = excluded_from_ids(ids, same_group, 0, num_keys)
             grads = differentiable_backward(
-                grad_expected,
-                query,
-                keys,
-                excluded_from_ids(ids, same_group, 0, num_keys),
-                ctx.needs_input_grad,
-                cost=cost,
-                signed=signed,
-                detach_weights=detach_weights,
-            )
+                grad_expected, query, keys, excluded, ctx.needs_input_grad,
+                cost=cost, signed=signed, detach_weights=detach_weights,
+            )  # fmt: skip
             return *grads, *nones
         query_sq = squared_norms(query)
         grad_query = torch.zeros_like(query, dtype=query_sq.dtype)
@@ -183,13 +174,9 @@ class _StreamingExpectedCost(torch.autograd.Function):
                 logits.masked_fill_(excluded, float("-inf"))
             weights = logits.sub_(lse[..., None]).exp_()  # pi, recomputed in place
             if detach_weights and block.dim() == 2:  # two products on the weights, as dense
+                term = WeightTerm(weights, grad_expected, None, rows_sum_to_one=False)  # a block's
                 block_query, block_keys = weights_vjp(
-                    # a block's weights do not sum to 1
-                    [WeightTerm(weights, grad_expected, None, rows_sum_to_one=False)],
-                    query,
-                    block,
-                    cost,
-                    need_keys=need_keys,
+                    [term], query, block, cost, need_keys=need_keys
                 )
             else:
                 if detach_weights:
@@ -213,27 +200,17 @@ def expected_cost(
     query: Tensor, keys: Tensor, key_set: KeySet | None, *, side: Side, options: CCTOptions
 ) -> ConditionalExpectation:
     """Each query's expected cost over the keys that take part, streamed in blocks of
-    ``options.chunk_size`` keys (``None``: :func:`default_chunk_size`); a
-    :class:`~cct_loss.implementations.table.StreamingKernel`. The entropy and the extreme cost
-    come from the running statistics; no weights."""
+    ``chunk_size`` keys; the diagnostics from the running statistics, no weights."""
     chunk = options.chunk_size or default_chunk_size(
         query.shape[0], keys.shape[-2], query.device.type
     )
     ids = key_ids(key_set, keys.shape[-2], query.device)
     same_group = key_set is not None and key_set.same_group
     expected, log_normaliser, extreme, entropy = apply(
-        _StreamingExpectedCost,
-        query,
-        keys,
-        *ids,
-        same_group,
-        options.cost,
-        signed_sharpness(options, side),
-        options.detach_weights,
-        chunk,
-        bool(options.return_details),
-        side == "positives",
-    )
+        _StreamingExpectedCost, query, keys, *ids, same_group, options.cost,
+        signed_sharpness(options, side), options.detach_weights, chunk,
+        bool(options.return_details), side == "positives",
+    )  # fmt: skip
     if not options.return_details:  # the kernel wrote placeholders
         entropy = extreme = None
     may_be_empty = key_set is not None and key_set.may_be_empty

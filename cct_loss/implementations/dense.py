@@ -83,19 +83,15 @@ def plan_of(problem: ContrastiveProblem, options: CCTOptions) -> Plan:
     exclude_own = negatives is not None and not negatives.labelled and negatives.rows is not None
     if negatives is not None and exclude_own:
         rows = negatives.rows
+    neg_kind = NONE if negatives is None else SHARED
     return Plan(
-        options.cost,
-        options.detach_weights,
-        pos_kind,
-        NONE if negatives is None else SHARED,
-        rows,
-        exclude_own,
-        pos_kind == SHARED or (negatives is not None and negatives.labelled),
-        pos_may_be_empty,
-        negatives is not None and negatives.may_be_empty,
-        keep or isinstance(options.t_pos, Tensor),
-        keep or problem.key_rows.dim() == 3 or isinstance(options.t_neg, Tensor),
-    )
+        options.cost, options.detach_weights, pos_kind, neg_kind, rows, exclude_own,
+        labelled=pos_kind == SHARED or (negatives is not None and negatives.labelled),
+        pos_may_be_empty=pos_may_be_empty,
+        neg_may_be_empty=negatives is not None and negatives.may_be_empty,
+        keep_pos_costs=keep or isinstance(options.t_pos, Tensor),
+        keep_neg_costs=keep or problem.key_rows.dim() == 3 or isinstance(options.t_neg, Tensor),
+    )  # fmt: skip
 
 
 def _inputs(problem: ContrastiveProblem, options: CCTOptions, plan: Plan) -> Inputs:

@@ -38,11 +38,9 @@ Grad = Tensor | float
 
 
 class Plan(NamedTuple):
-    """The static description of a call, the same for every call of its signature: the cost,
-    ``detach_weights``, each side's kind, the batch's own rows (and whether the negatives skip
-    them), whether labels decide a side (and may leave a query without keys), and whether a
-    shared side keeps its cost matrix (diagnostics, gradients through the weights, a tensor
-    sharpness, per-query keys)."""
+    """The static description of a call (the same for every call of its signature): cost,
+    ``detach_weights``, each side's kind, the batch's own rows, label masks, and which shared
+    side keeps its cost matrix (diagnostics, gradients through the weights, tensor sharpness)."""
 
     cost: str
     detach: bool
@@ -76,10 +74,9 @@ class Inputs(NamedTuple):
 
 
 class SideResult(NamedTuple):
-    """A side's forward result and what its gradient needs (``None`` where it has none):
-    ``value`` ``(Q,)`` (``(N,)`` when each serves ``copies`` queries; 0-dim for a total),
-    ``weights`` ``(Q, K)`` or ``(V, W, N)``, kept ``costs``, ``moments`` (``weights @ keys``),
-    and for one positive per query its ``difference`` and ``operands``."""
+    """A side's forward result and what its gradient needs: ``value`` (``(N,)`` when each serves
+    ``copies`` queries; 0-dim for a total), weights, kept costs, moments (``weights @ keys``), and
+    for one positive its difference and operands."""
 
     value: Tensor | None = None
     weights: Tensor | None = None

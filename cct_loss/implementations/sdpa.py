@@ -77,10 +77,8 @@ def _pad_last(x: Tensor, multiple: int) -> Tensor:
 def expected_cost(
     query: Tensor, keys: Tensor, key_set: KeySet | None, *, side: Side, options: CCTOptions
 ) -> ConditionalExpectation:
-    """Each query's expected cost over the keys that take part, from one attention call (the
-    key set becomes a boolean mask); a
-    :class:`~cct_loss.implementations.table.StreamingKernel`. The diagnostics come from one
-    extra no-grad streaming pass; no weights."""
+    """Each query's expected cost over the keys that take part, from one attention call (the key
+    set a boolean mask); the diagnostics from an extra no-grad streaming pass, no weights."""
     t = options.t_pos if side == "positives" else options.t_neg
     if not options.detach_weights and (
         isinstance(t, Tensor) or t > sdpa_max_sharpness(query.device.type)
@@ -118,13 +116,8 @@ def expected_cost(
         mask = mask | ~present[:, None]
     if keys.dim() == 2:  # one "head" whose Q queries attend to the K shared keys
         attn_mask = None if mask is None else mask.view(1, 1, *mask.shape)
-        out = F.scaled_dot_product_attention(
-            q_att[None, None],
-            k_att[None, None],
-            values[None, None],
-            attn_mask=attn_mask,
-            scale=scale,
-        )[0, 0]
+        heads = (q_att[None, None], k_att[None, None], values[None, None])
+        out = F.scaled_dot_product_attention(*heads, attn_mask=attn_mask, scale=scale)[0, 0]
     else:  # a batch of Q heads, each with one query and its own K keys
         out = F.scaled_dot_product_attention(
             q_att[:, None, None], k_att[:, None], values[:, None], scale=scale
@@ -141,16 +134,10 @@ def expected_cost(
         expected = torch.where(present, expected, 0.0)
     expected = apply(_NoHigherOrder, expected)
 
+    entropy = extreme = None
     if options.return_details:
+        streaming = replace(options, detach_weights=True, chunk_size=None)
         with torch.no_grad():
-            stats = chunked.expected_cost(
-                query.detach(),
-                keys.detach(),
-                key_set,
-                side=side,
-                options=replace(options, detach_weights=True, chunk_size=None),
-            )
+            stats = chunked.expected_cost(query, keys, key_set, side=side, options=streaming)
         entropy, extreme = stats.entropy, stats.extreme
-    else:
-        entropy = extreme = None
     return ConditionalExpectation(expected, entropy, extreme, None, present)

@@ -29,14 +29,8 @@ Sides = tuple[ConditionalExpectation | None, ConditionalExpectation | None]
 
 
 class StreamingKernel(Protocol):
-    """An implementation that computes one side at a time: each query's expected cost over
-    the keys that take part.
-
-    ``(query (Q, D), keys (K, D) shared or (Q, K, D) per query, key_set, side, options)``;
-    ``key_set=None`` means every key takes part (per-query keys always). ``side`` picks the
-    sign and the sharpness of the softmax; ``options`` gives the cost, ``detach_weights``,
-    ``chunk_size`` and whether the diagnostics are wanted.
-    """
+    """An implementation that computes one side at a time: ``(query (Q, D), keys (K, D) or
+    (Q, K, D), key_set or None for every key, side, options) -> ConditionalExpectation``."""
 
     def __call__(
         self,
@@ -50,10 +44,9 @@ class StreamingKernel(Protocol):
 
 
 class Implementation(NamedTuple):
-    """An entry of the table: its ``impl`` name; ``expectations(problem, options)``, the two
-    sides (``None`` where the problem has none); and ``one_pass(problem, options)``, a runner
-    whose ``runner(problem)`` is the reduced loss of every call of that signature (one process,
-    ``"mean"``/``"sum"``, no diagnostics), or ``None``."""
+    """A table entry: its name; ``expectations(problem, options)``, the two sides; and
+    ``one_pass(problem, options)`` (or ``None``), a runner giving the reduced loss of every call
+    of that signature (one process, ``"mean"``/``"sum"``, no diagnostics)."""
 
     name: str
     expectations: Callable[[ContrastiveProblem, CCTOptions], Sides]
@@ -197,16 +190,9 @@ def cuda_call(
     :func:`cct_loss.precision.tf32_matmul_allowed`, whichever API set it) and whether Triton is
     installed. Host values only."""
     return Call(
-        "cuda",
-        num_queries,
-        num_keys,
-        dim,
-        dtype,
-        per_query=per_query,
-        traced=traced,
-        tf32=tf32_matmul_allowed(),
-        triton_installed=triton_installed(),
-    )
+        "cuda", num_queries, num_keys, dim, dtype, per_query=per_query, traced=traced,
+        tf32=tf32_matmul_allowed(), triton_installed=triton_installed(),
+    )  # fmt: skip
 
 
 def choose(problem: ContrastiveProblem, options: CCTOptions) -> Implementation:

@@ -184,10 +184,8 @@ def _forward_op(
     farther: bool,
     details: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per query: the expected cost, the log-normaliser, the extreme cost and the entropy
-    (float32; the last two 0 without ``details``). ``signed``: ``(1,)`` float32 sharpness
-    with its sign, read by the kernel from memory; ``detach`` (``detach_weights``) is for the
-    backward pass."""
+    """Per query, float32: expected cost, log-normaliser, extreme cost, entropy (the last two 0
+    without ``details``); ``signed``, the ``(1,)`` sharpness with its sign, read from memory."""
     kernels = _kernels()
     q, k = query.contiguous(), keys.contiguous()
     (num_queries, num_dims), num_keys = q.shape, k.shape[0]
@@ -232,10 +230,8 @@ def _backward_op(
     need_keys: bool,
     share: bool,
 ) -> tuple[Tensor, Tensor]:
-    """The float32 gradients of ``sum_q grad_expected_q E_q`` for the queries ``(Q, D)`` and
-    the keys ``(K, D)`` (an empty tensor where not needed). ``share``: the keys are the
-    queries' own rows, and both gradients are written into the first (the key kernel adds to
-    what the query kernel wrote); the second is then empty."""
+    """The float32 gradients of ``sum_q grad_expected_q E_q`` for the queries and the keys (empty
+    where not needed); ``share``: the keys are the queries' rows, both go into the first."""
     kernels = _kernels()
     q, k = query.contiguous(), keys.contiguous()
     (num_queries, num_dims), num_keys = q.shape, k.shape[0]
@@ -294,15 +290,10 @@ def _backward(ctx: Any, grad_expected: Tensor, *_: Tensor) -> tuple[Tensor | Non
     nones = (None,) * 10
     if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
         grad_query, grad_keys = differentiable_backward(
-            grad_expected,
-            query,
-            keys,
-            excluded_from_ids(ids, same_group),
-            ctx.needs_input_grad,
-            cost="cosine" if cosine else "sqeuclidean",
-            signed=signed[0],
+            grad_expected, query, keys, excluded_from_ids(ids, same_group),
+            ctx.needs_input_grad, cost="cosine" if cosine else "sqeuclidean", signed=signed[0],
             detach_weights=detach,
-        )
+        )  # fmt: skip
         return grad_query, grad_keys, *nones
     # In-batch the keys are the queries (a view of the same rows): one buffer for both.
     share = (
@@ -364,16 +355,9 @@ def expected_cost(
     cosine = options.cost == "cosine"
     details = bool(options.return_details)
     expected, log_normaliser, extreme, entropy = _forward_op(
-        query,
-        keys,
-        *ids,
-        scale,
-        same_group,
-        cosine,
-        options.detach_weights,
-        side == "positives",
-        details,
-    )
+        query, keys, *ids, scale, same_group, cosine, options.detach_weights,
+        side == "positives", details,
+    )  # fmt: skip
     if not details:  # the kernel wrote placeholders
         entropy = extreme = None
     may_be_empty = key_set is not None and key_set.may_be_empty

@@ -130,11 +130,9 @@ def differentiable_vjp(
     cotangents: Sequence[Tensor | None],
     needs: Sequence[bool],
 ) -> list[Tensor | None]:
-    """The vector-Jacobian product of ``formula(*inputs)`` at ``cotangents`` (``None``: an
-    output that does not count), recorded by autograd: what a custom backward pass computes
-    when it runs with ``create_graph=True``, so that higher derivatives are exact. ``formula``
-    is the plain-autograd formula the closed-form backward stands for. One gradient per input,
-    ``None`` where ``needs`` says none is needed."""
+    """The vector-Jacobian product of ``formula(*inputs)`` at ``cotangents``, recorded by
+    autograd: a custom backward pass with ``create_graph=True``, exact to any order. One
+    gradient per input (``None`` where ``needs`` says so)."""
     with torch.enable_grad():
         # Fresh nodes: one input may be computed from another (the in-batch keys are a view of
         # the queries), and the partial derivatives must not follow that path.
@@ -148,14 +146,9 @@ def differentiable_vjp(
         wanted = [x for x, need in zip(leaves, needs, strict=True) if need and x is not None]
         found: Iterator[Tensor | None] = iter(())
         if wanted and pairs:
+            values, grads = [o for o, _ in pairs], [c for _, c in pairs]
             found = iter(
-                torch.autograd.grad(
-                    [o for o, _ in pairs],
-                    wanted,
-                    [c for _, c in pairs],
-                    create_graph=True,
-                    allow_unused=True,
-                )
+                torch.autograd.grad(values, wanted, grads, create_graph=True, allow_unused=True)
             )
     return [
         next(found) if need and x is not None else None
@@ -164,10 +157,8 @@ def differentiable_vjp(
 
 
 def cost_matrix(query: Tensor, keys: Tensor, cost: str) -> Tensor:
-    """``(Q, K)`` costs of ``(Q, D)`` queries against shared ``(K, D)`` or per-query
-    ``(Q, K, D)`` keys, in plain, twice-differentiable autograd (a query's few positives, and
-    the formula a differentiable backward differentiates). The value is clamped at 0; the
-    gradient is the formula's everywhere, as in :func:`cost_vjp`."""
+    """``(Q, K)`` costs against ``(K, D)`` or ``(Q, K, D)`` keys in plain, twice-differentiable
+    autograd; clamped at 0 with the formula's gradient everywhere, as :func:`cost_vjp`."""
     gram = _rowwise_gram(query, keys) if keys.dim() == 3 else _gram(query, keys)
     if cost == "cosine":  # inputs are unit vectors (or zero): 1 - cos(a, b)
         raw = 1.0 - gram
@@ -186,11 +177,8 @@ def _gram(query: Tensor, keys: Tensor) -> Tensor:
 
 
 def _rowwise_gram(query: Tensor, keys: Tensor) -> Tensor:
-    """``(Q, M)`` inner products of each query with its own few ``(Q, M, D)`` keys, by
-    multiply-and-sum in the accumulation dtype (a batch of tiny matrix products is several
-    times slower on the CPU). The operands are the embeddings' (half-precision under the
-    policy) values, so this is what a half-precision product with float32 accumulation gives.
-    """
+    """``(Q, M)`` products of each query with its own ``(Q, M, D)`` keys, by multiply-and-sum in
+    the accumulation dtype (a batch of tiny matrix products is slower on the CPU)."""
     acc = accumulation_dtype(keys)
     gram: Tensor = torch.linalg.vecdot(cast(query, acc).unsqueeze(-2), cast(keys, acc))
     return gram
@@ -228,10 +216,8 @@ def cost_block(
 def shifted_logits(
     query: Tensor, keys: Tensor, cost: str, signed: float, *, keys_sq: Tensor | None = None
 ) -> Tensor:
-    """``(Q, K)`` logits ``signed * c(q, n_k)`` (``signed``: ``+t_pos`` or ``-t_neg``) up to
-    a constant per query, which a softmax ignores: ``signed (|n_k|^2 - 2 q.n_k)`` or
-    ``-signed q.n_k`` (cosine), from one matrix product and no further pass over ``(Q, K)``. A
-    fresh tensor in the accumulation dtype."""
+    """``(Q, K)`` logits ``signed * c(q, n_k)`` up to a per-query constant (which a softmax
+    ignores) from one matrix product: a fresh tensor in the accumulation dtype."""
     if cost != "cosine" and keys_sq is None:
         keys_sq = squared_norms(keys)
     if keys.dtype != accumulation_dtype(keys):  # half-precision product, then scaled
@@ -252,11 +238,8 @@ def expected_cost_of_moments(
     keys_sq: Tensor | None,
     rows_sum_to_one: bool,
 ) -> Tensor:
-    """``(Q,)`` expected costs ``E_q = sum_k pi_qk c(q, n_k)`` from the ``(Q, K)`` weights'
-    moments (``weighted_keys = weights @ keys``, ``(Q, D)``) and the squared norms, without the
-    cost matrix: ``|q|^2 sum_k pi_qk + sum_k pi_qk |n_k|^2 - 2 q.(pi n)_q`` or
-    ``sum_k pi_qk - q.(pi n)_q`` (cosine), clamped at 0 like the costs. ``rows_sum_to_one``:
-    else the weights' row sums are taken (a query without keys has a zero row)."""
+    """``(Q,)`` expected costs from the weights' moments (``weighted_keys = weights @ keys``) and
+    the squared norms, without a cost matrix: ``|q|^2 sum pi + pi.|n|^2 - 2 q.(pi n)``, clamped."""
     toward = torch.linalg.vecdot(cast(query, weighted_keys.dtype), weighted_keys)
     row_sums = None if rows_sum_to_one else weights.sum(-1)
     if cost == "cosine":
@@ -272,11 +255,8 @@ def expected_cost_of_moments(
 def cost_vjp(
     grad_cost: Tensor, query: Tensor, keys: Tensor, cost: str, *, need_keys: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """Pull a ``(Q, C)`` gradient on the costs back to the ``(Q, D)`` queries and (where
-    ``need_keys``) the ``(C, D)`` or ``(Q, C, D)`` keys, in the accumulation dtype:
-    ``d c / d q = 2 (q - n)`` and ``2 (n - q)``, or ``-n`` and ``-q`` (cosine). That is the
-    formula's derivative also where rounding made a cost slightly negative and the forward pass
-    clamped it to 0 (the true gradient there is almost zero, not zero)."""
+    """Pull a ``(Q, C)`` gradient on the costs back to the queries and (``need_keys``) the keys:
+    ``2 (q - n)`` and ``2 (n - q)``, or ``-n`` and ``-q`` (cosine), also where a cost was clamped."""
     shared = keys.dim() == 2
     dtype = keys.dtype  # the products' dtype; everything else in the accumulation dtype
     q, n = cast(query, grad_cost.dtype), cast(keys, grad_cost.dtype)
@@ -307,14 +287,9 @@ def cost_vjp(
 def pair_costs(
     a: Tensor, b: Tensor, cost: str, *, total: bool = False
 ) -> tuple[Tensor, Tensor | None]:
-    """``c(a, b)`` over the last dim of two broadcastable tensors of embeddings (each query
-    against its own few keys, no matrix product): ``|a - b|^2`` from the difference itself,
-    exact, or ``1 - a.b`` (unit vectors), in the accumulation dtype; ``total``: their sum alone.
-
-    Returns:
-        The costs (or their sum), and the difference ``a - b`` (sqeuclidean; ``None`` for
-        cosine), which the gradient reuses (:func:`pair_costs_vjp`).
-    """
+    """``c(a, b)`` over the last dim of broadcastable embeddings (each query against its own
+    few keys) in the accumulation dtype, or their sum (``total``); and ``a - b`` (sqeuclidean),
+    which :func:`pair_costs_vjp` reuses."""
     acc = accumulation_dtype(a)
     a, b = cast(a, acc), cast(b, acc)
     if cost == "cosine":
@@ -366,11 +341,9 @@ def weights_vjp(
     need_keys: bool,
     keys_are_queries: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """:func:`cost_vjp` of ``G = sum_t grad_t * weights_t`` (the detached-weights backward of
-    one or two softmaxes over the same ``(K, D)`` keys) without a ``(Q, K)`` product per
-    softmax: ``sum_k G_qk n_k = sum_t g_tq (W_t n)_q`` (the forward pass's moments), and the
-    row sums of ``G`` are ``sum_t g_t`` where the weights' rows sum to 1. With
-    ``keys_are_queries`` (in-batch) the first gradient is the total, the second ``None``."""
+    """:func:`cost_vjp` of ``G = sum_t grad_t * weights_t`` (detached weights over ``(K, D)``
+    keys) without a ``(Q, K)`` product: ``G n`` from the forward pass's moments. With
+    ``keys_are_queries`` the first gradient is the total."""
     dtype = keys.dtype  # the products' dtype; everything else in the accumulation dtype
     acc = terms[0].weights.dtype
     q = cast(query, acc)

@@ -20,10 +20,8 @@ Side = Literal["positives", "negatives"]
 
 
 class ConditionalExpectation(NamedTuple):
-    """One side's result per query: the ``(Q,)`` expected cost (differentiable; 0 without keys),
-    the weights' entropy and the extreme cost (largest positive, nearest negative; ``None``
-    without diagnostics), the weights (``None`` where an implementation never holds them), and
-    which queries have keys (``None``: all)."""
+    """One side's result per query: the expected cost (differentiable), the weights' entropy and
+    the extreme cost (``None`` without diagnostics), the weights where held, who has keys."""
 
     value: Tensor
     entropy: Tensor | None
@@ -54,14 +52,8 @@ def weight_statistics(
 
 
 def block_expectation(query: Tensor, keys: Tensor, options: CCTOptions) -> ConditionalExpectation:
-    """Attraction of each query to its own few positives, in plain autograd: the ``M`` fixed
-    positives of the MoCo and cross layouts, or the other views of its row. Every
-    implementation but dense computes a query's own positives this way (a ``(Q, M)`` block is
-    too small to stream).
-
-    Args:
-        query: ``(Q, D)`` prepared queries; keys: ``(Q, M, D)`` each query's positives.
-    """
+    """The attraction of ``(Q, D)`` queries to their own ``(Q, M, D)`` positives, in plain
+    autograd: how every implementation but dense does a block too small to stream."""
     value, weights, costs = block_formula(
         query, keys, cost=options.cost, signed=options.t_pos, detach_weights=options.detach_weights
     )

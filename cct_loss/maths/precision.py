@@ -21,12 +21,8 @@ _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
 
 
 class Precision(NamedTuple):
-    """The two dtypes of one call.
-
-    Attributes:
-        compute: float32 or float64: norms, softmax, sums and the result.
-        products: the matrix products' operand dtype (``compute``, or a half dtype).
-    """
+    """A call's two dtypes: ``compute`` (float32 or float64: norms, softmax, sums, the result)
+    and ``products`` (the matrix products' operands: ``compute`` or a half dtype)."""
 
     compute: torch.dtype
     products: torch.dtype
@@ -130,14 +126,9 @@ def wide(dtype: torch.dtype) -> torch.dtype:
 
 
 def product(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-    """``a @ b`` (:func:`torch.matmul`, batched alike) with both operands in ``dtype``, the
-    products' dtype, and the result in :func:`accumulation_dtype`.
-
-    Half-precision products accumulate in float32 inside the matrix kernel (as
-    :func:`torch.nn.functional.linear` does under autocast) and round their output to the half
-    dtype, which is then widened: each entry carries the half dtype's relative error (``2**-9``
-    for bfloat16). For float32 and float64 operands the casts do nothing.
-    """
+    """``a @ b`` with both operands in ``dtype`` (the products'), the result widened to
+    :func:`accumulation_dtype`: a half-precision product accumulates in float32 and rounds its
+    output to half, as ``F.linear`` does under autocast."""
     if a.dtype == b.dtype == dtype and dtype in (torch.float32, torch.float64):
         return a @ b  # full precision: no casts (a small batch's per-call overhead counts)
     out = cast(a, dtype) @ cast(b, dtype)

@@ -89,14 +89,8 @@ def divisors(
     has_negatives: Tensor | None,
     row_counts: list[int] | None = None,
 ) -> Divisors:
-    """The :class:`Divisors` of a call's terms.
-
-    Args:
-        options: ``reduction`` is read.
-        num_queries: this call's queries (on this rank).
-        has_positives, has_negatives: ``(Q,)`` bool, or ``None`` where every query has the term.
-        row_counts: every rank's rows when gathering across processes, else ``None``.
-    """
+    """The :class:`Divisors` of a call's ``num_queries`` queries (``has_positives``,
+    ``has_negatives``: ``None`` where all have the term; ``row_counts`` when gathering)."""
     if options.reduction != "mean":
         return Divisors(1.0, 1.0)
     if row_counts is None:
@@ -108,27 +102,19 @@ def divisors(
         same = queries_per_row * sum(row_counts) / world
         return Divisors(same, same)
     # The counts depend on the labels: one small all-reduce across processes.
+    flags = has_positives if has_positives is not None else has_negatives
+    assert flags is not None
+    every = torch.full_like(flags, True)
     local = torch.stack(
-        [
-            _as_count(has_positives, num_queries, has_negatives),
-            _as_count(has_negatives, num_queries, has_positives),
-        ]
+        [(x if x is not None else every).sum() for x in (has_positives, has_negatives)]
     )
-    counts = distributed.all_reduce_sum(local).clamp_min(1.0) / world
+    counts = distributed.all_reduce_sum(local.float()).clamp_min(1.0) / world
     return Divisors(counts[0], counts[1])
 
 
 def _count(flags: Tensor | None, num_queries: int) -> float | Tensor:
     """How many queries have a term (at least 1), from its flags, or all of them."""
     return float(num_queries) if flags is None else flags.sum().clamp_min(1)
-
-
-def _as_count(flags: Tensor | None, num_queries: int, other: Tensor | None) -> Tensor:
-    """A term's count as a float tensor (on the device of whichever flags exist)."""
-    if flags is not None:
-        return flags.sum().float()
-    assert other is not None
-    return other.new_full((), float(num_queries), dtype=torch.float32)
 
 
 def combine(
@@ -145,16 +131,9 @@ def combine(
             correct = correct & both
         accuracy = correct.to(attract.value.dtype)
     return QueryTerms(
-        attraction=attract.value,
-        repulsion=-repel.value,
-        pos_entropy=attract.entropy,
-        neg_entropy=repel.entropy,
-        accuracy=accuracy,
-        pos_weights=attract.weights,
-        neg_weights=repel.weights,
-        has_positives=attract.present,
-        has_negatives=repel.present,
-    )
+        attract.value, -repel.value, attract.entropy, repel.entropy, accuracy,
+        attract.weights, repel.weights, attract.present, repel.present,
+    )  # fmt: skip
 
 
 def _both(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -190,32 +169,23 @@ def paper_row_terms(
         for own, repel in pairs
     ]
     neg_weights = [r.weights for r in repels]
+    pos_weights = attract.weights
     return QueryTerms(
-        attraction=per_row(attract.value),
-        repulsion=-torch.stack([r.value for r in repels]).mean(0),
-        pos_entropy=None if attract.entropy is None else per_row(attract.entropy),
-        neg_entropy=over_pairs([r.entropy for r in repels]),
-        accuracy=over_pairs(wins),
-        pos_weights=None
-        if attract.weights is None
-        else attract.weights.reshape(num_views, n, num_views - 1),
-        neg_weights=None
-        if any(w is None for w in neg_weights)
-        else torch.stack([w for w in neg_weights if w is not None]),
+        per_row(attract.value),
+        -torch.stack([r.value for r in repels]).mean(0),
+        None if attract.entropy is None else per_row(attract.entropy),
+        over_pairs([r.entropy for r in repels]),
+        over_pairs(wins),
+        None if pos_weights is None else pos_weights.reshape(num_views, n, num_views - 1),
+        None if any(w is None for w in neg_weights) else torch.stack(neg_weights),  # type: ignore[arg-type]
     )
 
 
 def reduce(
     terms: QueryTerms, options: CCTOptions, row_counts: list[int] | None = None
 ) -> Tensor | CCTDetails:
-    """The loss of per-query ``terms`` (and the diagnostics, where asked for), reduced as
-    ``options.reduction`` says: ``loss == alpha * attraction + beta * repulsion``.
-
-    Args:
-        terms: from :func:`combine` (or :func:`paper_row_terms`).
-        options: ``alpha``, ``beta``, ``reduction`` and ``return_details`` are read.
-        row_counts: every rank's rows when gathering across processes, else ``None``.
-    """
+    """The loss of per-query ``terms`` and, where asked, the diagnostics, reduced as
+    ``options.reduction`` says (``row_counts``: every rank's rows when gathering)."""
     divide = divisors(
         options, terms.attraction.shape[0], terms.has_positives, terms.has_negatives, row_counts
     )
@@ -241,18 +211,14 @@ def reduce(
         return flags if none else flags.sum()
 
     weights = options.wants_weights
+    has_positives, has_negatives = terms.has_positives, terms.has_negatives
     return CCTDetails(
-        loss=loss,
-        attraction=attraction,
-        repulsion=repulsion,
-        pos_entropy=stat(terms.pos_entropy, terms.has_positives),
-        neg_entropy=stat(terms.neg_entropy, terms.has_negatives),
-        accuracy=stat(terms.accuracy, _both(terms.has_positives, terms.has_negatives)),
-        pos_weights=terms.pos_weights if weights else None,
-        neg_weights=terms.neg_weights if weights else None,
-        queries_with_positives=present(terms.has_positives),
-        queries_with_negatives=present(terms.has_negatives),
-    )
+        loss, attraction, repulsion,
+        stat(terms.pos_entropy, has_positives), stat(terms.neg_entropy, has_negatives),
+        stat(terms.accuracy, _both(has_positives, has_negatives)),
+        terms.pos_weights if weights else None, terms.neg_weights if weights else None,
+        present(has_positives), present(has_negatives),
+    )  # fmt: skip
 
 
 def _reduced(x: Tensor, reduction: str, divisor: float | Tensor) -> Tensor:

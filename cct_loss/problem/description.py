@@ -14,14 +14,10 @@ from ..maths.costs import Preparation, prepare
 
 
 class OwnRows(NamedTuple):
-    """Where each query's own row sits among the keys, from a few integers.
-
-    Query ``v * rows + i`` is view ``v`` of row ``offset + i``. The first
-    ``key_views * key_rows`` keys are the batch's rows: key ``w * key_rows + j`` (or, with
-    ``row_major``, ``j * key_views + w``) is view ``w`` of row ``j``; later keys (a queue) belong
-    to no row. ``includes_self``: the keys are the queries' own embeddings, and a query is never
-    its own positive. The own-row entries of a ``(Q, K)`` matrix are a strided view
-    (:meth:`entries`): no mask or index is built."""
+    """Where each query's own row sits among the keys, from a few integers: query
+    ``v * rows + i`` is view ``v`` of row ``offset + i``; key ``w * key_rows + j`` (``row_major``:
+    ``j * key_views + w``) is view ``w`` of row ``j``, later keys (a queue) none. Own-row entries
+    of a ``(Q, K)`` matrix are a strided view (:meth:`entries`), no mask."""
 
     query_views: int
     rows: int
@@ -99,11 +95,8 @@ class OwnRows(NamedTuple):
         belong to no row): the groups of :class:`KeySet` without labels."""
         queries = torch.arange(self.offset, self.offset + self.rows, device=device)
         rows = torch.arange(self.key_rows, device=device)
-        keys = (
-            rows.repeat_interleave(self.key_views)
-            if self.row_major
-            else rows.repeat(self.key_views)
-        )
+        repeat = rows.repeat_interleave if self.row_major else rows.repeat
+        keys = repeat(self.key_views)
         extra = num_keys - self.batch_keys
         if extra:
             keys = torch.cat([keys, keys.new_full((extra,), -1)])
@@ -254,12 +247,9 @@ def excluded_from_ids(
 
 
 class ContrastiveProblem(NamedTuple):
-    """A whole call as a layout describes it: ``query`` ``(Q, D)``; ``keys`` ``(K, D)`` shared,
-    ``(Q, K, D)`` per query, or ``None`` (the queries themselves); ``positives`` (a
-    :class:`KeySet`, each query's own ``(Q, M, D)`` or ``(Q, D)`` positives, or ``None``);
-    ``negatives`` (a :class:`KeySet` or ``None``); ``preparation``, how the raw embeddings are
-    cast and normalised (``None``: already prepared). Dense prepares inside its own autograd
-    function; the others call :meth:`prepared`."""
+    """A whole call as a layout describes it: ``query`` ``(Q, D)``; ``keys`` ``(K, D)``,
+    ``(Q, K, D)`` or ``None`` (the queries); ``positives`` (a :class:`KeySet` or each query's own
+    ``(Q, M, D)``/``(Q, D)``); ``negatives``; ``preparation`` (``None``: already prepared)."""
 
     query: Tensor
     keys: Tensor | None

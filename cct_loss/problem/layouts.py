@@ -17,13 +17,8 @@ from .description import ContrastiveProblem, KeySet, OwnRows
 
 
 class GlobalRows(NamedTuple):
-    """The candidates of every rank, when training across processes.
-
-    Attributes:
-        rows: the gathered embeddings (``(V, N_all, D)`` views or ``(N_all, M, D)`` keys).
-        labels: ``(N_all,)`` gathered labels, or ``None``.
-        offset: the index of this rank's first row within ``N_all``.
-    """
+    """The candidates of every rank when gathering: the rows (``(V, N_all, D)`` views or
+    ``(N_all, M, D)`` keys), their labels, and this rank's offset among them."""
 
     rows: Tensor
     labels: Tensor | None
@@ -35,33 +30,18 @@ def pairs(
     positive: Tensor,
     negatives: Tensor | None,
     layout: str,
-    *,
     labels: Tensor | None = None,
     negative_labels: Tensor | None = None,
     preparation: Preparation | None = None,
 ) -> ContrastiveProblem:
     """A :func:`cct_loss.cct_loss` call on one process: in-batch (``negatives=None``, layout
     ``"all"``), cross, or the MoCo mode of ``"all"`` (explicit negatives)."""
+    rest = (labels, negative_labels)
     if layout == "cross":
-        return cross(
-            query,
-            as_positives(positive),
-            negatives=negatives,
-            labels=labels,
-            negative_labels=negative_labels,
-            preparation=preparation,
-        )
+        return cross(query, as_positives(positive), negatives, *rest, preparation=preparation)
     if negatives is None:
-        views = in_batch_views(query, positive)
-        return in_batch(views, labels=labels, preparation=preparation)
-    return explicit_negatives(
-        query,
-        positive,
-        negatives,
-        labels=labels,
-        negative_labels=negative_labels,
-        preparation=preparation,
-    )
+        return in_batch(in_batch_views(query, positive), labels=labels, preparation=preparation)
+    return explicit_negatives(query, positive, negatives, *rest, preparation=preparation)
 
 
 def in_batch_views(query: Tensor, positive: Tensor) -> Tensor:
@@ -122,7 +102,6 @@ _INSTANCES: shortcuts.Memo[tuple[KeySet, KeySet]] = shortcuts.Memo(64)
 def cross(
     query: Tensor,
     positive: Tensor,
-    *,
     negatives: Tensor | None = None,
     labels: Tensor | None = None,
     negative_labels: Tensor | None = None,
@@ -199,7 +178,6 @@ def explicit_negatives(
     query: Tensor,
     positive: Tensor,
     negatives: Tensor,
-    *,
     labels: Tensor | None = None,
     negative_labels: Tensor | None = None,
     preparation: Preparation | None = None,
