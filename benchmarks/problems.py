@@ -16,7 +16,7 @@ Methods on each problem:
   method needs): the floor.
 * ``official``: the small-scale paper objective computed the way the official code lays it
   out, with pairwise distances by broadcasting an ``N x N x D`` tensor (written by us from
-  SPEC section 3, not taken from that code).
+  docs/specification.md, section 3, not taken from that code).
 """
 
 from __future__ import annotations

@@ -10,10 +10,13 @@ selection, device memory) are skipped on the CPU.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+from cct_loss import shortcuts
 
 from .helpers import TEST_DEVICE
 
@@ -71,3 +74,14 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     reason = report.longreprtext.strip()
     with open(path, "a", encoding="utf-8") as log:
         log.write(f"## {report.nodeid} ({report.when})\n\n```\n{reason[-6000:]}\n```\n\n")
+
+
+@pytest.fixture(scope="module", params=["shortcuts on", "shortcuts off"])
+def both_shortcut_settings(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a module's tests twice: with the per-call shortcuts (cct_loss/shortcuts.py) and
+    with every call taking the long way. Use as ``pytestmark = usefixtures(...)``."""
+    if request.param == "shortcuts off":
+        with shortcuts.disabled():
+            yield request.param
+    else:
+        yield request.param

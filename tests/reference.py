@@ -1,4 +1,4 @@
-"""A slow, obviously-correct reference for the CCT loss, transcribed from SPEC.md.
+"""A slow, obviously-correct reference for the CCT loss, transcribed from docs/specification.md.
 
 Loops over queries in float64; each cost is ``||a - b||^2`` (or ``1 - cos``) of two vectors,
 each weight an explicit ``exp / sum``. It imports nothing from ``cct_loss``: every fast path is
@@ -62,8 +62,8 @@ def one_query(
     cost: str,
     detach_weights: bool,
 ) -> QueryResult:
-    """The formula of SPEC section 2 for one query; a missing term (no positive, or no
-    negative) is 0 (SPEC section 3, labels)."""
+    """The formula of docs/specification.md, section 2 for one query; a missing term (no positive, or no
+    negative) is 0 (docs/specification.md, section 3, labels)."""
     d_pos = [cost_fn(q, p, cost) for p in positives]
     d_neg = [cost_fn(q, n, cost) for n in negatives]
     src_pos = [d.detach() for d in d_pos] if detach_weights else d_pos
@@ -117,7 +117,7 @@ def reference_queries(
     detach_weights: bool = True,
     compute_dtype: torch.dtype | None = None,
 ) -> list[QueryResult]:
-    """Per-query results in the documented order (in-batch: view-major), SPEC section 3.
+    """Per-query results in the documented order (in-batch: view-major), docs/specification.md, section 3.
 
     Computed in float64 unless ``compute_dtype`` says otherwise (the tests evaluate the same
     loops in float32 to measure how well-conditioned a case is).
@@ -213,7 +213,7 @@ def reference_multiview(
 
 
 def reduce_results(results: list[QueryResult], reduction: str, opts: dict[str, Any]) -> Tensor:
-    """SPEC section 3: "mean" is alpha * mean(attraction over queries with positives) + beta *
+    """docs/specification.md, section 3: "mean" is alpha * mean(attraction over queries with positives) + beta *
     mean(repulsion over queries with negatives), 0 for a term no query has."""
     if reduction != "mean":
         return reduce([r.loss for r in results], reduction)
@@ -243,7 +243,7 @@ def reference_loss(
     reduction: str = "mean",
     **options: Any,
 ) -> Tensor:
-    """The loss of SPEC section 2, reduced."""
+    """The loss of docs/specification.md, section 2, reduced."""
     results = reference_queries(query, positive, negatives, **options)
     return reduce_results(results, reduction, options)
 
@@ -261,7 +261,7 @@ def reference_paper(
     reduction: str = "mean",
     compute_dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """Loop transcription of the official small-scale objective (SPEC section 3), in float64
+    """Loop transcription of the official small-scale objective (docs/specification.md, section 3), in float64
     unless ``compute_dtype`` says otherwise (evaluated in float32 it measures how well
     conditioned a case is).
 

@@ -40,7 +40,7 @@ def test_never_forms_an_n_by_n_by_d_tensor(impl: str, layout: str, labelled: boo
 
 def test_moco_v3_obvious_attempt_differs_and_cross_is_right() -> None:
     """``cct_loss(q1, k2, k2)`` counts each query's own positive among its negatives: refused;
-    the cross layout is the objective written from SPEC section 3."""
+    the cross layout is the objective written from docs/specification.md, section 3."""
     q1, k2 = random_embeddings((6, 8), 1), random_embeddings((6, 8), 2)
     with pytest.raises(ValueError, match="layout='cross'"):
         cct_loss(q1, k2, k2)
@@ -52,7 +52,7 @@ def test_moco_v3_obvious_attempt_differs_and_cross_is_right() -> None:
 def official_imagenet_objective(
     q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """SPEC section 3b with explicit loops: for each key view i and the other query view j,
+    """docs/specification.md (section 3, the ImageNet-1K objective) with explicit loops: for each key view i and the other query view j,
     per row n, ca_n = 1 - q_j[n].k_i[n], cr_n = -sum_m softmax_m(-c_nm / T) c_nm over the other
     rows m (weights detached); summed over rows, averaged over the two key views."""
     total = torch.zeros((), dtype=torch.float64)
@@ -72,7 +72,7 @@ def official_imagenet_objective(
 
 
 def test_official_imagenet_objective_is_two_cross_calls() -> None:
-    """SPEC 3b: (cct_loss(q2, k1, ...) + cct_loss(q1, k2, ...)) / 2 with the cross layout, cosine
+    """docs/specification.md (section 3, the ImageNet-1K objective): (cct_loss(q2, k1, ...) + cct_loss(q1, k2, ...)) / 2 with the cross layout, cosine
     cost, t_neg = 1/T, reduction "sum": values and gradients."""
     temperature = 0.2
     q1 = random_embeddings((7, 5), 10).requires_grad_()

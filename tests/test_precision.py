@@ -1,4 +1,4 @@
-"""The precision policy (cct_loss/precision.py): under autocast, and for half-precision inputs,
+"""The precision policy (cct_loss/maths/precision.py): under autocast, and for half-precision inputs,
 the matrix products run in the low-precision dtype; norms, softmax, sums and the result stay
 float32. Checked two ways: which dtype every operator actually ran in (recorded at dispatch),
 and the values and gradients against the float64 loop reference with a bfloat16 tolerance."""

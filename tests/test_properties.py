@@ -13,6 +13,9 @@ from cct_loss import cct_loss
 
 from .helpers import Case, cases, impl_options, random_embeddings, seeded
 
+#: The properties hold with and without the per-call shortcuts (each test runs both ways).
+pytestmark = pytest.mark.usefixtures("both_shortcut_settings")
+
 
 def test_closed_form_one_positive_one_negative() -> None:
     """q = e1, p = e2, n = -e1 on the sphere: d+ = 2, d- = 4, loss = 2 - 4."""
@@ -194,7 +197,7 @@ def test_large_sharpness_is_finite(t: float, detach: bool) -> None:
 
 @given(seed=st.integers(0, 1000), cost=st.sampled_from(["sqeuclidean", "cosine"]))
 def test_detached_repulsion_gradient_is_softmin_gradient(seed: int, cost: str) -> None:
-    """SPEC 2: with detached weights, grad of repulsion = grad of (1/t) log sum exp(-t d)."""
+    """docs/specification.md, section 2: with detached weights, grad of repulsion = grad of (1/t) log sum exp(-t d)."""
     t = 1.3
     q = random_embeddings((3, 4), seed).requires_grad_()
     p = random_embeddings((3, 4), seed + 1)

@@ -25,6 +25,9 @@ from .helpers import (
 )
 from .reference import reduce, reduce_results, reference_queries
 
+#: The properties hold with and without the per-call shortcuts (each test runs both ways).
+pytestmark = pytest.mark.usefixtures("both_shortcut_settings")
+
 #: Relative agreement with the float64 reference. PyTorch's fused CPU attention kernel (sdpa)
 #: evaluates its softmax less exactly than a plain float32 softmax (about 1e-5 relative error
 #: in the attention output at logit scale 20, against 3e-6 for torch's math kernel), which

@@ -1,6 +1,6 @@
 """CCT relative to the losses it replaces, checked against formulas written here.
 
-SPEC section 2: with ``detach_weights=True`` and one positive, the gradient of the in-batch
+docs/specification.md, section 2: with ``detach_weights=True`` and one positive, the gradient of the in-batch
 loss equals ``2 tau`` times the gradient of the decoupled contrastive loss (DCL, arXiv
 2110.06848: InfoNCE without the positive in the denominator) at ``t_neg = 1 / (2 tau)``,
 ``alpha = beta = 1``. CCT departs from DCL through gradients through the weights or through

@@ -1,4 +1,4 @@
-"""Every bad input of SPEC section 5 gets a clear ValueError or TypeError."""
+"""Every bad input of docs/specification.md, section 5 gets a clear ValueError or TypeError."""
 
 from __future__ import annotations
 

@@ -187,7 +187,7 @@ def cuda_call(
     traced: bool = False,
 ) -> Call:
     """A CUDA :class:`Call` with the process's state: whether TF32 is allowed (read by
-    :func:`cct_loss.precision.tf32_matmul_allowed`, whichever API set it) and whether Triton is
+    :func:`cct_loss.maths.precision.tf32_matmul_allowed`, whichever API set it) and whether Triton is
     installed. Host values only."""
     return Call(
         "cuda", num_queries, num_keys, dim, dtype, per_query=per_query, traced=traced,

@@ -56,7 +56,7 @@ INTERPRETER_TILES = Tiles(16, 32, 256, 512, 4, 1)
 
 def tiles_for(dim: int, dtype: torch.dtype) -> Tiles:
     """The GPU's tiles for ``D = dim`` in ``dtype``: the smallest bucket of
-    :data:`cct_loss.triton_tiles.TILES` that holds ``dim``."""
+    :data:`.triton_tiles.TILES` that holds ``dim``."""
     kind = "float32" if dtype == torch.float32 else "half"
     buckets = sorted(bound for bound, k in TILES if k == kind)
     bound = next((b for b in buckets if dim <= b), buckets[-1])
