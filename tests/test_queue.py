@@ -69,13 +69,22 @@ def test_larger_batch_keeps_newest_keys() -> None:
 
 
 def test_keys_are_detached_and_negatives_are_a_copy() -> None:
+    """The queue stores the keys' values cut from their graph, and hands out a copy: writing to
+    what :meth:`negatives` returned leaves the queue as it was."""
     queue = NegativeQueue(4, 3)
     k = torch.randn(2, 3, requires_grad=True)
     queue.enqueue(k * 2)
+    assert not queue.keys.requires_grad and queue.keys.grad_fn is None
     negatives = queue.negatives()
-    assert not negatives.requires_grad
+    assert not negatives.requires_grad and negatives.grad_fn is None
+    expected = (k * 2).detach()
+    assert torch.equal(negatives, expected)
+    assert negatives.untyped_storage().data_ptr() != queue.keys.untyped_storage().data_ptr()
     negatives.zero_()
-    assert queue.negatives().abs().sum() > 0
+    assert torch.equal(queue.negatives(), expected), "writing to the copy changed the queue"
+    q = torch.randn(2, 3, requires_grad=True)
+    cct_loss(q, torch.randn(2, 3), queue.negatives()).backward()
+    assert k.grad is None, "a loss on the queue's negatives reached the enqueued keys' graph"
 
 
 def test_enqueue_after_loss_before_backward_is_safe() -> None:
