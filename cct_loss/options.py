@@ -151,7 +151,8 @@ def spell_out_options(function: _Function) -> _Function:
     return function
 
 
-_VALIDATED: shortcuts.Memo[CCTOptions] = shortcuts.Memo(256)
+#: Options validated by earlier calls, by their keywords.
+_VALIDATED: shortcuts.Memo[CCTOptions] = shortcuts.Memo()
 
 
 _NAMES = frozenset(KEYWORDS)

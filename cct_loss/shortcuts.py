@@ -4,7 +4,7 @@ At per-GPU batch sizes a step is made of fixed costs: Python-level checks, conte
 autograd function's argument binding. The shortcuts take them out of the steps after the first:
 memo tables (:class:`Memo`: validated options, layouts' block descriptions, replayed call plans),
 classic-style twins of ``setup_context`` autograd functions (:func:`apply`; ``Function.apply``
-binds such a function's arguments through :mod:`inspect`, about 25 microseconds a call), and one
+binds such a function's arguments through :mod:`inspect` at every call), and one
 reused empty context. None changes a value: with :func:`disabled` every call takes the long way,
 and tests/test_shortcuts.py checks that results are bit-identical. They step aside while
 ``torch.compile`` traces and under ``torch.func`` transforms."""
@@ -44,6 +44,11 @@ def active() -> bool:
 
 _Value = TypeVar("_Value")
 
+#: Entries a memo holds before it starts again. A trainer makes a handful of signatures (train,
+#: eval, a last partial batch); this bounds the memory of one whose shapes change every step,
+#: while a memo in use is never emptied every few calls.
+MEMO_ENTRIES = 256
+
 #: The key types a memo accepts: anything else (a tensor option, a list) is built every call.
 _PLAIN = frozenset({bool, int, float, str, type(None), torch.dtype, torch.device})
 
@@ -52,7 +57,7 @@ class Memo(Generic[_Value]):
     """A table from plain keys to what an earlier call built for them, emptied when it holds
     ``size`` (a trainer has a handful of signatures)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int = MEMO_ENTRIES) -> None:
         self.size = size
         self._table: dict[Hashable, _Value] = {}
 

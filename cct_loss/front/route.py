@@ -108,7 +108,7 @@ class Replay(NamedTuple):
 
 
 #: The replays of recent signatures (see :func:`_signature`).
-_REPLAYS: shortcuts.Memo[Replay] = shortcuts.Memo(256)
+_REPLAYS: shortcuts.Memo[Replay] = shortcuts.Memo()
 
 
 class Signature(NamedTuple):

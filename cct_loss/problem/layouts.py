@@ -96,7 +96,8 @@ def _instances(num_views: int, n: int, n_all: int, offset: int) -> tuple[KeySet,
     return KeySet(same_group=True, rows=rows), KeySet(rows=rows)
 
 
-_INSTANCES: shortcuts.Memo[tuple[KeySet, KeySet]] = shortcuts.Memo(64)
+#: The in-batch key sets built by earlier calls, by their shape.
+_INSTANCES: shortcuts.Memo[tuple[KeySet, KeySet]] = shortcuts.Memo()
 
 
 def cross(
