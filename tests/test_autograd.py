@@ -11,7 +11,8 @@ import torch
 from torch.func import grad, vmap
 
 from cct_loss import cct_loss
-from cct_loss.implementations.sdpa import sdpa_max_sharpness
+from cct_loss.implementations.sdpa import SDPA_MAX_SHARPNESS, serves
+from cct_loss.options import CCTOptions
 
 from .helpers import IMPLS, TEST_DEVICE, impl_options, random_embeddings, seeded
 from .reference import reference_loss
@@ -152,7 +153,7 @@ def test_sdpa_range_constant_is_where_it_still_holds() -> None:
     """At the documented limit of the device under test the fused kernels still hold 1e-4."""
     q64, p64, n64 = (random_embeddings(s, 40 + i) for i, s in enumerate([(6, 8), (6, 8), (40, 8)]))
     xs = [x.float().requires_grad_() for x in (q64, p64, n64)]
-    t = sdpa_max_sharpness(TEST_DEVICE.type)
+    t = SDPA_MAX_SHARPNESS.get(TEST_DEVICE.type, 0.0)
     assert t > 0, f"no sharpness range measured for {TEST_DEVICE.type}"
     loss = cct_loss(*xs, impl="sdpa", t_pos=t, t_neg=t, detach_weights=False)
     refs = [x.clone().requires_grad_() for x in (q64, p64, n64)]
@@ -164,9 +165,19 @@ def test_sdpa_range_constant_is_where_it_still_holds() -> None:
 def test_sdpa_range_is_per_device_type() -> None:
     """Measured ranges only: a device type without a measurement keeps sdpa's own kernels for
     detached weights alone (gradients through the weights go to chunked at any sharpness)."""
-    assert sdpa_max_sharpness("cpu") == 500.0
-    assert sdpa_max_sharpness("cuda") == 100.0
-    assert sdpa_max_sharpness("mps") == 0.0
+    assert SDPA_MAX_SHARPNESS == {"cpu": 500.0, "cuda": 100.0}
+
+    def through_weights(t: float | torch.Tensor) -> CCTOptions:
+        return CCTOptions(t_pos=t, t_neg=t, detach_weights=False)
+
+    for device_type, limit in (("cpu", 500.0), ("cuda", 100.0)):
+        assert serves(device_type, "negatives", through_weights(limit))
+        assert not serves(device_type, "negatives", through_weights(limit * 1.01))
+        assert not serves(device_type, "positives", through_weights(limit * 1.01))
+        assert not serves(device_type, "negatives", through_weights(torch.tensor(1.0)))
+        assert serves(device_type, "negatives", CCTOptions(t_neg=1e6))  # detached: exact
+    assert not serves("mps", "negatives", through_weights(0.5))
+    assert serves("mps", "negatives", CCTOptions(t_neg=0.5))
 
 
 def test_functional_call_and_grad_over_parameters() -> None:

@@ -17,20 +17,24 @@ from ..maths.expectation import (
     ConditionalExpectation,
     Side,
     differentiable_backward,
+    grad_of_costs,
     signed_sharpness,
     streamed_expectation,
 )
 from ..maths.precision import as_input_grads, backward_in_own_precision, squared_norms
 from ..options import CCTOptions
-from ..problem.description import KeySet, excluded_from_ids, key_ids
+from ..problem.description import KeySet, excluded_from_ids
 from ..shortcuts import apply, eager_twin
 
 #: Elements per ``(Q, chunk)`` block when ``chunk_size`` is None, per device type. The CPU:
-#: 8 MiB in float32 (the size behind the CPU tables in BENCHMARKS.md). CUDA: 256 MiB,
-#: because there each block costs a few dozen kernel launches whatever its size, and at 8 MiB
-#: the launches dominated (chunked ran at a tenth of triton's TFLOP/s on an H200); not yet
-#: measured on a GPU. Memory stays ``O(Q D + K D + Q chunk)``: never a ``Q x K`` tensor.
+#: 8 MiB in float32, a block that stays in a large cache. CUDA: 256 MiB, because there each
+#: block costs a few dozen kernel launches whatever its size, which small blocks let dominate
+#: (BENCHMARKS.md, "Where the constants come from"). Memory stays ``O(Q D + K D + Q chunk)``:
+#: never a ``Q x K`` tensor.
 BLOCK_ELEMENTS: dict[str, int] = {"cpu": 1 << 21, "cuda": 1 << 26}
+#: The fewest keys per block when ``chunk_size`` is None, however many queries: below this a
+#: block's product is too thin to use the matrix units, and the per-block work (launches, a
+#: running maximum update) outweighs its arithmetic.
 MIN_CHUNK = 128
 
 
@@ -179,12 +183,10 @@ class _StreamingExpectedCost(torch.autograd.Function):
                     [term], query, block, cost, need_keys=need_keys
                 )
             else:
-                if detach_weights:
-                    grad_cost = weights.mul_(grad_expected[..., None])
-                else:
-                    assert costs is not None
-                    grad_cost = (costs - expected[..., None]).mul_(signed).add_(1.0)
-                    grad_cost.mul_(weights).mul_(grad_expected[..., None])
+                grad_cost = grad_of_costs(
+                    grad_expected[..., None], weights, costs, expected[..., None], signed,
+                    detach_weights,
+                )  # fmt: skip
                 block_query, block_keys = cost_vjp(
                     grad_cost, query, block, cost, need_keys=need_keys
                 )
@@ -197,21 +199,19 @@ class _StreamingExpectedCost(torch.autograd.Function):
 
 
 def expected_cost(
-    query: Tensor, keys: Tensor, key_set: KeySet | None, *, side: Side, options: CCTOptions
+    query: Tensor, keys: Tensor, key_set: KeySet, *, side: Side, options: CCTOptions
 ) -> ConditionalExpectation:
     """Each query's expected cost over the keys that take part, streamed in blocks of
     ``chunk_size`` keys; the diagnostics from the running statistics, no weights."""
     chunk = options.chunk_size or default_chunk_size(
         query.shape[0], keys.shape[-2], query.device.type
     )
-    ids = key_ids(key_set, keys.shape[-2], query.device)
-    same_group = key_set is not None and key_set.same_group
+    ids = key_set.ids(keys.shape[-2], query.device)
     expected, log_normaliser, extreme, entropy = apply(
-        _StreamingExpectedCost, query, keys, *ids, same_group, options.cost,
+        _StreamingExpectedCost, query, keys, *ids, key_set.same_group, options.cost,
         signed_sharpness(options, side), options.detach_weights, chunk,
         bool(options.return_details), side == "positives",
     )  # fmt: skip
     if not options.return_details:  # the kernel wrote placeholders
         entropy = extreme = None
-    may_be_empty = key_set is not None and key_set.may_be_empty
-    return streamed_expectation(expected, log_normaliser, extreme, entropy, may_be_empty)
+    return streamed_expectation(expected, log_normaliser, extreme, entropy, key_set.may_be_empty)

@@ -1,13 +1,9 @@
 """``impl="dense"``: both terms of every query from full matrices, in one autograd function
-with closed-form gradients, so that no operator of autograd's own graph runs between the
-embeddings and the loss (at per-GPU batches a step is made of such fixed costs).
-
-:func:`one_pass` computes a call's reduced loss with its gradient in the forward pass, as
-Liger-Kernel's fused losses do (the backward only scales it); :func:`expectations` gives each
-query's terms with the diagnostics. A side is **pairs** (each query against its own few keys;
-one positive needs no softmax, and a two-view batch's row shares one cost) or **shared** (a
-softmax over shared or per-query keys from one matrix product; with detached weights from the
-weights' moments, no cost matrix). docs/implementations.md has the maths."""
+with closed-form gradients (:mod:`.dense_sides`), so that no operator of autograd's own graph
+runs between the embeddings and the loss (at per-GPU batches a step is made of such fixed
+costs). :func:`one_pass` computes a call's reduced loss with its gradient in the forward pass,
+as Liger-Kernel's fused losses do (the backward only scales it); :func:`expectations` gives
+each query's terms with the diagnostics. docs/implementations.md has the maths."""
 
 from __future__ import annotations
 
@@ -17,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..maths.costs import Preparation, differentiable_vjp, prepare, prepare_rows, prepare_rows_vjp
-from ..maths.expectation import ConditionalExpectation, weight_statistics
+from ..maths.expectation import ConditionalExpectation, weighted_expectation
 from ..maths.precision import backward_in_own_precision, cast
 from ..maths.reduction import divisors
 from ..options import CCTOptions
@@ -300,38 +296,21 @@ def expectations(
             inputs, pos_value, pos_w, pos_c, details, options.wants_weights
         )
     elif plan.positives == SHARED:
-        attract = _shared_expectation(
-            pos_value, pos_w, pos_c, inputs.pos_excluded, plan, details, True
-        )
+        attract = weighted_expectation(
+            pos_value, pos_w, pos_c, inputs.pos_excluded, "positives",
+            details=details, may_be_empty=plan.pos_may_be_empty,
+        )  # fmt: skip
     if plan.negatives == SHARED:
         excluded = inputs.neg_excluded
         if details and plan.exclude_own:  # the own rows sit out of the extreme cost
             assert plan.rows is not None
             excluded = torch.zeros_like(neg_w, dtype=torch.bool)
             plan.rows.entries(excluded).fill_(True)
-        repel = _shared_expectation(neg_value, neg_w, neg_c, excluded, plan, details, False)
+        repel = weighted_expectation(
+            neg_value, neg_w, neg_c, excluded, "negatives",
+            details=details, may_be_empty=plan.neg_may_be_empty,
+        )  # fmt: skip
     return attract, repel
-
-
-def _shared_expectation(
-    value: Tensor,
-    weights: Tensor,
-    costs: Tensor | None,
-    excluded: Tensor | None,
-    plan: Plan,
-    details: bool,
-    positives: bool,
-) -> ConditionalExpectation:
-    """A shared side's result, with its diagnostics when asked for."""
-    may_be_empty = plan.pos_may_be_empty if positives else plan.neg_may_be_empty
-    present = ~excluded.all(-1) if may_be_empty and excluded is not None else None
-    entropy = extreme = None
-    if details:
-        assert costs is not None
-        entropy, extreme = weight_statistics(
-            weights, costs, excluded, "positives" if positives else "negatives"
-        )
-    return ConditionalExpectation(value, entropy, extreme, weights, present)
 
 
 def _pairs_expectation(
@@ -350,6 +329,8 @@ def _pairs_expectation(
             extreme, entropy = value.detach().clone(), torch.zeros_like(value).detach()
         ones = value.new_ones((value.shape[0], 1)) if wants else None
         return ConditionalExpectation(value, entropy, extreme, ones)
+    if not (details or wants):
+        return ConditionalExpectation(value, None, None, None)
     _, _, exclude_self = sides.pairs(inputs)
     num_views, num_keys, rows = weights.shape
     kept = [[w for w in range(num_keys) if not (exclude_self and w == v)] for v in range(num_views)]
@@ -359,9 +340,7 @@ def _pairs_expectation(
         """``(V, W, N)`` -> ``(V * N, M)``: each query's own keys, itself left out."""
         return x.permute(0, 2, 1).gather(2, columns).reshape(num_views * rows, -1)
 
-    entropy = extreme = None
-    if details:
-        entropy, extreme = weight_statistics(
-            per_query(weights), per_query(costs), None, "positives"
-        )
-    return ConditionalExpectation(value, entropy, extreme, per_query(weights) if wants else None)
+    statistics = weighted_expectation(
+        value, per_query(weights), per_query(costs), None, "positives", details=details
+    )
+    return statistics if wants else statistics._replace(weights=None)

@@ -27,7 +27,7 @@ from ..maths.costs import (
     shifted_logits,
     weights_vjp,
 )
-from ..maths.expectation import block_formula, expected_cost_formula
+from ..maths.expectation import block_formula, expected_cost_formula, grad_of_costs
 from ..maths.precision import product, squared_norms
 from ..problem.description import OwnRows
 
@@ -161,12 +161,14 @@ def _pairs_backward(
     if isinstance(grad, Tensor) and grad.dim() == 1:
         grad = grad.view(num_views, 1, rows)
     expected = None if side.value is None else side.value.view(num_views, 1, rows)
-    g = _grad_of_costs(side, grad, expected, inputs.t_pos, plan.detach).unsqueeze(-1)
-    toward_q, toward_k = pair_costs_vjp(
-        g, queries.unsqueeze(1), keys.unsqueeze(0), plan.cost, None, need_keys
+    assert side.weights is not None
+    g = grad_of_costs(grad, side.weights, side.costs, expected, inputs.t_pos, plan.detach)
+    g = g.unsqueeze(-1)
+    grad_q, own_k = pair_costs_vjp(
+        g, queries.unsqueeze(1), keys.unsqueeze(0), plan.cost, None, need_keys, sums=(1, 0)
     )
-    grad_k = None if toward_k is None else _keys_grad(inputs, toward_k.sum(0))
-    return toward_q.sum(1).reshape(inputs.query.shape), grad_k
+    grad_k = None if own_k is None else _keys_grad(inputs, own_k)
+    return grad_q.reshape(inputs.query.shape), grad_k
 
 
 def _keys_grad(inputs: Inputs, grad_own: Tensor) -> Tensor:
@@ -220,17 +222,6 @@ def _shared_forward(
         rows_sum_to_one=not may_be_empty,
     )  # fmt: skip
     return SideResult(value, weights, None, moments)
-
-
-def _grad_of_costs(
-    side: SideResult, grad: Grad, expected: Tensor | None, signed: float | Tensor, detach: bool
-) -> Tensor:
-    """``g dE/dd``: ``g pi`` (detached weights) or ``g pi (1 + s (d - E))``, a fresh tensor."""
-    assert side.weights is not None
-    if detach:
-        return side.weights * grad
-    assert side.costs is not None and expected is not None
-    return (side.costs - expected).mul_(signed).add_(1.0).mul_(side.weights).mul_(grad)
 
 
 def forward(inputs: Inputs, *, totals: bool = False) -> tuple[SideResult, SideResult]:
@@ -287,7 +278,10 @@ def input_grads(
             detached.append(WeightTerm(side.weights, grad, side.moments, not may_be_empty))
             continue
         expected = None if side.value is None else side.value[:, None]
-        grad_costs = _grad_of_costs(side, per_row(grad), expected, signed, plan.detach)
+        assert side.weights is not None
+        grad_costs = grad_of_costs(
+            per_row(grad), side.weights, side.costs, expected, signed, plan.detach
+        )
         grad_q, grad_k = cost_vjp(grad_costs, query, shared, plan.cost, need_keys=need_keys)
         grad_query, grad_keys = _add(grad_query, grad_q), _add(grad_keys, grad_k)
     if detached:

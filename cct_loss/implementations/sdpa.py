@@ -4,12 +4,11 @@ The weights are an attention pattern: with ``q' = [q, 1]``, ``n'_k = [n_k, -|n_k
 values ``[n_k, |n_k|^2]``, ``softmax(-t |q - n_k|^2)`` is ``softmax(2t q'.n'_k)`` and the
 output gives ``E`` exactly, for any norms (docs/implementations.md). The attention runs in the
 products' dtype; with detached weights the query and key arguments are detached. Through the
-weights above :data:`SDPA_MAX_SHARPNESS` the fused kernels lose accuracy, and ``chunked`` serves
-the call; higher derivatives raise."""
+weights above :data:`SDPA_MAX_SHARPNESS` the fused kernels lose accuracy (:func:`serves`; the
+table hands such calls, and the diagnostics, to ``chunked``); higher derivatives raise."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -22,25 +21,17 @@ from ..maths.precision import accumulation_dtype, squared_norms
 from ..options import CCTOptions
 from ..problem.description import KeySet
 from ..shortcuts import apply, eager_twin
-from . import chunked
 
 #: Head dims are padded to a multiple of this so the fused CUDA kernels accept them.
 HEAD_DIM_MULTIPLE = 8
 
 #: With gradients through the weights (``detach_weights=False``), the fused kernels' gradient
-#: error grows with the sharpness: on the CPU flash kernel like ``1.2e-7 * t`` (measured: 1.1e-5
-#: at t = 50, 3.6e-5 at 300, 1.2e-4 at 1000, 1.2e-3 at 1e4). The largest sharpness, per device
-#: type, at which the 1e-4 agreement was measured to hold: the CPU 500; CUDA 100 (one H200,
-#: torch 2.11: t = 100 held, t = 500 did not). Above it, on a device type not listed, or for a
-#: 0-dim tensor sharpness (whose value is not read: that would synchronise), such calls are
-#: served by ``chunked``. Detached weights are exact at any sharpness.
+#: error grows with the sharpness (roughly linearly). The largest sharpness, per device type,
+#: at which their gradients keep the library's 1e-4 agreement with the reference (measurements:
+#: BENCHMARKS.md, "Where the constants come from"). Above it, on a device type not listed, or
+#: for a 0-dim tensor sharpness (whose value is not read: that would synchronise), such calls
+#: are served by ``chunked``. Detached weights are exact at any sharpness.
 SDPA_MAX_SHARPNESS: dict[str, float] = {"cpu": 500.0, "cuda": 100.0}
-
-
-def sdpa_max_sharpness(device_type: str) -> float:
-    """The largest sharpness at which ``sdpa`` keeps gradients through the weights on its own
-    kernels on ``device_type`` (:data:`SDPA_MAX_SHARPNESS`; 0 for a device type not measured)."""
-    return SDPA_MAX_SHARPNESS.get(device_type, 0.0)
 
 
 @eager_twin
@@ -74,16 +65,22 @@ def _pad_last(x: Tensor, multiple: int) -> Tensor:
     return F.pad(x, (0, extra)) if extra else x
 
 
+def serves(device_type: str, side: Side, options: CCTOptions) -> bool:
+    """Whether the fused kernels keep the library's agreement for this side on ``device_type``:
+    always with detached weights, through the weights up to its :data:`SDPA_MAX_SHARPNESS` (a
+    device type not listed: never; a tensor sharpness, whose value is not read, is not served)."""
+    t = options.t_pos if side == "positives" else options.t_neg
+    limit = SDPA_MAX_SHARPNESS.get(device_type, 0.0)
+    return options.detach_weights or (not isinstance(t, Tensor) and t <= limit)
+
+
 def expected_cost(
-    query: Tensor, keys: Tensor, key_set: KeySet | None, *, side: Side, options: CCTOptions
+    query: Tensor, keys: Tensor, key_set: KeySet, *, side: Side, options: CCTOptions
 ) -> ConditionalExpectation:
     """Each query's expected cost over the keys that take part, from one attention call (the key
-    set a boolean mask); the diagnostics from an extra no-grad streaming pass, no weights."""
+    set a boolean mask); no diagnostics or weights (the fused kernels return neither). For a
+    side it :func:`serves`."""
     t = options.t_pos if side == "positives" else options.t_neg
-    if not options.detach_weights and (
-        isinstance(t, Tensor) or t > sdpa_max_sharpness(query.device.type)
-    ):
-        return chunked.expected_cost(query, keys, key_set, side=side, options=options)
     direction = -1.0 if side == "positives" else 1.0  # +t d = -t (-d): flip the keys' sign
     # The attention runs in the embeddings' dtype (half under the precision policy, which the
     # fused CUDA kernels need); the norms and the expected cost in the accumulation dtype.
@@ -101,15 +98,13 @@ def expected_cost(
     if isinstance(scale, Tensor):  # a tensor sharpness multiplies q' (its value is not read)
         q_att, scale = q_att * scale.to(q_att.dtype), 1.0
     d_values = values.shape[-1]
-    q_att = _pad_last(q_att, HEAD_DIM_MULTIPLE)
-    k_att = _pad_last(k_att, HEAD_DIM_MULTIPLE)
-    values = _pad_last(values, HEAD_DIM_MULTIPLE)
+    q_att, k_att, values = (_pad_last(x, HEAD_DIM_MULTIPLE) for x in (q_att, k_att, values))
 
     # The attention mask is True where a key takes part.
-    excluded = None if key_set is None else key_set.excluded_mask(keys.shape[-2], query.device)
+    excluded = key_set.excluded_mask(keys.shape[-2], query.device)
     mask = None if excluded is None else ~excluded
     present = None
-    if mask is not None and key_set is not None and key_set.may_be_empty:
+    if mask is not None and key_set.may_be_empty:
         # A row with no key taking part would make the kernel's softmax 0/0: let it attend to
         # every key, then drop its output (E = 0).
         present = mask.any(-1)
@@ -122,7 +117,7 @@ def expected_cost(
         out = F.scaled_dot_product_attention(
             q_att[:, None, None], k_att[:, None], values[:, None], scale=scale
         )[:, 0, 0]
-    acc = accumulation_dtype(query)
+    acc = accumulation_dtype(query.dtype)
     out = out[..., :d_values].to(acc)
     q = query.to(acc)
     if options.cost == "cosine":
@@ -133,11 +128,4 @@ def expected_cost(
     if present is not None:
         expected = torch.where(present, expected, 0.0)
     expected = apply(_NoHigherOrder, expected)
-
-    entropy = extreme = None
-    if options.return_details:
-        streaming = replace(options, detach_weights=True, chunk_size=None)
-        with torch.no_grad():
-            stats = chunked.expected_cost(query, keys, key_set, side=side, options=streaming)
-        entropy, extreme = stats.entropy, stats.extreme
-    return ConditionalExpectation(expected, entropy, extreme, None, present)
+    return ConditionalExpectation(expected, None, None, None, present)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections.abc import Callable
+from dataclasses import replace
 from typing import NamedTuple, Protocol
 
 import torch
@@ -30,16 +31,10 @@ Sides = tuple[ConditionalExpectation | None, ConditionalExpectation | None]
 
 class StreamingKernel(Protocol):
     """An implementation that computes one side at a time: ``(query (Q, D), keys (K, D) or
-    (Q, K, D), key_set or None for every key, side, options) -> ConditionalExpectation``."""
+    (Q, K, D), the key set (``KeySet()``: every key), side, options) -> ConditionalExpectation``."""
 
     def __call__(
-        self,
-        query: Tensor,
-        keys: Tensor,
-        key_set: KeySet | None,
-        *,
-        side: Side,
-        options: CCTOptions,
+        self, query: Tensor, keys: Tensor, key_set: KeySet, *, side: Side, options: CCTOptions
     ) -> ConditionalExpectation: ...
 
 
@@ -79,18 +74,34 @@ def streamed(kernel: StreamingKernel) -> Callable[[ContrastiveProblem, CCTOption
                 attract = kernel(query, keys, positives, side="positives", options=options)
         negatives = problem.negatives
         if negatives is not None:
-            key_set = None if negatives.every_key else negatives
-            repel = kernel(query, keys, key_set, side="negatives", options=options)
+            repel = kernel(query, keys, negatives, side="negatives", options=options)
         return attract, repel
 
     return expectations
+
+
+def sdpa_or_chunked(
+    query: Tensor, keys: Tensor, key_set: KeySet, *, side: Side, options: CCTOptions
+) -> ConditionalExpectation:
+    """``impl="sdpa"``'s kernel: the fused attention kernels where they keep the library's
+    agreement (:func:`.sdpa.serves`), chunked where not; the diagnostics from chunked's
+    streaming statistics without gradient (the fused kernels return no weights)."""
+    if not sdpa.serves(query.device.type, side, options):
+        return chunked.expected_cost(query, keys, key_set, side=side, options=options)
+    result = sdpa.expected_cost(query, keys, key_set, side=side, options=options)
+    if not options.return_details:
+        return result
+    streaming = replace(options, detach_weights=True, chunk_size=None)
+    with torch.no_grad():
+        stats = chunked.expected_cost(query, keys, key_set, side=side, options=streaming)
+    return result._replace(entropy=stats.entropy, extreme=stats.extreme)
 
 
 #: Every implementation by its ``impl`` name.
 TABLE: dict[str, Implementation] = {
     "dense": Implementation("dense", dense.expectations, dense.one_pass),
     "chunked": Implementation("chunked", streamed(chunked.expected_cost)),
-    "sdpa": Implementation("sdpa", streamed(sdpa.expected_cost)),
+    "sdpa": Implementation("sdpa", streamed(sdpa_or_chunked)),
     "triton": Implementation("triton", streamed(triton_op.expected_cost)),
 }
 
@@ -106,7 +117,7 @@ TRITON_AUTO_MAX_DIM = 256
 #: CUDA: Triton from this many query-key pairs ...
 TRITON_MIN_ELEMENTS = 1 << 24
 #: ... and this many queries (the forward kernel runs one program per 64 queries: fewer leave
-#: most of the GPU idle; MoCo N=512, K=65536 ran at 1.26x dense, N=4096 at 0.71x).
+#: most of the GPU idle; BENCHMARKS.md, "Where the constants come from").
 TRITON_MIN_QUERIES = 1024
 
 

@@ -27,10 +27,12 @@ from ..maths.expectation import (
 )
 from ..maths.precision import backward_in_own_precision, tf32_matmul_allowed
 from ..options import CCTOptions
-from ..problem.description import KeySet, excluded_from_ids, key_ids
+from ..problem.description import KeySet, excluded_from_ids
 from .triton_tiles import TILES
 
-#: Largest embedding dimension the kernels take (above a feature tile they tile ``D``).
+#: Largest embedding dimension the kernels take: the largest the tile table
+#: (:mod:`.triton_tiles`) holds tiles for and the interpreter tests reach (above a feature tile
+#: the kernels tile ``D``; from 768 the backward also tiles its output).
 MAX_DIM = 1024
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -118,7 +120,7 @@ def check_supported(query: Tensor, keys: Tensor) -> None:
 #: Warned (once per place, Python's default) when ``impl="triton"`` runs IEEE float32 products.
 IEEE_FLOAT32_WARNING = (
     "impl='triton' with float32 inputs and TF32 off (PyTorch's default) computes its products "
-    "in IEEE float32 on CUDA cores: measured at 63-111x impl='dense' on an H200. impl='auto' "
+    "in IEEE float32 on CUDA cores, tens of times slower than impl='dense'. impl='auto' "
     "never sends such calls to triton. For speed use autocast (bfloat16/float16), allow TF32 "
     "(torch.backends.cuda.matmul.fp32_precision = 'tf32'), or impl='dense'"
 )
@@ -336,7 +338,7 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def expected_cost(
-    query: Tensor, keys: Tensor, key_set: KeySet | None, *, side: Side, options: CCTOptions
+    query: Tensor, keys: Tensor, key_set: KeySet, *, side: Side, options: CCTOptions
 ) -> ConditionalExpectation:
     """Each query's expected cost over the keys that take part, by the Triton kernels; a
     :class:`~cct_loss.implementations.table.StreamingKernel`. The entropy and the extreme cost
@@ -350,15 +352,12 @@ def expected_cost(
         scale = signed.detach().to(device=query.device, dtype=torch.float32).reshape(1)
     else:
         scale = torch.full((1,), signed, dtype=torch.float32, device=query.device)
-    ids = key_ids(key_set, keys.shape[0], query.device)
-    same_group = key_set is not None and key_set.same_group
-    cosine = options.cost == "cosine"
+    ids = key_set.ids(keys.shape[0], query.device)
     details = bool(options.return_details)
     expected, log_normaliser, extreme, entropy = _forward_op(
-        query, keys, *ids, scale, same_group, cosine, options.detach_weights,
-        side == "positives", details,
+        query, keys, *ids, scale, key_set.same_group, options.cost == "cosine",
+        options.detach_weights, side == "positives", details,
     )  # fmt: skip
     if not details:  # the kernel wrote placeholders
         entropy = extreme = None
-    may_be_empty = key_set is not None and key_set.may_be_empty
-    return streamed_expectation(expected, log_normaliser, extreme, entropy, may_be_empty)
+    return streamed_expectation(expected, log_normaliser, extreme, entropy, key_set.may_be_empty)

@@ -179,25 +179,21 @@ def _gram(query: Tensor, keys: Tensor) -> Tensor:
 def _rowwise_gram(query: Tensor, keys: Tensor) -> Tensor:
     """``(Q, M)`` products of each query with its own ``(Q, M, D)`` keys, by multiply-and-sum in
     the accumulation dtype (a batch of tiny matrix products is slower on the CPU)."""
-    acc = accumulation_dtype(keys)
+    acc = accumulation_dtype(keys.dtype)
     gram: Tensor = torch.linalg.vecdot(cast(query, acc).unsqueeze(-2), cast(keys, acc))
     return gram
 
 
 def cost_block(
-    query: Tensor,
-    query_sq: Tensor | None,
-    keys: Tensor,
-    cost: str,
-    *,
+    query: Tensor, query_sq: Tensor | None, keys: Tensor, cost: str, *,
     keys_sq: Tensor | None = None,
-) -> Tensor:
+) -> Tensor:  # fmt: skip
     """``(Q, C)`` clamped costs of ``(Q, D)`` queries (``query_sq``: their squared norms,
     sqeuclidean only) against ``(C, D)`` shared or ``(Q, C, D)`` per-query keys (``keys_sq``
     when the caller has them), without autograd: a fresh tensor in the accumulation dtype."""
     if cost != "cosine" and keys_sq is None:
         keys_sq = squared_norms(keys)
-    if keys.dim() == 2 and keys.dtype == accumulation_dtype(keys):  # one BLAS call
+    if keys.dim() == 2 and keys.dtype == accumulation_dtype(keys.dtype):  # one BLAS call
         if keys_sq is None:  # 1 - q.n
             costs = torch.addmm(keys.new_ones(keys.shape[0]), query, keys.T, alpha=-1.0)
         else:  # |q|^2 + |n|^2 - 2 q.n, in place after the product
@@ -220,7 +216,7 @@ def shifted_logits(
     ignores) from one matrix product: a fresh tensor in the accumulation dtype."""
     if cost != "cosine" and keys_sq is None:
         keys_sq = squared_norms(keys)
-    if keys.dtype != accumulation_dtype(keys):  # half-precision product, then scaled
+    if keys.dtype != accumulation_dtype(keys.dtype):  # half-precision product, then scaled
         logits = _gram(query, keys).mul_(-signed if cost == "cosine" else -2.0 * signed)
         return logits if keys_sq is None else logits.add_(keys_sq, alpha=signed)
     if keys_sq is None:
@@ -229,15 +225,9 @@ def shifted_logits(
 
 
 def expected_cost_of_moments(
-    weights: Tensor,
-    weighted_keys: Tensor,
-    query: Tensor,
-    cost: str,
-    *,
-    query_sq: Tensor | None,
-    keys_sq: Tensor | None,
-    rows_sum_to_one: bool,
-) -> Tensor:
+    weights: Tensor, weighted_keys: Tensor, query: Tensor, cost: str, *,
+    query_sq: Tensor | None, keys_sq: Tensor | None, rows_sum_to_one: bool,
+) -> Tensor:  # fmt: skip
     """``(Q,)`` expected costs from the weights' moments (``weighted_keys = weights @ keys``) and
     the squared norms, without a cost matrix: ``|q|^2 sum pi + pi.|n|^2 - 2 q.(pi n)``, clamped."""
     toward = torch.linalg.vecdot(cast(query, weighted_keys.dtype), weighted_keys)
@@ -290,7 +280,7 @@ def pair_costs(
     """``c(a, b)`` over the last dim of broadcastable embeddings (each query against its own
     few keys) in the accumulation dtype, or their sum (``total``); and ``a - b`` (sqeuclidean),
     which :func:`pair_costs_vjp` reuses."""
-    acc = accumulation_dtype(a)
+    acc = accumulation_dtype(a.dtype)
     a, b = cast(a, acc), cast(b, acc)
     if cost == "cosine":
         if total:
@@ -307,18 +297,29 @@ def pair_costs(
 
 
 def pair_costs_vjp(
-    grad: Tensor | float, a: Tensor, b: Tensor, cost: str, difference: Tensor | None, need_b: bool
-) -> tuple[Tensor, Tensor | None]:
+    grad: Tensor | float, a: Tensor, b: Tensor, cost: str, difference: Tensor | None,
+    need_b: bool, sums: tuple[int | None, int | None] = (None, None),
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """The gradients of ``sum grad * c(a, b)`` (:func:`pair_costs`; ``grad`` broadcasts against
     the embeddings) for ``a`` and, where ``need_b``, ``b``: ``2 g (a - b)`` and its negative,
-    or ``-g b`` and ``-g a`` (cosine), in the accumulation dtype."""
-    acc = accumulation_dtype(a)
+    or ``-g b`` and ``-g a`` (cosine), in the accumulation dtype; each summed over its dim of
+    ``sums`` where one is given (broadcast pairs: ``b``'s negated after the sum, the smaller)."""
+
+    def summed(x: Tensor, dim: int | None) -> Tensor:
+        return x if dim is None else x.sum(dim)
+
+    acc = accumulation_dtype(a.dtype)
     if cost == "cosine":
-        return cast(b, acc) * -grad, cast(a, acc) * -grad if need_b else None
-    if difference is None:
-        difference = cast(a, acc) - cast(b, acc)
-    toward = difference * (grad * 2.0)
-    return toward, toward.neg() if need_b else None
+        grad_b = summed(cast(a, acc) * -grad, sums[1]) if need_b else None
+        return summed(cast(b, acc) * -grad, sums[0]), grad_b
+    if difference is None:  # a fresh difference: scaled in place
+        toward = (cast(a, acc) - cast(b, acc)).mul_(grad * 2.0)
+    else:
+        toward = difference * (grad * 2.0)
+    if not need_b:
+        return summed(toward, sums[0]), None
+    grad_b = toward.neg() if sums[1] is None else toward.sum(sums[1]).neg_()
+    return summed(toward, sums[0]), grad_b
 
 
 class WeightTerm(NamedTuple):
@@ -333,14 +334,9 @@ class WeightTerm(NamedTuple):
 
 
 def weights_vjp(
-    terms: Sequence[WeightTerm],
-    query: Tensor,
-    keys: Tensor,
-    cost: str,
-    *,
-    need_keys: bool,
-    keys_are_queries: bool = False,
-) -> tuple[Tensor, Tensor | None]:
+    terms: Sequence[WeightTerm], query: Tensor, keys: Tensor, cost: str, *,
+    need_keys: bool, keys_are_queries: bool = False,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """:func:`cost_vjp` of ``G = sum_t grad_t * weights_t`` (detached weights over ``(K, D)``
     keys) without a ``(Q, K)`` product: ``G n`` from the forward pass's moments. With
     ``keys_are_queries`` the first gradient is the total."""

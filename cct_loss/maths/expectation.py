@@ -36,19 +36,38 @@ def signed_sharpness(options: CCTOptions, side: Side) -> float | Tensor:
     return options.t_pos if side == "positives" else -options.t_neg
 
 
-def weight_statistics(
-    weights: Tensor, costs: Tensor, excluded: Tensor | None, side: Side
-) -> tuple[Tensor, Tensor]:
-    """The entropy of each row of ``weights`` (nats) and the extreme cost over the entries that
-    take part (``excluded`` marks the others): the largest for positives, the smallest for
-    negatives. No gradient."""
+def weighted_expectation(
+    value: Tensor, weights: Tensor, costs: Tensor | None, excluded: Tensor | None, side: Side,
+    *, details: bool, may_be_empty: bool = False,
+) -> ConditionalExpectation:  # fmt: skip
+    """The result of an implementation that holds each query's weights and, for ``details``,
+    its costs (``excluded``: the keys that sit out): the diagnostics, without gradient, are the
+    entropy of each row of ``weights`` (nats) and the extreme cost over the keys that take part
+    (the largest for positives, the smallest for negatives); ``present``, where a query may
+    have no key taking part."""
+    present = ~excluded.all(-1) if may_be_empty and excluded is not None else None
+    if not details:
+        return ConditionalExpectation(value, None, None, weights, present)
+    assert costs is not None
     with torch.no_grad():
         entropy = -torch.special.xlogy(weights, weights).sum(-1)
         farther = side == "positives"
         fill = float("-inf") if farther else float("inf")
         masked = costs if excluded is None else costs.masked_fill(excluded, fill)
         extreme = masked.amax(-1) if farther else masked.amin(-1)
-        return entropy, extreme
+    return ConditionalExpectation(value, entropy, extreme, weights, present)
+
+
+def grad_of_costs(
+    grad: Tensor | float, weights: Tensor, costs: Tensor | None, expected: Tensor | None,
+    signed: float | Tensor, detach_weights: bool,
+) -> Tensor:  # fmt: skip
+    """``grad dE/dc``, a fresh tensor (``weights`` are not written): ``grad pi`` for detached
+    weights, else ``grad pi (1 + s (c - E))`` (``expected`` broadcast against ``costs``)."""
+    if detach_weights:
+        return weights * grad
+    assert costs is not None and expected is not None
+    return (costs - expected).mul_(signed).add_(1.0).mul_(weights).mul_(grad)
 
 
 def block_expectation(query: Tensor, keys: Tensor, options: CCTOptions) -> ConditionalExpectation:
@@ -57,10 +76,14 @@ def block_expectation(query: Tensor, keys: Tensor, options: CCTOptions) -> Condi
     value, weights, costs = block_formula(
         query, keys, cost=options.cost, signed=options.t_pos, detach_weights=options.detach_weights
     )
-    entropy = extreme = None
-    if options.return_details:
-        entropy, extreme = weight_statistics(weights.detach(), costs.detach(), None, "positives")
-    return ConditionalExpectation(value, entropy, extreme, weights)
+    return weighted_expectation(
+        value,
+        weights.detach(),
+        costs.detach(),
+        None,
+        "positives",
+        details=bool(options.return_details),
+    )
 
 
 def block_formula(

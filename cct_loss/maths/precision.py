@@ -95,12 +95,7 @@ def backward_in_own_precision(backward: _Backward) -> _Backward:
 
     @functools.wraps(backward)
     def wrapped(ctx: Any, *grads: Tensor | None) -> Any:
-        first = grads[0]
-        device = (
-            first.device
-            if first is not None
-            else next((g.device for g in grads if g is not None), None)
-        )
+        device = next((g.device for g in grads if g is not None), None)
         if device is None:
             return backward(ctx, *grads)
         with own_precision(device):  # (no context at all without an enabled autocast)
@@ -115,13 +110,9 @@ def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-def accumulation_dtype(x: Tensor) -> torch.dtype:
-    """float32 for half-precision embeddings, else their own dtype (float32 or float64)."""
-    return wide(x.dtype)
-
-
-def wide(dtype: torch.dtype) -> torch.dtype:
-    """float32 for a half dtype, else ``dtype`` itself (float32 or float64)."""
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What sums over embeddings of ``dtype`` run in: float32 for a half dtype, else ``dtype``
+    itself (float32 or float64)."""
     return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
@@ -132,12 +123,12 @@ def product(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     if a.dtype == b.dtype == dtype and dtype in (torch.float32, torch.float64):
         return a @ b  # full precision: no casts (a small batch's per-call overhead counts)
     out = cast(a, dtype) @ cast(b, dtype)
-    return cast(out, wide(dtype))
+    return cast(out, accumulation_dtype(dtype))
 
 
 def squared_norms(x: Tensor, *, keepdim: bool = False) -> Tensor:
     """``|x|^2`` over the last dim, in :func:`accumulation_dtype`."""
-    return cast(x, accumulation_dtype(x)).pow(2).sum(-1, keepdim=keepdim)
+    return cast(x, accumulation_dtype(x.dtype)).pow(2).sum(-1, keepdim=keepdim)
 
 
 def as_input_grads(

@@ -221,13 +221,6 @@ def label_masks(
     return others, same
 
 
-def key_ids(key_set: KeySet | None, num_keys: int, device: torch.device) -> KeyIds:
-    """The id arrays of ``key_set`` (all ``None`` when every key takes part)."""
-    if key_set is None:
-        return (None, None, None, None)
-    return key_set.ids(num_keys, device)
-
-
 def excluded_from_ids(
     ids: KeyIds, same_group: bool, start: int = 0, stop: int | None = None
 ) -> Tensor | None:
