@@ -99,6 +99,7 @@ TEST_FILES = [
     "tests/test_overhead.py",
     "tests/test_dispatch.py",
     "tests/test_baselines.py",
+    "tests/test_shortcuts.py",
 ]
 #: The smoke run's subset: the device plumbing and the precision policy.
 SMOKE_TEST_FILES = [

@@ -35,7 +35,8 @@ _register("default", 60, derandomize=True)
 _register("thorough", 500, derandomize=False)
 # make gpu-check: the same properties on fewer examples (a GPU run has a time budget).
 _register("gpu-check", 6, derandomize=True)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "default")
+settings.load_profile(_PROFILE)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 if TEST_DEVICE.type == "cuda" and not torch.cuda.is_available():
@@ -76,7 +77,14 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         log.write(f"## {report.nodeid} ({report.when})\n\n```\n{reason[-6000:]}\n```\n\n")
 
 
-@pytest.fixture(scope="module", params=["shortcuts on", "shortcuts off"])
+#: The shortcut settings the property tests run under. A GPU check (its time is budgeted) runs
+#: them as users do, with the shortcuts on, and tests/test_shortcuts.py for the bits.
+SHORTCUT_SETTINGS = (
+    ["shortcuts on"] if _PROFILE == "gpu-check" else ["shortcuts on", "shortcuts off"]
+)
+
+
+@pytest.fixture(scope="module", params=SHORTCUT_SETTINGS)
 def both_shortcut_settings(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run a module's tests twice: with the per-call shortcuts (cct_loss/shortcuts.py) and
     with every call taking the long way. Use as ``pytestmark = usefixtures(...)``."""

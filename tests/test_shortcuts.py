@@ -16,7 +16,7 @@ from cct_loss import CCTLoss, cct_loss, cct_loss_multiview, shortcuts
 from cct_loss.front import route
 from cct_loss.problem import layouts
 
-from .helpers import impl_options, random_embeddings
+from .helpers import TEST_DEVICE, impl_options, random_embeddings
 
 N, M, K, D = 6, 3, 10, 8
 
@@ -110,6 +110,8 @@ def _assert_bit_identical(first: list[Tensor], second: list[Tensor], what: str) 
 @pytest.mark.parametrize("options_name", list(OPTIONS))
 @pytest.mark.parametrize("shape", list(_calls()))
 def test_shortcuts_change_no_bit(shape: str, options_name: str, impl: str) -> None:
+    if impl == "sdpa" and TEST_DEVICE.type == "cuda":
+        pytest.skip("CUDA's fused attention backward is not bitwise repeatable run to run")
     options = {**OPTIONS[options_name], **impl_options(impl, chunk_size=4)}
     build = _calls()[shape]
     for memo in (route._REPLAYS, layouts._INSTANCES):
