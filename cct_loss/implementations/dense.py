@@ -17,30 +17,26 @@ from ..maths.expectation import ConditionalExpectation, weighted_expectation
 from ..maths.precision import backward_in_own_precision, cast
 from ..maths.reduction import divisors
 from ..options import CCTOptions
-from ..problem.description import ContrastiveProblem, label_masks
+from ..problem.description import ContrastiveProblem, KeySet, label_masks
 from ..shortcuts import apply, eager_twin
 from . import dense_sides as sides
 from .dense_sides import NONE, PAIRS, SHARED, Grad, Inputs, Plan, SideResult
-
-
-def _flags(inputs: Inputs) -> tuple[Tensor | None, Tensor | None]:
-    """Which queries have positives and negatives (``None``: every query)."""
-    plan, pos, neg = inputs.plan, inputs.pos_excluded, inputs.neg_excluded
-    return (
-        None if pos is None or not plan.pos_may_be_empty else ~pos.all(-1),
-        None if neg is None or not plan.neg_may_be_empty else ~neg.all(-1),
-    )
 
 
 def _shares(
     plan: Plan,
     options: CCTOptions,
     num_queries: int,
-    flags: tuple[Tensor | None, Tensor | None] = (None, None),
+    excluded: tuple[Tensor | None, Tensor | None] = (None, None),
 ) -> tuple[Grad | None, Grad | None]:
     """Each query's share of the reduced loss in ``A`` and ``E`` (repulsion is ``-E``), from the
-    one reduction's divisors (:func:`cct_loss.maths.reduction.divisors`)."""
-    divide = divisors(options, num_queries, *flags)
+    one reduction's divisors (:func:`cct_loss.maths.reduction.divisors`); ``excluded``: the label
+    masks, which say who has a term where a query may have none."""
+    empty = (plan.pos_may_be_empty, plan.neg_may_be_empty)
+    pos, neg = (
+        None if x is None or not e else ~x.all(-1) for x, e in zip(excluded, empty, strict=True)
+    )
+    divide = divisors(options, num_queries, pos, neg)
     grad_pos = None if plan.positives == NONE else options.alpha / divide.attraction
     grad_neg = None if plan.negatives == NONE else -options.beta / divide.repulsion
     return grad_pos, grad_neg
@@ -100,11 +96,45 @@ def _inputs(problem: ContrastiveProblem, options: CCTOptions, plan: Plan) -> Inp
     return Inputs(problem.query, problem.keys, fixed, *masks, options.t_pos, options.t_neg, plan)
 
 
+def _sides_of(outputs: tuple[Tensor | None, ...], plan: Plan) -> tuple[SideResult, SideResult]:
+    """Both sides' results from :class:`_DenseTerms`' outputs (after the values: the
+    difference, then each side's weights, costs and moments); a cost matrix both sides share
+    is output once."""
+    pos_value, neg_value, difference, pos_w, neg_w, pos_c, neg_c, pos_m, neg_m = outputs
+    if neg_c is None and plan.positives == plan.negatives == SHARED:
+        neg_c = pos_c
+    return SideResult(pos_value, pos_w, pos_c, pos_m, difference), SideResult(
+        neg_value, neg_w, neg_c, neg_m
+    )
+
+
+def _differentiable_backward(
+    inputs: Inputs,
+    grads: tuple[Tensor | None, ...],
+    needs: tuple[bool, ...],
+    preparation: Preparation | None = None,
+    shares: tuple[Grad | None, Grad | None] | None = None,
+) -> list[Tensor | None]:
+    """Either function's backward pass under ``create_graph=True``: the vector-Jacobian product
+    of the formula (:func:`.dense_sides.formula`), recorded by autograd so that higher
+    derivatives are exact; with ``preparation`` and ``shares``, of the reduced loss of raw
+    embeddings."""
+
+    def formula(*raw: Tensor | None) -> tuple[Tensor | None, ...]:
+        ready = (x if x is None or preparation is None else prepare(x, preparation) for x in raw)
+        terms = sides.formula(Inputs._make((*ready, *inputs[3:])))
+        if shares is None:
+            return terms
+        return (_reduced(SideResult(terms[0]), SideResult(terms[1]), shares),)
+
+    return differentiable_vjp(formula, (inputs.query, inputs.keys, inputs.fixed), grads, needs)
+
+
 @eager_twin
 class _DenseTerms(torch.autograd.Function):
-    """Each query's ``A`` and ``E`` on prepared embeddings and, not differentiable, each side's
-    difference, weights, costs and moments (``None`` where absent). ``setup_context`` and
-    ``generate_vmap_rule`` make it work under ``torch.func``."""
+    """Each query's ``A`` and ``E`` on prepared embeddings (:class:`Inputs`) and, not differentiable, each side's difference, weights, costs and
+    moments (``None`` where absent). ``setup_context`` and ``generate_vmap_rule`` make it work
+    under ``torch.func``."""
 
     generate_vmap_rule = True
 
@@ -141,29 +171,22 @@ class _DenseTerms(torch.autograd.Function):
     @backward_in_own_precision
     def backward(ctx: Any, grad_pos: Tensor | None, grad_neg: Tensor | None, *_: Any) -> Any:
         saved = ctx.saved_tensors
-        inputs = Inputs(*saved[:5], *ctx.settings)
+        inputs, needs = Inputs(*saved[:5], *ctx.settings), ctx.needs_input_grad[:3]
         nones = (None,) * 5
         if grad_pos is None and grad_neg is None:
             return None, None, None, *nones
-        raw = (inputs.query, inputs.keys, inputs.fixed)
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
-
-            def formula(q: Tensor, k: Tensor | None, f: Tensor | None) -> tuple[Tensor | None, ...]:
-                return sides.formula(inputs._replace(query=q, keys=k, fixed=f))
-
-            needs = ctx.needs_input_grad[:3]
-            return (*differentiable_vjp(formula, raw, (grad_pos, grad_neg), needs), *nones)
-        pos_value, neg_value, difference, pos_w, neg_w, pos_c, neg_c, pos_m, neg_m = saved[5:]
-        if neg_c is None and inputs.plan.positives == inputs.plan.negatives == SHARED:
-            neg_c = pos_c  # both sides over one cost matrix
-        pos = SideResult(pos_value, pos_w, pos_c, pos_m, difference)
-        neg = SideResult(neg_value, neg_w, neg_c, neg_m)
-        grads = sides.input_grads(inputs, pos, neg, (grad_pos, grad_neg), ctx.needs_input_grad[:3])
-        cast_back = (
-            None if g is None or x is None else cast(g, x.dtype)
-            for g, x in zip(grads, raw, strict=True)
+            return (*_differentiable_backward(inputs, (grad_pos, grad_neg), needs), *nones)
+        pos, neg = _sides_of(saved[5:], inputs.plan)
+        grads = sides.input_grads(inputs, pos, neg, (grad_pos, grad_neg), needs)
+        raw = (inputs.query, inputs.keys, inputs.fixed)
+        return (
+            *(
+                None if g is None or x is None else cast(g, x.dtype)
+                for g, x in zip(grads, raw, strict=True)
+            ),
+            *nones,
         )
-        return (*cast_back, *nones)
 
 
 @eager_twin
@@ -187,15 +210,12 @@ class _DenseLoss(torch.autograd.Function):
         plan: Plan,
         shares: tuple[Grad | None, Grad | None],
         preparation: Preparation,
-        needs: tuple[bool, bool, bool],
+        needs: tuple[bool, ...],
     ) -> tuple[Tensor | None, ...]:
         raw = (query, keys, fixed)
         prepared = [None if x is None else prepare_rows(x, preparation) for x in raw]
-        ready = [None if p is None else p[0] for p in prepared]
-        assert ready[0] is not None
-        inputs = Inputs(
-            ready[0], ready[1], ready[2], pos_excluded, neg_excluded, t_pos, t_neg, plan
-        )
+        ready = (None if p is None else p[0] for p in prepared)
+        inputs = Inputs._make((*ready, pos_excluded, neg_excluded, t_pos, t_neg, plan))
         pos, neg = sides.forward(inputs, totals=True)
         loss = _reduced(pos, neg, shares)
         if not any(needs):
@@ -223,58 +243,42 @@ class _DenseLoss(torch.autograd.Function):
         if not torch.is_grad_enabled():  # a scaling (autocast would leave it alone)
             return (*(None if g is None else g * grad_loss for g in saved[:3]), *nones)
         t_pos, t_neg, plan, shares, preparation = ctx.settings  # create_graph=True
-        query, keys, fixed, pos_excluded, neg_excluded = saved[3:]
-        inputs = Inputs(query, keys, fixed, pos_excluded, neg_excluded, t_pos, t_neg, plan)
-
-        def formula(q: Tensor, k: Tensor | None, f: Tensor | None) -> tuple[Tensor]:
-            def each(x: Tensor | None) -> Tensor | None:
-                return None if x is None else prepare(x, preparation)
-
-            ready = inputs._replace(query=prepare(q, preparation), keys=each(k), fixed=each(f))
-            attraction, expected = sides.formula(ready)
-            return (_reduced(SideResult(attraction), SideResult(expected), shares),)
-
-        grads = differentiable_vjp(
-            formula, (query, keys, fixed), [grad_loss], ctx.needs_input_grad[:3]
-        )
+        inputs = Inputs._make((*saved[3:], t_pos, t_neg, plan))
+        needs = ctx.needs_input_grad[:3]
+        grads = _differentiable_backward(inputs, (grad_loss,), needs, preparation, shares)
         return (*grads, *nones)
 
 
 class OnePass:
-    """The static half of a call's one-pass loss: everything but its tensors (and each query's
-    share of the loss, where no label decides it). Every call with the same signature has the
-    same one, so it can be kept and replayed (:mod:`cct_loss.shortcuts`)."""
+    """The reduced loss of a call on one process (``"mean"`` or ``"sum"``, no diagnostics) in
+    one autograd function: ``OnePass(problem, options)(problem)``. It holds everything but the
+    tensors (and each query's share of the loss, where no label decides it): every call with
+    the same signature has the same one, so it can be kept and replayed
+    (:mod:`cct_loss.shortcuts`)."""
 
     __slots__ = ("options", "plan", "shares")
 
-    def __init__(self, options: CCTOptions, plan: Plan, num_queries: int) -> None:
-        self.options, self.plan = options, plan
+    def __init__(self, problem: ContrastiveProblem, options: CCTOptions) -> None:
+        self.options, self.plan = options, plan_of(problem, options)
         self.shares: tuple[Grad | None, Grad | None] | None = None
-        if options.constant and not (plan.pos_may_be_empty or plan.neg_may_be_empty):
-            self.shares = _shares(plan, options, num_queries)
+        if options.constant and not (self.plan.pos_may_be_empty or self.plan.neg_may_be_empty):
+            self.shares = _shares(self.plan, options, problem.query.shape[0])
 
     def __call__(self, problem: ContrastiveProblem) -> Tensor:
         """The reduced loss of ``problem`` (raw embeddings), its gradient in the forward pass."""
         inputs = _inputs(problem, self.options, self.plan)
+        query, keys, fixed = inputs.query, inputs.keys, inputs.fixed
         needs = (False, False, False)
         if torch.is_grad_enabled():
-            query, keys, fixed = inputs.query, inputs.keys, inputs.fixed
             needs = (
                 query.requires_grad,
                 keys is not None and keys.requires_grad,
                 fixed is not None and fixed.requires_grad,
             )
-        shares = self.shares
-        if shares is None:  # the counts of queries that have each term, or a schedule
-            shares = _shares(self.plan, self.options, inputs.query.shape[0], _flags(inputs))
+        # The counts of queries that have each term, or a schedule: computed every call.
+        shares = self.shares or _shares(self.plan, self.options, len(query), inputs[3:5])
         loss: Tensor = apply(_DenseLoss, *inputs, shares, problem.preparation, needs)[0]
         return loss
-
-
-def one_pass(problem: ContrastiveProblem, options: CCTOptions) -> OnePass:
-    """The reduced loss of a call on one process (``"mean"`` or ``"sum"``, no diagnostics) in
-    one autograd function: ``one_pass(problem, options)(problem)``."""
-    return OnePass(options, plan_of(problem, options), problem.query.shape[0])
 
 
 def expectations(
@@ -286,61 +290,41 @@ def expectations(
     problem = problem.prepared()
     plan = plan_of(problem, options)
     inputs = _inputs(problem, options, plan)
-    pos_value, neg_value, _, pos_w, neg_w, pos_c, neg_c, *_ = apply(_DenseTerms, *inputs)
-    if neg_c is None and plan.positives == plan.negatives == SHARED:
-        neg_c = pos_c
+    pos, neg = _sides_of(apply(_DenseTerms, *inputs), plan)
     details = bool(options.return_details)
     attract = repel = None
     if plan.positives == PAIRS:
-        attract = _pairs_expectation(
-            inputs, pos_value, pos_w, pos_c, details, options.wants_weights
-        )
+        attract = _pairs_expectation(inputs, pos, details, options.wants_weights)
     elif plan.positives == SHARED:
         attract = weighted_expectation(
-            pos_value, pos_w, pos_c, inputs.pos_excluded, "positives",
+            pos.value, pos.weights, pos.costs, inputs.pos_excluded, "positives",  # type: ignore[arg-type]
             details=details, may_be_empty=plan.pos_may_be_empty,
         )  # fmt: skip
     if plan.negatives == SHARED:
         excluded = inputs.neg_excluded
         if details and plan.exclude_own:  # the own rows sit out of the extreme cost
-            assert plan.rows is not None
-            excluded = torch.zeros_like(neg_w, dtype=torch.bool)
-            plan.rows.entries(excluded).fill_(True)
+            excluded = KeySet(rows=plan.rows).excluded_mask(problem.num_keys, problem.query.device)
         repel = weighted_expectation(
-            neg_value, neg_w, neg_c, excluded, "negatives",
+            neg.value, neg.weights, neg.costs, excluded, "negatives",  # type: ignore[arg-type]
             details=details, may_be_empty=plan.neg_may_be_empty,
         )  # fmt: skip
     return attract, repel
 
 
 def _pairs_expectation(
-    inputs: Inputs,
-    value: Tensor,
-    weights: Tensor | None,
-    costs: Tensor | None,
-    details: bool,
-    wants: bool,
+    inputs: Inputs, side: SideResult, details: bool, wants: bool
 ) -> ConditionalExpectation:
     """The pairs side's result: weights ``(Q, M)`` without the query itself (one positive:
     weight 1, entropy 0, its cost the extreme)."""
-    if weights is None or costs is None:
-        entropy = extreme = None
-        if details:
-            extreme, entropy = value.detach().clone(), torch.zeros_like(value).detach()
-        ones = value.new_ones((value.shape[0], 1)) if wants else None
-        return ConditionalExpectation(value, entropy, extreme, ones)
+    assert side.value is not None
     if not (details or wants):
-        return ConditionalExpectation(value, None, None, None)
-    _, _, exclude_self = sides.pairs(inputs)
-    num_views, num_keys, rows = weights.shape
-    kept = [[w for w in range(num_keys) if not (exclude_self and w == v)] for v in range(num_views)]
-    columns = torch.tensor(kept, device=weights.device)[:, None, :].expand(-1, rows, -1)
-
-    def per_query(x: Tensor) -> Tensor:
-        """``(V, W, N)`` -> ``(V * N, M)``: each query's own keys, itself left out."""
-        return x.permute(0, 2, 1).gather(2, columns).reshape(num_views * rows, -1)
-
+        return ConditionalExpectation(side.value, None, None, None)
+    if side.weights is None or side.costs is None:  # one positive
+        weights, costs = torch.ones_like(side.value)[:, None], side.value.detach()[:, None]
+    else:
+        _, _, exclude_self = sides.pairs(inputs)
+        weights, costs = (sides.per_query(x, exclude_self) for x in (side.weights, side.costs))
     statistics = weighted_expectation(
-        value, per_query(weights), per_query(costs), None, "positives", details=details
+        side.value, weights, costs, None, "positives", details=details
     )
     return statistics if wants else statistics._replace(weights=None)

@@ -29,7 +29,7 @@ from ..maths.costs import (
 )
 from ..maths.expectation import block_formula, expected_cost_formula, grad_of_costs
 from ..maths.precision import product, squared_norms
-from ..problem.description import OwnRows
+from ..problem.description import KeySet, OwnRows
 
 NONE, PAIRS, SHARED = "none", "pairs", "shared"
 
@@ -96,6 +96,19 @@ def pairs(inputs: Inputs) -> tuple[Tensor, Tensor, bool]:
     assert rows is not None
     queries = query.view(rows.query_views, rows.rows, -1)
     return queries, rows.own_keys(inputs.shared), rows.includes_self
+
+
+def per_query(x: Tensor, exclude_self: bool) -> Tensor:
+    """``(V, W, N)`` entries of the pairs -> ``(V * N, M)``: each query's own keys in view
+    order, itself left out where ``exclude_self`` (column ``m`` of view ``v`` is key view ``m``,
+    ``m + 1`` from ``v`` on)."""
+    num_views, num_keys, rows = x.shape
+    x = x.transpose(1, 2)
+    if exclude_self:
+        m = torch.arange(num_keys - 1, device=x.device)
+        columns = m + (m >= torch.arange(num_views, device=x.device)[:, None])
+        x = x.gather(2, columns[:, None, :].expand(-1, rows, -1))
+    return x.reshape(num_views * rows, -1)
 
 
 def _one_positive(inputs: Inputs) -> tuple[Tensor, Tensor, int] | None:
@@ -320,9 +333,7 @@ def formula(inputs: Inputs) -> tuple[Tensor | None, Tensor | None]:
             continue
         excluded = inputs.pos_excluded if positives else inputs.neg_excluded
         if not positives and plan.exclude_own:
-            assert plan.rows is not None
-            excluded = query.new_zeros((query.shape[0], shared.shape[0]), dtype=torch.bool)
-            plan.rows.entries(excluded).fill_(True)
+            excluded = KeySet(rows=plan.rows).excluded_mask(shared.shape[0], query.device)
         signed = inputs.t_pos if positives else -inputs.t_neg
         value = expected_cost_formula(
             query, shared, excluded, cost=plan.cost, signed=signed, detach_weights=plan.detach

@@ -99,7 +99,7 @@ def sdpa_or_chunked(
 
 #: Every implementation by its ``impl`` name.
 TABLE: dict[str, Implementation] = {
-    "dense": Implementation("dense", dense.expectations, dense.one_pass),
+    "dense": Implementation("dense", dense.expectations, dense.OnePass),
     "chunked": Implementation("chunked", streamed(chunked.expected_cost)),
     "sdpa": Implementation("sdpa", streamed(sdpa_or_chunked)),
     "triton": Implementation("triton", streamed(triton_op.expected_cost)),
