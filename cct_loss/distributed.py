@@ -9,7 +9,9 @@ never waits for the GPU."""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -28,10 +30,70 @@ def rank_and_world_size(group: Any = None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def row_counts(rows: int, device: torch.device, group: Any = None) -> list[int]:
-    """Every rank's number of rows, in rank order (one small all-gather on the CPU); a
-    ``ValueError`` on every rank (none hangs in a later collective) when a rank has none."""
-    counts = _gather_counts(rows, device, group)
+class Field(NamedTuple):
+    """One thing every rank of a gathering call must agree on: its ``name`` in the messages,
+    this rank's ``value``, and the values it may take (``choices``: sent as an index, so that
+    every rank can name the others' values; empty: ``value`` is an integer, sent as it is)."""
+
+    name: str
+    value: object
+    choices: tuple[object, ...] = ()
+
+    def code(self) -> int:
+        if not self.choices:
+            assert isinstance(self.value, int)
+            return self.value
+        return self.choices.index(self.value) if self.value in self.choices else -1
+
+    def read(self, code: int) -> str:
+        if not self.choices:
+            return str(code)
+        return str(self.choices[code]) if 0 <= code < len(self.choices) else "another value"
+
+
+#: The gathering calls, first among the fields of every exchange (a rank in a different call).
+CALLS = ("cct_loss", "cct_loss_multiview", "NegativeQueue.enqueue")
+#: The dtypes and device types the fields name (any other is sent as "another value").
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
+#: Fields per exchange: every call sends as many (padded), so that ranks in different calls
+#: still exchange tensors of one size (a size mismatch aborts the process).
+MAX_FIELDS = 12
+
+#: Gathering calls entered on this rank, per process group (see :func:`gathering_call`).
+_CALLS_ENTERED: dict[Any, int] = {}
+#: The groups whose current gathering call has not yet made its exchange.
+_PENDING: set[Any] = set()
+#: The row count a rank sends when its call failed before its exchange.
+REFUSED = -1
+
+
+@contextlib.contextmanager
+def gathering_call(group: Any = None) -> Iterator[None]:
+    """Around one gathering call (every rank makes it): counted on entry, and where it fails on
+    this rank before its exchange (a bad batch refused by the checks), the exchange is made
+    anyway, marked refused, so that every other rank fails in the same call rather than waiting
+    for this one or pairing its batch with this rank's next. Every rank makes one exchange per
+    call, failed or not; a rank that never enters a call is the one case no exchange can see."""
+    _CALLS_ENTERED[group] = _CALLS_ENTERED.get(group, 0) + 1
+    _PENDING.add(group)
+    try:
+        yield
+    except Exception:
+        if group in _PENDING:
+            _gather_counts(REFUSED, torch.device("cpu"), group, ())
+        raise
+    finally:
+        _PENDING.discard(group)
+
+
+def row_counts(
+    rows: int, device: torch.device, group: Any = None, fields: Sequence[Field] = ()
+) -> list[int]:
+    """Every rank's number of rows, in rank order, and the ranks' agreement on ``fields`` (see
+    :func:`gathered_counts`); a ``ValueError`` on every rank (none hangs in a later
+    collective) when a rank has no row."""
+    counts = _gather_counts(rows, device, group, fields)
     if min(counts) == 0:
         raise ValueError(
             f"gather_distributed=True: every rank needs at least one row per call, got rows per "
@@ -41,24 +103,83 @@ def row_counts(rows: int, device: torch.device, group: Any = None) -> list[int]:
     return counts
 
 
-def gathered_counts(x: Tensor, group: Any = None) -> list[int]:
-    """Every rank's ``x.shape[0]`` in rank order (zeros allowed); ``[rows]`` without a group."""
+def gathered_counts(x: Tensor, group: Any = None, fields: Sequence[Field] = ()) -> list[int]:
+    """Every rank's ``x.shape[0]`` in rank order (zeros allowed); ``[rows]`` without a group.
+
+    The same exchange carries the number of gathering calls each rank has entered and
+    ``fields`` (the call first, then its D, dtype, device type, layout, which inputs it has):
+    where the ranks differ in any, every rank raises a ``ValueError`` naming it and each
+    rank's value, instead of a gather of mismatched sizes (which aborts the process) or of one
+    rank's batch with another's previous one (silently wrong)."""
     if not is_active(group):
         return [x.shape[0]]
-    return _gather_counts(x.shape[0], x.device, group)
+    return _gather_counts(x.shape[0], x.device, group, fields)
 
 
-def _gather_counts(rows: int, device: torch.device, group: Any) -> list[int]:
-    """Every rank's ``rows``, exchanged on the CPU (``device`` is where the rows live; the
-    counts never go there)."""
+def _gather_counts(
+    rows: int, device: torch.device, group: Any, fields: Sequence[Field]
+) -> list[int]:
+    """Every rank's ``rows``, exchanged on the CPU with the call count and ``fields`` (one
+    all-gather; ``device`` is where the rows live, the counts never go there)."""
     del device
     host = host_group(group)
     _, world = rank_and_world_size(group)
-    mine = torch.tensor([rows], dtype=torch.long, device="cpu")
+    if len(fields) > MAX_FIELDS:
+        raise AssertionError(f"at most {MAX_FIELDS} fields per exchange, got {len(fields)}")
+    codes = [f.code() for f in fields] + [0] * (MAX_FIELDS - len(fields))
+    mine = torch.tensor([rows, _CALLS_ENTERED.get(group, 0), *codes], dtype=torch.long)
     parts = [torch.empty_like(mine) for _ in range(world)]
+    _PENDING.discard(group)
     dist.all_gather(parts, mine, group=host)
-    counts: list[int] = torch.cat(parts).tolist()  # CPU values: no device to wait for
-    return counts
+    table: list[list[int]] = torch.stack(parts).tolist()  # CPU values: no device to wait for
+    if rows != REFUSED:  # a refusing rank raises its own error
+        _check_agreement(table, fields, group)
+    return [row[0] for row in table]
+
+
+def _check_agreement(table: list[list[int]], fields: Sequence[Field], group: Any) -> None:
+    """Raise on every rank (each holds the same ``table``) where the ranks differ: first a rank
+    that refused its call, then the call (the first field), the calls entered, and each field
+    in order."""
+    refused = [r for r, row in enumerate(table) if row[0] == REFUSED]
+    if refused:
+        raise ValueError(
+            f"gather_distributed=True: rank {refused[0]} refused its part of this call (its "
+            "own error says why: a bad batch?); every rank fails the call, so that none waits "
+            "for the others or gathers another step's batch"
+        )
+    checks: list[tuple[int, Field | None]] = [(2, fields[0])] if fields else []
+    checks += [(1, None)] + [(2 + i, f) for i, f in enumerate(fields[1:], 1)]
+    for column, field in checks:
+        values = [row[column] for row in table]
+        if len(set(values)) == 1:
+            continue
+        if field is None:  # the calls entered: realign every rank on the furthest
+            _CALLS_ENTERED[group] = max(values)
+            each = ", ".join(f"rank {r} at call {v}" for r, v in enumerate(values))
+            raise ValueError(
+                f"gather_distributed=True: the ranks are not in the same gathering call ({each})."
+                " A rank skipped a call (it left one out, or failed before cct-loss saw the "
+                "call). Every rank must make the same gathering calls in the same order "
+                "(docs/distributed.md)"
+            )
+        each = ", ".join(f"rank {r}: {field.read(v)}" for r, v in enumerate(values))
+        raise ValueError(
+            f"gather_distributed=True: the ranks disagree on {field.name} ({each}). "
+            + _CAUSES.get(field.name, _CAUSES[""])
+        )
+
+
+#: What a disagreement on a field most likely means.
+_CAUSES = {
+    "the call": "A rank skipped a call or made another one: every rank must make the same "
+    "gathering calls in the same order (docs/distributed.md)",
+    "labels": "Labels were given on some ranks only: pass labels= on every rank or on none",
+    "negatives": "Negatives were given on some ranks only: pass them on every rank or on none",
+    "negative_labels": "negative_labels were given on some ranks only",
+    "": "Every rank must call with the same embedding dim D, dtype, device type, layout and "
+    "inputs (only the batch size may differ)",
+}
 
 
 #: The CPU-capable twin of each process group (``None``: the default group).

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .checks import check_float_tensor, check_labels, shape_str
-from .distributed import all_gather_no_grad, gathered_counts
+from .distributed import all_gather_no_grad
 
 
 class NegativeQueue(nn.Module):
@@ -122,6 +123,15 @@ class NegativeQueue(nn.Module):
             ValueError: keys or labels of the wrong shape or device, labels missing or
                 unexpected, or non-finite keys (with ``check_finite``).
         """
+        if self.gather_distributed and distributed.is_active():
+            with distributed.gathering_call():  # every rank fails where one does
+                self._enqueue(keys, labels, check_finite, gathering=True)
+        else:
+            self._enqueue(keys, labels, check_finite, gathering=False)
+
+    def _enqueue(
+        self, keys: Tensor, labels: Tensor | None, check_finite: bool, *, gathering: bool
+    ) -> None:
         keys = check_float_tensor("keys", keys, (2,), f"(B, dim) = (B, {self.dim})")
         if keys.shape[1] != self.dim:
             raise ValueError(
@@ -148,8 +158,16 @@ class NegativeQueue(nn.Module):
                 "NegativeQueue(size, dim, with_labels=True)"
             )
         keys = keys.detach()
-        if self.gather_distributed:
-            counts = gathered_counts(keys)  # one exchange for the keys and their labels
+        if gathering:
+            presence = ("absent", "given")
+            fields = [
+                distributed.Field("the call", "NegativeQueue.enqueue", distributed.CALLS),
+                distributed.Field("the key dim", keys.shape[1]),
+                distributed.Field("the dtype", keys.dtype, distributed.DTYPES),
+                distributed.Field("the device type", keys.device.type, distributed.DEVICE_TYPES),
+                distributed.Field("labels", presence[labels is not None], presence),
+            ]
+            counts = distributed.gathered_counts(keys, fields=fields)  # keys and labels
             keys = all_gather_no_grad(keys, counts)
             if labels is not None:
                 labels = all_gather_no_grad(labels, counts)

@@ -287,3 +287,78 @@ def run(rank: int, world_size: int, out_dir: str) -> None:
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         leave(rank, world_size, out_dir)
+
+
+def _disagreements(rank: int, last: bool) -> dict[str, Callable[[], Any]]:
+    """Calls in which the last rank differs from the others (``last``: this is that rank),
+    each expected to fail on every rank: name -> the call."""
+    g = torch.Generator().manual_seed(rank)
+
+    def randn(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    d = 6 if last else 4
+    labels = torch.tensor([0, 1, 0]) if not last else None
+    negatives = randn(5, 4) if last else None
+    return {
+        "dim": lambda: cct_loss(randn(3, d), randn(3, d), gather_distributed=True),
+        "dtype": lambda: cct_loss(
+            randn(3, 4, dtype=torch.float64 if last else torch.float32),
+            randn(3, 4, dtype=torch.float64 if last else torch.float32),
+            gather_distributed=True,
+        ),
+        "labels": lambda: cct_loss(
+            randn(3, 4), randn(3, 4), labels=labels, gather_distributed=True
+        ),
+        "layout": lambda: cct_loss(
+            randn(3, 4), randn(3, 4), layout="cross" if last else "all", gather_distributed=True
+        ),
+        "negatives": lambda: cct_loss(
+            randn(3, 4), randn(3, 4), negatives, layout="cross", gather_distributed=True
+        ),
+        "views": lambda: cct_loss_multiview(
+            [randn(3, 4) for _ in range(3 if last else 2)], gather_distributed=True
+        ),
+        "queue_dim": lambda: NegativeQueue(8, d, gather_distributed=True).enqueue(randn(2, d)),
+        "other_call": lambda: (
+            NegativeQueue(8, 4, gather_distributed=True).enqueue(randn(2, 4))
+            if not last
+            else cct_loss(randn(3, 4), randn(3, 4), gather_distributed=True)
+        ),
+    }
+
+
+def run_disagreements(rank: int, world_size: int, out_dir: str) -> None:
+    """Ranks that disagree (the last rank differs): each call's error (or its absence) on every
+    rank and how long it took; then a call the last rank's bad batch made it skip, and the call
+    after that."""
+    init(rank, world_size, out_dir)
+    last = rank == world_size - 1
+    try:
+        results: dict[str, Any] = {}
+        for name, call in _disagreements(rank, last).items():
+            start = time.monotonic()
+            try:
+                call()
+                results[name] = "no error"
+            except ValueError as error:
+                results[name] = str(error)
+            results[f"{name}_seconds"] = time.monotonic() - start
+        # A bad batch on the last rank: it raises in validation, is caught, and that rank goes
+        # on to its next call while the others are still in this one.
+        start = time.monotonic()
+        for step in range(2):
+            bad = last and step == 0
+            positive = torch.randn(2, 4) if bad else torch.randn(3, 4)  # wrong shape: refused
+            try:
+                cct_loss(torch.randn(3, 4), positive, gather_distributed=True)
+                results[f"skipped_{step}"] = "no error"
+            except ValueError as error:
+                results[f"skipped_{step}"] = str(error)
+        results["skipped_seconds"] = time.monotonic() - start
+        # Every rank aligned again: the next call computes a loss on every rank.
+        loss = cct_loss(torch.randn(3, 4), torch.randn(3, 4), gather_distributed=True)
+        results["after"] = float(loss)
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        leave(rank, world_size, out_dir)

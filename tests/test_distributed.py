@@ -157,3 +157,54 @@ def test_an_empty_rank_is_an_error_on_every_rank(uneven: list[dict[str, Any]]) -
     for result in uneven:
         assert "every rank needs at least one row" in result["empty_rank"]
         assert "[2, 0, 2]" in result["empty_rank"]
+
+
+@pytest.fixture(scope="module")
+def disagreements(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return spawn(worker.run_disagreements, 3, tmp_path_factory.mktemp("disagree"))
+
+
+#: Each disagreement of tests/distributed_worker.py (the last of 3 ranks differs), and what
+#: every rank's error must say: the field and each rank's value.
+DISAGREEMENTS = {
+    "dim": ["the embedding dim D", "rank 0: 4, rank 1: 4, rank 2: 6"],
+    "dtype": ["the dtype", "rank 0: torch.float32, rank 1: torch.float32, rank 2: torch.float64"],
+    "labels": ["labels", "rank 0: given, rank 1: given, rank 2: absent", "on some ranks only"],
+    "layout": ["the layout", "rank 0: all, rank 1: all, rank 2: cross"],
+    "negatives": ["negatives", "rank 0: absent, rank 1: absent, rank 2: given"],
+    "views": ["the number of views", "rank 0: 2, rank 1: 2, rank 2: 3"],
+    "queue_dim": ["the key dim", "rank 0: 4, rank 1: 4, rank 2: 6"],
+    "other_call": [
+        "the call",
+        "rank 0: NegativeQueue.enqueue, rank 1: NegativeQueue.enqueue, rank 2: cct_loss",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(DISAGREEMENTS))
+def test_ranks_that_disagree_fail_on_every_rank(
+    disagreements: list[dict[str, Any]], name: str
+) -> None:
+    """D, dtype, labels, layout, negatives, views, a queue's key dim, or a different call on
+    one rank of three: a ValueError on every rank, naming what differs and each rank's value,
+    within seconds (before, a size mismatch aborted rank 0, or labels on one rank hung)."""
+    for rank, result in enumerate(disagreements):
+        for text in DISAGREEMENTS[name]:
+            assert text in result[name], f"rank {rank}: {result[name]}"
+        assert result[f"{name}_seconds"] < 10
+
+
+def test_a_rank_that_refuses_its_batch_fails_the_call_on_every_rank(
+    disagreements: list[dict[str, Any]],
+) -> None:
+    """The last rank's batch is refused by the checks (the others' are fine): every rank fails
+    that call, the next call and the one after it compute a loss on every rank (before, the
+    others gathered that rank's next batch as this one's, then hung)."""
+    *others, last = disagreements
+    assert "positive must have shape" in last["skipped_0"]
+    for result in others:
+        assert "rank 2 refused its part of this call" in result["skipped_0"]
+    for result in disagreements:
+        assert result["skipped_1"] == "no error"
+        assert isinstance(result["after"], float)
+        assert result["skipped_seconds"] < 10

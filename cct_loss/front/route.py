@@ -43,6 +43,21 @@ def pairs_loss(
 ) -> Tensor | CCTDetails:
     """:func:`cct_loss.cct_loss` with its options in one object (see its docstring);
     ``entry``: how the messages spell the call (``"CCTLoss(...)"`` for the module)."""
+    if options.gather_distributed and distributed.is_active():
+        with distributed.gathering_call():  # every rank fails where one does
+            return _pairs_loss(query, positive, negatives, labels, negative_labels, options, entry)
+    return _pairs_loss(query, positive, negatives, labels, negative_labels, options, entry)
+
+
+def _pairs_loss(
+    query: Tensor,
+    positive: Tensor | None,
+    negatives: Tensor | None,
+    labels: Tensor | None,
+    negative_labels: Tensor | None,
+    options: CCTOptions,
+    entry: str,
+) -> Tensor | CCTDetails:
     signature = _signature(query, positive, negatives, labels, negative_labels, options)
     replay = None if signature is None else _REPLAYS.get(signature)
     if replay is not None:  # a signature checked before: the same checks pass
@@ -56,7 +71,7 @@ def pairs_loss(
     query = validate.query_of(query, options, entry)
     if positive is None:  # the one-view call with labels
         labels = validate.one_view(negatives, labels, negative_labels, options, entry)
-        return views_loss([query], labels, options, entry=entry)
+        return _views_loss([query], labels, options, entry)
     call = validate.pairs(query, positive, negatives, labels, negative_labels, options, entry)
     embeddings = [x for x in (call.query, call.positive, call.negatives) if x is not None]
     preparation = Preparation.of(
@@ -81,6 +96,15 @@ def views_loss(
 ) -> Tensor | CCTDetails:
     """:func:`cct_loss.cct_loss_multiview` with its options in one object; ``entry``: how the
     messages name the call."""
+    if options.gather_distributed and distributed.is_active():
+        with distributed.gathering_call():  # every rank fails where one does
+            return _views_loss(views, labels, options, entry)
+    return _views_loss(views, labels, options, entry)
+
+
+def _views_loss(
+    views: Sequence[Tensor], labels: Tensor | None, options: CCTOptions, entry: str
+) -> Tensor | CCTDetails:
     call = validate.views(views, labels, options, entry)
     stacked = call.views
     preparation = Preparation.of(

@@ -21,12 +21,14 @@ from ..checks import (
     same_view,
     shape_str,
 )
+from ..distributed import Field
 from ..maths.precision import promoted_dtype
 from ..options import CCTOptions
 
 #: The layouts each entry point takes.
 PAIR_LAYOUTS = ("all", "cross")
 VIEW_LAYOUTS = ("all", "paper")
+LAYOUTS = ("all", "cross", "paper")
 
 
 class PairsCall(NamedTuple):
@@ -118,8 +120,39 @@ def pairs(
     device = check_same_device(tensors)
     if options.check_finite:
         check_finite_inputs({k: v for k, v in tensors.items() if v.is_floating_point()})
-    counts = distributed.row_counts(n, device) if gathering else None
+    counts = None
+    if gathering:
+        given = {"labels": labels, "negatives": negatives, "negative_labels": negative_labels}
+        fields = _agreement("cct_loss", query, device, options, given)
+        m = 1 if positive.dim() == 2 else positive.shape[1]
+        fields.insert(3, Field("the dtype of positive", positive.dtype, distributed.DTYPES))
+        fields.insert(4, Field("the positives per query M", m))
+        counts = distributed.row_counts(n, device, fields=fields)
     return PairsCall(query, positive, negatives, labels, negative_labels, device, counts)
+
+
+#: How the agreement across ranks names an input that is there or not.
+PRESENCE = ("absent", "given")
+
+
+def _agreement(
+    call: str,
+    rows: Tensor,
+    device: torch.device,
+    options: CCTOptions,
+    given: dict[str, Tensor | None],
+) -> list[Field]:
+    """What every rank of a gathering call must agree on (:func:`distributed.gathered_counts`):
+    the call, the embedding dim and dtype of ``rows``, the device type, the layout, and which
+    of the optional inputs ``given`` are there."""
+    return [
+        Field("the call", call, distributed.CALLS),
+        Field("the embedding dim D", rows.shape[-1]),
+        Field("the dtype", rows.dtype, distributed.DTYPES),
+        Field("the device type", device.type, distributed.DEVICE_TYPES),
+        Field("the layout", options.layout, LAYOUTS),
+        *(Field(name, PRESENCE[x is not None], PRESENCE) for name, x in given.items()),
+    ]
 
 
 def _check_explicit_negatives(
@@ -188,7 +221,13 @@ def views(
             )
         labels = check_labels("labels", labels, stacked.shape[1], "N")
         check_same_device({"views": stacked, "labels": labels})
-    counts = distributed.row_counts(stacked.shape[1], stacked.device) if gathering else None
+    counts = None
+    if gathering:
+        fields = _agreement(
+            "cct_loss_multiview", stacked, stacked.device, options, {"labels": labels}
+        )
+        fields.insert(3, Field("the number of views", stacked.shape[0]))
+        counts = distributed.row_counts(stacked.shape[1], stacked.device, fields=fields)
     return ViewsCall(stacked, labels, counts)
 
 
