@@ -21,3 +21,27 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """A public name that does not exist names the one it most likely misspells: an
+    ``ImportError`` for ``from cct_loss import CCTMultiViewLoss`` (Python 3.11 would drop the
+    hint of an ``AttributeError`` there), an ``AttributeError`` for ``cct_loss.CCTMultiViewLoss``
+    (so ``hasattr`` and ``getattr`` with a default work as ever)."""
+    import dis
+    import sys
+
+    from .checks import closest_name
+
+    lowered = {public.lower(): public for public in __all__}
+    close = None if name.startswith("__") else closest_name(name, list(lowered))
+    hint = (
+        f"did you mean {lowered[close]!r}?"
+        if close is not None
+        else f"its public names are {', '.join(__all__)}"
+    )
+    caller = sys._getframe(1)
+    instruction = caller.f_code.co_code[caller.f_lasti] if caller.f_lasti >= 0 else None
+    if instruction == dis.opmap["IMPORT_FROM"]:
+        raise ImportError(f"cannot import name {name!r} from 'cct_loss': {hint}", name=__name__)
+    raise AttributeError(f"module 'cct_loss' has no attribute {name!r}: {hint}", name=name)

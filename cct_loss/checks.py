@@ -10,6 +10,7 @@ cleanly under ``torch.compile``.
 from __future__ import annotations
 
 import difflib
+import operator
 from collections.abc import Collection, Sequence
 
 import torch
@@ -27,6 +28,17 @@ def closest_name(name: str, valid: Sequence[str]) -> str | None:
     """The valid name ``name`` most likely misspells, or ``None``."""
     close = difflib.get_close_matches(name.lower(), list(valid), n=1, cutoff=TYPO_CUTOFF)
     return close[0] if close else None
+
+
+def as_int(value: object) -> int | None:
+    """``value`` as a Python int where it is an integer (anything with ``__index__``: a Python
+    or a NumPy integer; not a bool), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def shape_str(x: Tensor) -> str:

@@ -19,7 +19,7 @@ from typing import Any, TypedDict, TypeVar
 from torch import Tensor
 
 from . import shortcuts
-from .checks import closest_name, shape_str
+from .checks import as_int, closest_name, shape_str
 
 COSTS = ("sqeuclidean", "cosine")
 REDUCTIONS = ("mean", "sum", "none")
@@ -63,7 +63,7 @@ class CCTOptions:
         check_flag("normalize", self.normalize)
         check_flag("detach_weights", self.detach_weights)
         check_choice("reduction", self.reduction, REDUCTIONS)
-        check_chunk_size(self.chunk_size)
+        object.__setattr__(self, "chunk_size", check_chunk_size(self.chunk_size))
         if self.chunk_size is not None and self.impl not in ("auto", "chunked"):
             raise ValueError(
                 f"chunk_size is the block width of impl='chunked'; impl={self.impl!r} has no "
@@ -219,6 +219,15 @@ def check_scalar_option(
                 f"{name} must be a real number or a 0-dim floating-point tensor ({what}), "
                 f"got a tensor of shape {shape_str(value)} and dtype {value.dtype}"
             )
+        if value.requires_grad and name in ("alpha", "beta"):
+            raise ValueError(
+                f"{name} must not require grad: the options are constants to autograd. The loss "
+                "is linear in each weight, so gradient descent would not balance the terms: it "
+                "drives alpha down without bound (the attraction is >= 0) and beta up (the "
+                "repulsion is <= 0), switching one term off or letting the other take over. "
+                "To weight the terms yourself, ask for them: details = cct_loss(..., "
+                "return_details=True); loss = details.attraction + w * details.repulsion"
+            )
         if value.requires_grad:
             raise ValueError(
                 f"{name} must not require grad: the options are constants to autograd. With "
@@ -268,11 +277,12 @@ def check_chunk_size(value: object) -> int | None:
     """``chunk_size``: ``None`` or an int >= 1."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    number = as_int(value)
+    if number is None:
         raise TypeError(f"chunk_size must be None or an int >= 1, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {value}")
-    return value
+    if number < 1:
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {number}")
+    return number
 
 
 class OptionKeywords(TypedDict, total=False):

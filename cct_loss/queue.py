@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+import operator
+from typing import Any, SupportsIndex
 
 import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .checks import check_float_tensor, check_labels, shape_str
+from .checks import as_int, check_float_tensor, check_labels, shape_str
 from .distributed import all_gather_no_grad
 
 
@@ -58,8 +59,8 @@ class NegativeQueue(nn.Module):
 
     def __init__(
         self,
-        size: int,
-        dim: int,
+        size: SupportsIndex,
+        dim: SupportsIndex,
         *,
         gather_distributed: bool = False,
         dtype: torch.dtype = torch.float32,
@@ -68,10 +69,12 @@ class NegativeQueue(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("size", size), ("dim", dim)):
-            if isinstance(value, bool) or not isinstance(value, int):
+            number = as_int(value)
+            if number is None:
                 raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value}")
+            if number < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {number}")
+        size, dim = operator.index(size), operator.index(dim)
         for name, flag in (
             ("gather_distributed", gather_distributed),
             ("with_labels", with_labels),
@@ -174,10 +177,19 @@ class NegativeQueue(nn.Module):
         batch = keys.shape[0]
         if batch == 0:
             return
+        keys = keys.to(self.keys.dtype)  # checked as stored: 1e5 is finite, but not in float16
         if check_finite and not bool(torch.isfinite(keys).all()):  # one synchronisation
             raise ValueError(
-                f"keys hold a NaN or infinite value (shape {shape_str(keys)}); the queue is left "
-                "unchanged (a diverged step? pass check_finite=False to skip this check)"
+                f"keys hold a NaN or infinite value in the queue's dtype {self.keys.dtype} "
+                f"(shape {shape_str(keys)}); the queue is left unchanged (a diverged step, or "
+                "keys too large for that dtype? pass check_finite=False to skip this check)"
+            )
+        if self.keys.is_inference() and not torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "this queue was created under torch.inference_mode(), so its buffers can only "
+                "be written inside inference_mode: create the queue outside it (for example in "
+                "the model's __init__), or move it into a fresh one, e.g. "
+                "fresh = NegativeQueue(size, dim); fresh.load_state_dict(queue.state_dict())"
             )
         start = self.write_position
         if batch > self.size:
@@ -186,7 +198,7 @@ class NegativeQueue(nn.Module):
             keys, batch = keys[-self.size :], self.size
             labels = None if labels is None else labels[-self.size :]
         index = (torch.arange(batch, device=keys.device) + start) % self.size
-        self.keys.index_copy_(0, index, keys.to(self.keys.dtype))
+        self.keys.index_copy_(0, index, keys)
         if labels is not None:
             self.key_labels.index_copy_(0, index, labels.to(torch.long))
         self.write_position.copy_((start + batch) % self.size)

@@ -369,10 +369,16 @@ def check_no_shared_memory(negatives: Tensor, positive: Tensor) -> None:
 
 
 def check_not_query_itself(query: Tensor, positive: Tensor, entry: str) -> None:
-    """Refuse a ``positive`` that is ``query`` itself (:func:`same_view`; also as the single
-    positive of an ``(N, 1, D)`` view): every query would be its own positive, at distance 0,
-    and the loss a number that means nothing."""
-    own = positive if positive.dim() == 2 else positive[:, 0] if positive.shape[1] == 1 else None
+    """Refuse a ``positive`` that is ``query`` itself (:func:`same_view`), as ``(N, D)`` or as
+    any of the ``M`` positives of ``(N, M, D)`` (``query.unsqueeze(1).expand(N, M, D)``, a stack
+    that holds it): every query would be its own positive, at distance 0, and the loss a number
+    that means nothing."""
+    if positive.dim() == 2:
+        own: Tensor | None = positive
+    elif positive.shape[1] == 1:
+        own = positive[:, 0]
+    else:  # the one of the M positives that starts where query does, if any
+        own = None if _untraceable(query, positive) else _positive_at(query, positive)
     if own is None or not same_view(query, own):
         return
     raise ValueError(
@@ -381,6 +387,23 @@ def check_not_query_itself(query: Tensor, positive: Tensor, entry: str) -> None:
         f"view with class labels: {entry}(embeddings, labels=labels); if a copy is really "
         f"meant: {entry}(query, query.clone())"
     )
+
+
+def _untraceable(*tensors: Tensor) -> bool:
+    """Under compile or ``torch.func`` tensors have no addresses to compare."""
+    return torch.compiler.is_compiling() or any(map(is_functorch_wrapped, tensors))
+
+
+def _positive_at(query: Tensor, positive: Tensor) -> Tensor | None:
+    """The positive ``positive[:, m]`` whose first element is ``query``'s first, or ``None``."""
+    if query.device != positive.device or query.dtype != positive.dtype:
+        return None
+    offset = query.data_ptr() - positive.data_ptr()
+    step = positive.stride(1) * positive.element_size()
+    if step == 0:  # expanded along M: every positive is the first
+        return positive[:, 0] if offset == 0 else None
+    m, rest = divmod(offset, step)
+    return positive[:, m] if rest == 0 and 0 <= m < positive.shape[1] else None
 
 
 def check_distinct_views(views: Sequence[Tensor], entry: str) -> None:
