@@ -127,7 +127,9 @@ def _gather_counts(
     if len(fields) > MAX_FIELDS:
         raise AssertionError(f"at most {MAX_FIELDS} fields per exchange, got {len(fields)}")
     codes = [f.code() for f in fields] + [0] * (MAX_FIELDS - len(fields))
-    mine = torch.tensor([rows, _CALLS_ENTERED.get(group, 0), *codes], dtype=torch.long)
+    mine = torch.tensor(
+        [rows, _CALLS_ENTERED.get(group, 0), *codes], dtype=torch.long, device="cpu"
+    )
     parts = [torch.empty_like(mine) for _ in range(world)]
     _PENDING.discard(group)
     dist.all_gather(parts, mine, group=host)

@@ -184,7 +184,11 @@ class NegativeQueue(nn.Module):
                 f"(shape {shape_str(keys)}); the queue is left unchanged (a diverged step, or "
                 "keys too large for that dtype? pass check_finite=False to skip this check)"
             )
-        if self.keys.is_inference() and not torch.is_inference_mode_enabled():
+        if (
+            not torch.compiler.is_compiling()  # a trace cannot ask
+            and self.keys.is_inference()
+            and not torch.is_inference_mode_enabled()
+        ):
             raise RuntimeError(
                 "this queue was created under torch.inference_mode(), so its buffers can only "
                 "be written inside inference_mode: create the queue outside it (for example in "

@@ -3,14 +3,19 @@ somewhere. The distributed half (ranks that disagree) is in tests/test_distribut
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import cct_loss as package
-from cct_loss import NegativeQueue, cct_loss
+from cct_loss import NegativeQueue, cct_loss, cct_loss_multiview
 
-from .helpers import TEST_DEVICE, random_embeddings
+from .helpers import IMPLS, RTOL, TEST_DEVICE, impl_options, random_embeddings
+from .reference import reference_loss, reference_multiview
 
 
 def test_a_misspelt_public_name_names_the_one_meant() -> None:
@@ -95,3 +100,115 @@ def test_a_positive_that_is_the_query_is_refused_for_any_m() -> None:
     # a copy, or a stack holding a copy, is a choice: accepted
     cct_loss(z, torch.stack([random_embeddings((4, 3), 1), z.clone()], dim=1))
     cct_loss(stacked[:, 1].clone(), stacked)
+
+
+def _reference_and_grad(
+    tensors: list[torch.Tensor | None], **options: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 reference loss of (query, positive, negatives) and its gradient for query."""
+    query, positive, negatives = (
+        None if x is None else x.detach().double().requires_grad_(i == 0)
+        for i, x in enumerate(tensors)
+    )
+    assert query is not None and positive is not None
+    loss = reference_loss(query, positive, negatives, **options)
+    (grad,) = torch.autograd.grad(loss, [query])
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("scale", [1e20, 1e30])
+@pytest.mark.parametrize("where", ["rows", "queue"])
+def test_rows_whose_squares_overflow_are_not_taken_for_zero_vectors(
+    impl: str, scale: float, where: str
+) -> None:
+    """float32 rows above about 1.8e19 (their squares overflow) used to pass for zero vectors:
+    the loss 0, or a plausible number with a queue of such keys, hiding a diverged encoder.
+    Now the loss is NaN, as for a NaN input, on every implementation; in float64 the same
+    rows give the reference's result, value and gradient."""
+    q, p, negatives = huge_rows(scale, where)
+    check_overflow_shows(impl, scale, where)
+    query = q.detach().requires_grad_()
+    loss = cct_loss(query, p, negatives, **impl_options(impl))
+    (grad,) = torch.autograd.grad(loss, [query])
+    expected, expected_grad = _reference_and_grad([q, p, negatives])
+    torch.testing.assert_close(loss, expected, rtol=RTOL, atol=0)
+    # d loss / d query scales as 1 / |query|: compared relative to its largest entry
+    torch.testing.assert_close(
+        grad, expected_grad, rtol=1e-6, atol=1e-6 * float(expected_grad.abs().max())
+    )
+
+
+def huge_rows(scale: float, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """float64 ``(query, positive, negatives)`` with the rows or the negatives at ``scale``."""
+    q, p = random_embeddings((6, 8), 0), random_embeddings((6, 8), 1)
+    if where == "rows":
+        return q * scale, p * scale, None
+    return q, p, random_embeddings((10, 8), 2) * scale
+
+
+def check_overflow_shows(impl: str, scale: float, where: str) -> None:
+    """The float32 loss of :func:`huge_rows` is NaN on ``impl`` (tests/test_triton.py too)."""
+    tensors = [None if x is None else x.float() for x in huge_rows(scale, where)]
+    q, p, negatives = tensors
+    assert q is not None and p is not None
+    assert torch.isnan(cct_loss(q, p, negatives, **impl_options(impl)))
+
+
+def test_a_queue_of_huge_keys_is_not_taken_for_zero_vectors() -> None:
+    """Keys of 1e20 through a float32 NegativeQueue (float32 holds them; their norms overflow):
+    a NaN loss, where it used to be a plausible number."""
+    q, k = random_embeddings((6, 8), 0).float(), random_embeddings((6, 8), 1).float()
+    queue = NegativeQueue(16, 8, device=TEST_DEVICE)
+    queue.enqueue(random_embeddings((10, 8), 2).float() * 1e20)
+    assert torch.isnan(cct_loss(q, k, queue.negatives()))
+
+
+@settings(deadline=None)
+@given(
+    offset=st.floats(0.0, 1e3),
+    scale=st.floats(1e-2, 1e2),
+    seed=st.integers(0, 2**16),
+    n=st.integers(2, 6),
+    d=st.integers(1, 8),
+    mode=st.sampled_from(["in_batch", "queue", "cross", "multiview"]),
+)
+def test_unnormalised_costs_do_not_cancel_under_a_common_offset(
+    offset: float, scale: float, seed: int, n: int, d: int, mode: str
+) -> None:
+    """``normalize=False``: every row moved by one common vector (up to 1e3 long) and scaled
+    (up to 1e2): each implementation matches the float64 reference to 1e-5 relative, and so
+    they agree with each other. ``|a|^2 + |b|^2 - 2 a.b`` lost every digit of the noise before
+    the rows were centred (11% off at an offset of 1000, and the implementations disagreed)."""
+    check_common_offset(offset, scale, seed, n, d, mode, IMPLS)
+
+
+def check_common_offset(
+    offset: float, scale: float, seed: int, n: int, d: int, mode: str, impls: list[str]
+) -> None:
+    """One case of the test above on ``impls`` (tests/test_triton.py runs it on triton)."""
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.randn(d, generator=g, dtype=torch.float64)
+    shift = offset * direction / direction.norm().clamp_min(1e-12)
+
+    def rows(*shape: int) -> torch.Tensor:
+        x = scale * torch.randn(*shape, generator=g, dtype=torch.float64) + shift
+        out: torch.Tensor = x.float().to(TEST_DEVICE)
+        return out
+
+    q, p = rows(n, d), rows(n, d)
+    negatives = rows(7, d) if mode == "queue" else None
+    options: dict[str, Any] = {"normalize": False, "layout": "cross" if mode == "cross" else "all"}
+    if mode == "multiview":
+        views = [q, p, rows(n, d)]
+        expected = reference_multiview([v.double() for v in views], normalize=False)
+        found = {
+            impl: cct_loss_multiview(views, **impl_options(impl), normalize=False) for impl in impls
+        }
+    else:
+        expected, _ = _reference_and_grad([q, p, negatives], **options)
+        found = {impl: cct_loss(q, p, negatives, **impl_options(impl), **options) for impl in impls}
+    for impl, loss in found.items():  # 1e-5 of the costs' scale (the loss may be near 0)
+        torch.testing.assert_close(
+            loss.double(), expected, rtol=RTOL, atol=RTOL * scale**2, msg=impl
+        )

@@ -20,6 +20,7 @@ from cct_loss import CCTDetails, cct_loss, cct_loss_multiview
 from cct_loss.implementations import triton_op
 from cct_loss.implementations.triton_op import INTERPRETER_TILES, interpreting
 
+from . import test_edges
 from .helpers import (
     LABEL_PATTERNS,
     TEST_DEVICE,
@@ -387,3 +388,21 @@ def test_custom_ops_pass_opcheck() -> None:
     for need_query, need_keys in ((True, True), (True, False), (False, True)):
         args = (q.detach(), negatives, *ids, scale, grad, expected, lse, False, False, True)
         torch.library.opcheck(backward, (*args, need_query, need_keys, False))
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e30])
+@pytest.mark.parametrize("where", ["rows", "queue"])
+def test_rows_whose_squares_overflow_are_not_taken_for_zero_vectors(
+    scale: float, where: str
+) -> None:
+    """tests/test_edges.py's check on triton (float32 only): rows whose squares overflow."""
+    test_edges.check_overflow_shows("triton", scale, where)
+
+
+@pytest.mark.parametrize("mode", ["in_batch", "queue", "cross", "multiview"])
+@pytest.mark.parametrize(("offset", "scale"), [(1e3, 1.0), (1e3, 1e2), (10.0, 1e-2)])
+def test_unnormalised_costs_do_not_cancel_under_a_common_offset(
+    offset: float, scale: float, mode: str
+) -> None:
+    """tests/test_edges.py's property on triton, at a few corners of its range."""
+    test_edges.check_common_offset(offset, scale, 0, 5, 8, mode, ["triton"])

@@ -10,16 +10,17 @@ of that signature check only what depends on the tensors themselves, and describ
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .. import distributed, shortcuts
 from ..implementations import table
-from ..maths.costs import Preparation, prepare
+from ..maths.costs import Preparation, centred, prepare
 from ..maths.precision import (
     autocast_dtype,
+    cast,
     own_precision,
     resolve_precision,
     tf32_matmul_allowed,
@@ -79,8 +80,13 @@ def _pairs_loss(
     )
     with own_precision(call.device):
         if call.row_counts is None:
-            tensors = (call.query, call.positive, call.negatives)
-            problem = layouts.pairs(*tensors, options.layout, *call[3:5], preparation)
+            tensors: Sequence[Tensor | None] = (call.query, call.positive, call.negatives)
+            ready: Preparation | None = preparation
+            if not preparation.unit:  # prepared now, every row moved by one centre
+                tensors, ready = centred(tensors, preparation), None
+            rows, positives, keys = tensors
+            assert rows is not None and positives is not None
+            problem = layouts.pairs(rows, positives, keys, options.layout, *call[3:5], ready)
             return _compute_and_reduce(problem, options, None, signature)
         return _compute_and_reduce(
             _across_processes(call, options, preparation), options, call.row_counts
@@ -111,11 +117,22 @@ def _views_loss(
         resolve_precision(stacked.device, stacked), cost=options.cost, normalize=options.normalize
     )
     with own_precision(stacked.device):
+        unit = preparation.unit
         if call.row_counts is None and options.layout != "paper":
-            problem = layouts.in_batch(stacked, labels=call.labels, preparation=preparation)
+            if unit:
+                problem = layouts.in_batch(stacked, labels=call.labels, preparation=preparation)
+            else:  # prepared now, every row moved by one centre
+                (moved,) = centred([stacked], preparation)
+                assert moved is not None
+                problem = layouts.in_batch(moved, labels=call.labels)
             return _compute_and_reduce(problem, options, None)
-        prepared = prepare(stacked, preparation)
+        prepared = prepare(stacked, preparation) if unit else cast(stacked, preparation.compute)
         global_rows = _gather_views(prepared, call.labels, call.row_counts)
+        if not unit:  # every row moved by one centre, the same on every rank
+            rows = prepared if global_rows is None else global_rows.rows
+            moved_rows, prepared = _moved(rows, [rows, prepared], preparation)
+            if global_rows is not None:
+                global_rows = global_rows._replace(rows=moved_rows)
         if options.layout == "paper":
             return _paper(prepared, global_rows, options, call.row_counts)
         problem = layouts.in_batch(prepared, labels=call.labels, global_rows=global_rows)
@@ -157,7 +174,8 @@ def _signature(
     options: CCTOptions,
 ) -> Signature | None:
     """The call's :class:`Signature`, or ``None`` for a call that is not replayed: labels, a
-    tensor option, gathering, ``check_finite``, the shortcuts off or a trace active."""
+    tensor option, gathering, ``check_finite``, embeddings not normalised, the shortcuts off or
+    a trace active."""
     if labels is not None or negative_labels is not None or not options.constant:
         return None
     if not (
@@ -169,6 +187,8 @@ def _signature(
     if not shortcuts.active() or options.check_finite:
         return None
     if options.gather_distributed and distributed.is_active():
+        return None
+    if not (options.normalize or options.cost == "cosine"):  # centred each call (_pairs_loss)
         return None
     device = query.device
     keys = None if negatives is None else (negatives.shape, negatives.dtype, negatives.device)
@@ -224,17 +244,35 @@ def _across_processes(
     """A :func:`cct_loss.cct_loss` call across processes: the embeddings prepared, the
     candidates gathered from every rank, then the call described on them."""
 
-    def each(x: Tensor) -> Tensor:
-        return prepare(x, preparation)
+    unit = preparation.unit
+
+    def each(x: Tensor) -> Tensor:  # without normalising: the casts, then one centre (below)
+        return prepare(x, preparation) if unit else cast(x, preparation.compute)
 
     if options.layout != "cross":  # in-batch (explicit negatives are not gathered)
         views = each(layouts.in_batch_views(call.query, call.positive))
         global_rows = _gather_views(views, call.labels, call.row_counts)
+        assert global_rows is not None
+        if not unit:
+            rows, views = _moved(global_rows.rows, [global_rows.rows, views], preparation)
+            global_rows = global_rows._replace(rows=rows)
         return layouts.in_batch(views, labels=call.labels, global_rows=global_rows)
     positive = each(layouts.as_positives(call.positive))
-    negatives = None if call.negatives is None else each(call.negatives)
+    query, negatives = each(call.query), None if call.negatives is None else each(call.negatives)
     global_rows = _gather(positive, call.labels, call.row_counts)
-    return layouts.cross(each(call.query), positive, negatives, *call[3:5], global_rows)
+    assert global_rows is not None
+    if not unit:
+        tensors = [global_rows.rows, positive, query, negatives]
+        rows, positive, query, negatives = _moved(global_rows.rows, tensors, preparation)
+        global_rows = global_rows._replace(rows=rows)
+    return layouts.cross(query, positive, negatives, *call[3:5], global_rows)
+
+
+def _moved(rows: Tensor, tensors: Sequence[Tensor | None], preparation: Preparation) -> list[Any]:
+    """``tensors`` (in the compute dtype) moved by the mean of ``rows`` (the gathered rows when
+    gathering: the same centre on every rank), then in the products' dtype
+    (:func:`cct_loss.maths.costs.centred`)."""
+    return centred([rows.detach(), *tensors], preparation)[1:]
 
 
 def _gather(rows: Tensor, labels: Tensor | None, counts: list[int] | None) -> GlobalRows | None:

@@ -209,7 +209,7 @@ class _DenseLoss(torch.autograd.Function):
         t_neg: float | Tensor,
         plan: Plan,
         shares: tuple[Grad | None, Grad | None],
-        preparation: Preparation,
+        preparation: Preparation | None,
         needs: tuple[bool, ...],
     ) -> tuple[Tensor | None, ...]:
         raw = (query, keys, fixed)
