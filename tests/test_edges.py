@@ -3,6 +3,9 @@ somewhere. The distributed half (ranks that disagree) is in tests/test_distribut
 
 from __future__ import annotations
 
+import itertools
+import re
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -212,3 +215,86 @@ def check_common_offset(
         torch.testing.assert_close(
             loss.double(), expected, rtol=RTOL, atol=RTOL * scale**2, msg=impl
         )
+
+
+#: Labels whose arithmetic used to wrap, each with the same partition in small int64 ids.
+EXTREME_LABELS = {
+    "uint8 0 and 255": ([0, 255, 0, 255, 7, 255], torch.uint8),
+    "int8 extremes": ([-128, 127, -128, 0, 127, 0], torch.int8),
+    "int64 min..max": ([-(2**63), 2**63 - 1, -(2**63), 0, 2**63 - 1, 0], torch.int64),
+}
+
+
+def check_extreme_labels(impl: str, name: str) -> None:
+    """``cct_loss(q, k, queue, labels=..., layout="cross")`` (the queue's keys belong to no
+    label) and the in-batch labelled call, with ``name``'s labels against the same partition in
+    small int64 ids: the same loss (tests/test_triton.py runs it on triton)."""
+    values, dtype = EXTREME_LABELS[name]
+    labels = torch.tensor(values, dtype=dtype, device=TEST_DEVICE)
+    small = torch.unique(labels.long(), return_inverse=True)[1]
+    q, k = random_embeddings((6, 8), 0).float(), random_embeddings((6, 8), 1).float()
+    queue = random_embeddings((5, 8), 2).float()
+    options = impl_options(impl)
+    calls: list[Callable[[torch.Tensor], torch.Tensor]] = [
+        lambda y: cct_loss(q, k, queue, labels=y, layout="cross", **options),
+        lambda y: cct_loss(q, k, labels=y, **options),
+    ]
+    for call in calls:
+        torch.testing.assert_close(call(labels), call(small), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", list(EXTREME_LABELS))
+def test_label_arithmetic_never_wraps(impl: str, name: str) -> None:
+    """With uint8 labels 0 and 255, a queue's keys (which belong to no label) used to become
+    positives of the label-0 queries (the "unused" id 255 + 1 wrapped to 0); int64 labels
+    spanning min..max likewise."""
+    check_extreme_labels(impl, name)
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"t_neg": 3e38}, "t_neg must be at most 1e+38"),
+        ({"t_pos": 2e38}, "t_pos must be at most 1e+38"),
+        ({"temperature": 1e-39}, "temperature must be at least 5e-39"),
+        ({"temperature": 1e-39, "cost": "cosine"}, "temperature must be at least 1e-38"),
+    ],
+)
+def test_a_sharpness_beyond_the_bound_is_refused(options: dict[str, Any], named: str) -> None:
+    """t_neg = 3e38 used to give 2.35 on chunked and triton (2.19 in float64), NaN on sdpa and
+    an error naming nothing on dense; temperature = 1e-39 the same."""
+    z1, z2 = random_embeddings((4, 3), 0), random_embeddings((4, 3), 1)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        cct_loss(z1, z2, **options)
+
+
+def check_sharpness_up_to_the_bound(impl: str, t: float) -> None:
+    """Values and query gradients against the float64 reference at sharpness ``t`` on both
+    sides, every cost and weight setting, in-batch and with a queue (tests/test_triton.py runs
+    it on triton)."""
+    q, p = random_embeddings((6, 8), 0).float(), random_embeddings((6, 3, 8), 1).float()
+    queue = random_embeddings((9, 8), 2).float()
+    for cost, detach, negatives in itertools.product(
+        ("sqeuclidean", "cosine"), (True, False), (None, queue)
+    ):
+        options: dict[str, Any] = {"t_pos": t, "t_neg": t, "cost": cost, "detach_weights": detach}
+        query = q.detach().requires_grad_()
+        loss = cct_loss(query, p, negatives, **options, **impl_options(impl))
+        (grad,) = torch.autograd.grad(loss, [query])
+        expected, expected_grad = _reference_and_grad([q, p, negatives], **options)
+        where = f"{cost}, detach_weights={detach}, queue={negatives is not None}"
+        torch.testing.assert_close(loss.double(), expected, rtol=RTOL, atol=RTOL, msg=where)
+        torch.testing.assert_close(
+            grad.double(), expected_grad, rtol=1e-4, atol=1e-4 * float(expected_grad.abs().max()),
+            msg=where,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("t", [1e5, 1e20, 1e38])
+def test_every_sharpness_the_validator_takes_is_exact(impl: str, t: float) -> None:
+    """Up to the bound, values and gradients are the float64 reference's (chunked's gradient
+    with detached weights was 1% off from t = 1e5: its backward shifted the logits by s |q|^2
+    in float32 against the forward pass's normaliser)."""
+    check_sharpness_up_to_the_bound(impl, t)

@@ -406,3 +406,15 @@ def test_unnormalised_costs_do_not_cancel_under_a_common_offset(
 ) -> None:
     """tests/test_edges.py's property on triton, at a few corners of its range."""
     test_edges.check_common_offset(offset, scale, 0, 5, 8, mode, ["triton"])
+
+
+@pytest.mark.parametrize("name", list(test_edges.EXTREME_LABELS))
+def test_label_arithmetic_never_wraps(name: str) -> None:
+    """tests/test_edges.py's check on triton."""
+    test_edges.check_extreme_labels("triton", name)
+
+
+@pytest.mark.parametrize("t", [1e5, 1e38])
+def test_every_sharpness_the_validator_takes_is_exact(t: float) -> None:
+    """tests/test_edges.py's check on triton."""
+    test_edges.check_sharpness_up_to_the_bound("triton", t)

@@ -32,6 +32,10 @@ from ..shortcuts import apply, eager_twin
 #: (BENCHMARKS.md, "Where the constants come from"). Memory stays ``O(Q D + K D + Q chunk)``:
 #: never a ``Q x K`` tensor.
 BLOCK_ELEMENTS: dict[str, int] = {"cpu": 1 << 21, "cuda": 1 << 26}
+#: The largest sharpness at which the backward pass of detached weights computes its logits
+#: shifted by the per-query constant (see :meth:`_StreamingExpectedCost.backward`): there the
+#: shift's rounding, up to ``s * 1e-7`` in each logit, stays near float32's own error in them.
+SHIFTED_MAX_SHARPNESS = 1e3
 #: The fewest keys per block when ``chunk_size`` is None, however many queries: below this a
 #: block's product is too thin to use the matrix units, and the per-block work (launches, a
 #: running maximum update) outweighs its arithmetic.
@@ -161,8 +165,15 @@ class _StreamingExpectedCost(torch.autograd.Function):
         lse = torch.where(torch.isinf(log_normaliser), 0.0, log_normaliser)
         # Detached weights over shared keys need only the weights: from the logits without the
         # per-query constant s |q|^2 (or s for cosine), one product per block, with the
-        # log-normaliser shifted alike (as dense's forward pass).
-        shifted = detach_weights and keys.dim() == 2 and not isinstance(signed, Tensor)
+        # log-normaliser shifted alike (as dense's forward pass). Not for a large sharpness:
+        # shifting by s |q|^2 in float32 moves each logit by up to s * 1e-7 against the forward
+        # pass's log-normaliser, so the weights no longer sum to 1 (1% off at s = 1e5).
+        shifted = (
+            detach_weights
+            and keys.dim() == 2
+            and not isinstance(signed, Tensor)
+            and abs(signed) <= SHIFTED_MAX_SHARPNESS
+        )
         if shifted:
             lse = lse - signed * (1.0 if cost == "cosine" else query_sq)
         for start, stop in _blocks(num_keys, chunk_size):

@@ -170,9 +170,20 @@ def refill(
 
 
 def unused_group(groups: Tensor) -> Tensor:
-    """A 0-dim id equal to none of ``groups`` (on the device: no host synchronisation)."""
-    low = groups.min()
-    return torch.where(low > torch.iinfo(groups.dtype).min, low - 1, groups.max() + 1)
+    """A 0-dim int64 id equal to none of ``groups``, whatever their integer dtype and range, on
+    the device (no host synchronisation): one below the smallest, else one above the largest,
+    else the first gap between the sorted ids (there is one: they are fewer than 2**64). No step
+    wraps: ``labels.max() + 1`` in uint8 is 0, a real label."""
+    ids = groups.to(torch.int64)
+    int64 = torch.iinfo(torch.int64)
+    low, high = ids.min(), ids.max()
+    unused = torch.where(low > int64.min, low - 1, high + 1)  # (only kept where it cannot wrap)
+    if ids.numel() < 2:
+        return unused
+    ordered = ids.sort().values
+    below, above = ordered[:-1], ordered[1:]  # below < int64.max: below + 1 cannot wrap
+    gap = (below + 1)[(below + 1 < above).to(torch.uint8).argmax()]
+    return torch.where((low > int64.min) | (high < int64.max), unused, gap)
 
 
 def explicit_negatives(
