@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..maths.costs import Preparation, differentiable_vjp, prepare, prepare_rows, prepare_rows_vjp
 from ..maths.expectation import ConditionalExpectation, weighted_expectation
-from ..maths.precision import backward_in_own_precision, cast
+from ..maths.precision import accumulation_dtype, backward_in_own_precision, cast
 from ..maths.reduction import divisors
 from ..options import CCTOptions
 from ..problem.description import ContrastiveProblem, KeySet, label_masks
@@ -28,15 +28,17 @@ def _shares(
     options: CCTOptions,
     num_queries: int,
     excluded: tuple[Tensor | None, Tensor | None] = (None, None),
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Grad | None, Grad | None]:
     """Each query's share of the reduced loss in ``A`` and ``E`` (repulsion is ``-E``), from the
     one reduction's divisors (:func:`cct_loss.maths.reduction.divisors`); ``excluded``: the label
-    masks, which say who has a term where a query may have none."""
+    masks, which say who has a term where a query may have none; ``dtype``: the counts', then
+    (the accumulation dtype of the embeddings)."""
     empty = (plan.pos_may_be_empty, plan.neg_may_be_empty)
     pos, neg = (
         None if x is None or not e else ~x.all(-1) for x, e in zip(excluded, empty, strict=True)
     )
-    divide = divisors(options, num_queries, pos, neg)
+    divide = divisors(options, num_queries, pos, neg, dtype=dtype)
     grad_pos = None if plan.positives == NONE else options.alpha / divide.attraction
     grad_neg = None if plan.negatives == NONE else -options.beta / divide.repulsion
     return grad_pos, grad_neg
@@ -276,7 +278,9 @@ class OnePass:
                 fixed is not None and fixed.requires_grad,
             )
         # The counts of queries that have each term, or a schedule: computed every call.
-        shares = self.shares or _shares(self.plan, self.options, len(query), inputs[3:5])
+        shares = self.shares or _shares(
+            self.plan, self.options, len(query), inputs[3:5], accumulation_dtype(query.dtype)
+        )
         loss: Tensor = apply(_DenseLoss, *inputs, shares, problem.preparation, needs)[0]
         return loss
 

@@ -5,6 +5,7 @@ the result type, the formula in plain autograd, and the diagnostics from weights
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import torch
@@ -106,12 +107,17 @@ def streamed_expectation(
 ) -> ConditionalExpectation:
     """The result of an implementation that streams over the keys and keeps no weights
     (chunked, triton), from its per-query statistics: where a query may have no key taking
-    part, its log-normaliser is ``-inf``; it is marked absent and its entropy is 0."""
+    part, its log-normaliser is ``-inf``; it is marked absent and its entropy is 0. Where every
+    query has keys, a log-normaliser of ``-inf`` says that each of its logits overflowed
+    (``t_neg`` times costs beyond float32, without normalising): its value is NaN, as dense's
+    softmax gives, rather than the 0 of a query without keys."""
     present = None
     if may_be_empty:
         present = torch.isfinite(log_normaliser)
         if entropy is not None:
             entropy = torch.where(present, entropy, 0.0)
+    else:
+        expected = torch.where(torch.isneginf(log_normaliser), math.nan, expected)
     return ConditionalExpectation(expected, entropy, extreme, None, present)
 
 

@@ -88,13 +88,17 @@ def divisors(
     has_positives: Tensor | None,
     has_negatives: Tensor | None,
     row_counts: list[int] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Divisors:
     """The :class:`Divisors` of a call's ``num_queries`` queries (``has_positives``,
-    ``has_negatives``: ``None`` where all have the term; ``row_counts`` when gathering)."""
+    ``has_negatives``: ``None`` where all have the term; ``row_counts`` when gathering), counts
+    from flags in ``dtype`` (the terms': ``1 / 3`` is not rounded to float32 for float64)."""
     if options.reduction != "mean":
         return Divisors(1.0, 1.0)
     if row_counts is None:
-        return Divisors(_count(has_positives, num_queries), _count(has_negatives, num_queries))
+        return Divisors(
+            _count(has_positives, num_queries, dtype), _count(has_negatives, num_queries, dtype)
+        )
     world = len(row_counts)
     if has_positives is None and has_negatives is None:  # the global count is known here
         rank, _ = distributed.rank_and_world_size()
@@ -112,9 +116,9 @@ def divisors(
     return Divisors(counts[0], counts[1])
 
 
-def _count(flags: Tensor | None, num_queries: int) -> float | Tensor:
+def _count(flags: Tensor | None, num_queries: int, dtype: torch.dtype) -> float | Tensor:
     """How many queries have a term (at least 1), from its flags, or all of them."""
-    return float(num_queries) if flags is None else flags.sum().clamp_min(1)
+    return float(num_queries) if flags is None else flags.sum(dtype=dtype).clamp_min(1)
 
 
 def combine(
@@ -187,8 +191,9 @@ def reduce(
     """The loss of per-query ``terms`` and, where asked, the diagnostics, reduced as
     ``options.reduction`` says (``row_counts``: every rank's rows when gathering)."""
     divide = divisors(
-        options, terms.attraction.shape[0], terms.has_positives, terms.has_negatives, row_counts
-    )
+        options, terms.attraction.shape[0], terms.has_positives, terms.has_negatives, row_counts,
+        terms.attraction.dtype,
+    )  # fmt: skip
     attraction = _reduced(terms.attraction, options.reduction, divide.attraction)
     repulsion = _reduced(terms.repulsion, options.reduction, divide.repulsion)
     loss = _times(attraction, options.alpha) + _times(repulsion, options.beta)

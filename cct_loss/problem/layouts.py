@@ -181,8 +181,10 @@ def unused_group(groups: Tensor) -> Tensor:
     if ids.numel() < 2:
         return unused
     ordered = ids.sort().values
-    below, above = ordered[:-1], ordered[1:]  # below < int64.max: below + 1 cannot wrap
-    gap = (below + 1)[(below + 1 < above).to(torch.uint8).argmax()]
+    below, above = ordered[:-1], ordered[1:]
+    # where below < above, below + 1 cannot wrap (it may between equal ids at int64.max)
+    opens = (below < above) & (below + 1 < above)
+    gap = torch.where(opens, below + 1, int64.max).amin()
     return torch.where((low > int64.min) | (high < int64.max), unused, gap)
 
 
