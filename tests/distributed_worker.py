@@ -328,6 +328,13 @@ def _disagreements(rank: int, last: bool) -> dict[str, Callable[[], Any]]:
     }
 
 
+def unnormalised_rows(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s ``(query, positive)``, 3 rows of D = 4 near ``1000 * ones``."""
+    g = torch.Generator().manual_seed(50 + rank)
+    q, p = (torch.randn(3, 4, generator=g, dtype=torch.float64) + 1000.0 for _ in range(2))
+    return q.float(), p.float()
+
+
 def run_disagreements(rank: int, world_size: int, out_dir: str) -> None:
     """Ranks that disagree (the last rank differs): each call's error (or its absence) on every
     rank and how long it took; then a call the last rank's bad batch made it skip, and the call
@@ -359,6 +366,11 @@ def run_disagreements(rank: int, world_size: int, out_dir: str) -> None:
         # Every rank aligned again: the next call computes a loss on every rank.
         loss = cct_loss(torch.randn(3, 4), torch.randn(3, 4), gather_distributed=True)
         results["after"] = float(loss)
+        # Not normalised, every row far from the origin: one centre on every rank.
+        for layout in ("all", "cross"):
+            q, p = unnormalised_rows(rank)
+            loss = cct_loss(q, p, normalize=False, layout=layout, gather_distributed=True)
+            results[f"unnormalised_{layout}"] = float(loss)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         leave(rank, world_size, out_dir)

@@ -14,6 +14,7 @@ from cct_loss import NegativeQueue, cct_loss
 from cct_loss.distributed import gather_rows, is_active, rank_and_world_size
 
 from . import distributed_worker as worker
+from .reference import reference_loss
 
 #: Gloo processes on the CPU.
 pytestmark = pytest.mark.cpu_only
@@ -208,3 +209,18 @@ def test_a_rank_that_refuses_its_batch_fails_the_call_on_every_rank(
         assert result["skipped_1"] == "no error"
         assert isinstance(result["after"], float)
         assert result["skipped_seconds"] < 10
+
+
+@pytest.mark.parametrize("layout", ["all", "cross"])
+def test_unnormalised_rows_far_from_the_origin_gather_exactly(
+    disagreements: list[dict[str, Any]], layout: str
+) -> None:
+    """``normalize=False`` across 3 ranks, every row near 1000: each rank moves its rows and the
+    gathered ones by one centre (the gathered rows' mean, the same on every rank), so the
+    ranks' mean loss is the float64 loss of the whole batch on one process."""
+    rows = [worker.unnormalised_rows(rank) for rank in range(3)]
+    query = torch.cat([q for q, _ in rows]).double()
+    positive = torch.cat([p for _, p in rows]).double()
+    expected = float(reference_loss(query, positive, normalize=False, layout=layout))
+    got = sum(r[f"unnormalised_{layout}"] for r in disagreements) / 3
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-5)
