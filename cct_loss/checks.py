@@ -122,6 +122,24 @@ def is_functorch_wrapped(x: Tensor) -> bool:
     return bool(check(x)) if check is not None else False
 
 
+def positive_at(query: Tensor, positive: Tensor) -> Tensor | None:
+    """The positive ``positive[:, m]`` of ``(N, M, D)`` positives whose first element is
+    ``query``'s first (the candidate for :func:`same_view`), or ``None``; ``None`` under compile
+    and ``torch.func`` too, where tensors have no addresses to compare."""
+    if torch.compiler.is_compiling() or is_functorch_wrapped(query):
+        return None
+    if is_functorch_wrapped(positive):
+        return None
+    if query.device != positive.device or query.dtype != positive.dtype:
+        return None
+    offset = query.data_ptr() - positive.data_ptr()
+    step = positive.stride(1) * positive.element_size()
+    if step == 0:  # expanded along M: every positive is the first
+        return positive[:, 0] if offset == 0 else None
+    m, rest = divmod(offset, step)
+    return positive[:, m] if rest == 0 and 0 <= m < positive.shape[1] else None
+
+
 def same_view(a: Tensor, b: Tensor) -> bool:
     """Whether ``a`` and ``b`` are exactly the same data (one tensor, or views with the same
     offset, shape and strides, as ``z.detach()``); ``z.chunk(2)``'s parts are not. Under

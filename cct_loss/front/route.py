@@ -9,6 +9,7 @@ of that signature check only what depends on the tensors themselves, and describ
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -44,10 +45,16 @@ def pairs_loss(
 ) -> Tensor | CCTDetails:
     """:func:`cct_loss.cct_loss` with its options in one object (see its docstring);
     ``entry``: how the messages spell the call (``"CCTLoss(...)"`` for the module)."""
+    with _gathering(options):
+        return _pairs_loss(query, positive, negatives, labels, negative_labels, options, entry)
+
+
+def _gathering(options: CCTOptions) -> contextlib.AbstractContextManager[object]:
+    """Around a call that gathers across processes, :func:`distributed.gathering_call` (every
+    rank fails where one does); around any other, nothing."""
     if options.gather_distributed and distributed.is_active():
-        with distributed.gathering_call():  # every rank fails where one does
-            return _pairs_loss(query, positive, negatives, labels, negative_labels, options, entry)
-    return _pairs_loss(query, positive, negatives, labels, negative_labels, options, entry)
+        return distributed.gathering_call()
+    return shortcuts.no_context()
 
 
 def _pairs_loss(
@@ -102,10 +109,8 @@ def views_loss(
 ) -> Tensor | CCTDetails:
     """:func:`cct_loss.cct_loss_multiview` with its options in one object; ``entry``: how the
     messages name the call."""
-    if options.gather_distributed and distributed.is_active():
-        with distributed.gathering_call():  # every rank fails where one does
-            return _views_loss(views, labels, options, entry)
-    return _views_loss(views, labels, options, entry)
+    with _gathering(options):
+        return _views_loss(views, labels, options, entry)
 
 
 def _views_loss(

@@ -18,6 +18,7 @@ from ..checks import (
     check_labels,
     check_same_device,
     is_functorch_wrapped,
+    positive_at,
     same_view,
     shape_str,
 )
@@ -123,7 +124,7 @@ def pairs(
     counts = None
     if gathering:
         given = {"labels": labels, "negatives": negatives, "negative_labels": negative_labels}
-        fields = _agreement("cct_loss", query, device, options, given)
+        fields = _agreement("cct_loss", query, options, given)
         m = 1 if positive.dim() == 2 else positive.shape[1]
         fields.insert(3, Field("the dtype of positive", positive.dtype, distributed.DTYPES))
         fields.insert(4, Field("the positives per query M", m))
@@ -136,20 +137,16 @@ PRESENCE = ("absent", "given")
 
 
 def _agreement(
-    call: str,
-    rows: Tensor,
-    device: torch.device,
-    options: CCTOptions,
-    given: dict[str, Tensor | None],
+    call: str, rows: Tensor, options: CCTOptions, given: dict[str, Tensor | None]
 ) -> list[Field]:
     """What every rank of a gathering call must agree on (:func:`distributed.gathered_counts`):
-    the call, the embedding dim and dtype of ``rows``, the device type, the layout, and which
-    of the optional inputs ``given`` are there."""
+    the call, the embedding dim, dtype and device type of ``rows``, the layout, and which of
+    the optional inputs ``given`` are there."""
     return [
         Field("the call", call, distributed.CALLS),
         Field("the embedding dim D", rows.shape[-1]),
         Field("the dtype", rows.dtype, distributed.DTYPES),
-        Field("the device type", device.type, distributed.DEVICE_TYPES),
+        Field("the device type", rows.device.type, distributed.DEVICE_TYPES),
         Field("the layout", options.layout, LAYOUTS),
         *(Field(name, PRESENCE[x is not None], PRESENCE) for name, x in given.items()),
     ]
@@ -223,9 +220,7 @@ def views(
         check_same_device({"views": stacked, "labels": labels})
     counts = None
     if gathering:
-        fields = _agreement(
-            "cct_loss_multiview", stacked, stacked.device, options, {"labels": labels}
-        )
+        fields = _agreement("cct_loss_multiview", stacked, options, {"labels": labels})
         fields.insert(3, Field("the number of views", stacked.shape[0]))
         counts = distributed.row_counts(stacked.shape[1], stacked.device, fields=fields)
     return ViewsCall(stacked, labels, counts)
@@ -378,7 +373,7 @@ def check_not_query_itself(query: Tensor, positive: Tensor, entry: str) -> None:
     elif positive.shape[1] == 1:
         own = positive[:, 0]
     else:  # the one of the M positives that starts where query does, if any
-        own = None if _untraceable(query, positive) else _positive_at(query, positive)
+        own = positive_at(query, positive)
     if own is None or not same_view(query, own):
         return
     raise ValueError(
@@ -387,23 +382,6 @@ def check_not_query_itself(query: Tensor, positive: Tensor, entry: str) -> None:
         f"view with class labels: {entry}(embeddings, labels=labels); if a copy is really "
         f"meant: {entry}(query, query.clone())"
     )
-
-
-def _untraceable(*tensors: Tensor) -> bool:
-    """Under compile or ``torch.func`` tensors have no addresses to compare."""
-    return torch.compiler.is_compiling() or any(map(is_functorch_wrapped, tensors))
-
-
-def _positive_at(query: Tensor, positive: Tensor) -> Tensor | None:
-    """The positive ``positive[:, m]`` whose first element is ``query``'s first, or ``None``."""
-    if query.device != positive.device or query.dtype != positive.dtype:
-        return None
-    offset = query.data_ptr() - positive.data_ptr()
-    step = positive.stride(1) * positive.element_size()
-    if step == 0:  # expanded along M: every positive is the first
-        return positive[:, 0] if offset == 0 else None
-    m, rest = divmod(offset, step)
-    return positive[:, m] if rest == 0 and 0 <= m < positive.shape[1] else None
 
 
 def check_distinct_views(views: Sequence[Tensor], entry: str) -> None:
