@@ -174,9 +174,15 @@ def _value_case(
     rng = torch.Generator().manual_seed(seed)
     n, d = 6, 5
     labels = torch.tensor([0, 1, 0, 2, 1, 3])
-    q, p, p3 = alter(_rand(rng, n, d)), alter(_rand(rng, n, d)), alter(_rand(rng, n, 3, d))
-    queue, per_query = alter(_rand(rng, 7, d)), alter(_rand(rng, n, 4, d))
-    views = [alter(_rand(rng, n, d)) for _ in range(3)]
+
+    def rows(*shape: int) -> Tensor:
+        """Altered rows as the call receives them (in ``dtype``), in float64 for the reference:
+        both see the same numbers."""
+        return alter(_rand(rng, *shape)).to(dtype).double()
+
+    q, p, p3 = rows(n, d), rows(n, d), rows(n, 3, d)
+    queue, per_query = rows(7, d), rows(n, 4, d)
+    views = [rows(n, d) for _ in range(3)]
     negative_labels = torch.tensor([0, 1, 4, 5, 2, 0, 9])
 
     def given(x: Tensor) -> Tensor:
