@@ -22,9 +22,9 @@ from . import shortcuts
 from .checks import as_int, closest_name, shape_str
 
 #: The largest ``t_pos``/``t_neg`` taken: on unit vectors (costs up to 4) the logits of every
-#: implementation stay finite in float32 up to it, and the weights are one-hot long before;
-#: measured exact to 1e-5 against float64 at 1e38, overflowing at 2e38. Without normalising,
-#: the sharpness times the largest cost must stay below it too (docs/specification.md).
+#: implementation stay finite in float32 up to it, and the weights are one-hot long before
+#: (BENCHMARKS.md, "Where the constants come from"). Without normalising, the sharpness times
+#: the largest cost must stay below it too (docs/specification.md).
 MAX_SHARPNESS = 1e38
 COSTS = ("sqeuclidean", "cosine")
 REDUCTIONS = ("mean", "sum", "none")

@@ -167,7 +167,7 @@ class _StreamingExpectedCost(torch.autograd.Function):
         # per-query constant s |q|^2 (or s for cosine), one product per block, with the
         # log-normaliser shifted alike (as dense's forward pass). Not for a large sharpness:
         # shifting by s |q|^2 in float32 moves each logit by up to s * 1e-7 against the forward
-        # pass's log-normaliser, so the weights no longer sum to 1 (1% off at s = 1e5).
+        # pass's log-normaliser, so the weights would no longer sum to 1.
         shifted = (
             detach_weights
             and keys.dim() == 2

@@ -104,9 +104,8 @@ def clamped_norms(x: Tensor) -> Tensor:
 
     In float32 the squares of a row above about 1.8e19 overflow: its norm would be inf and
     the row would pass for a zero vector, the loss of a diverged encoder a plausible number.
-    NaN makes it show, as a NaN input does. (Exact norms there cost too much: float64 sums
-    made a call at N = 8 about 10% slower on the CPU, and a MoCo step with a 65,536-key queue
-    18%; a scaled norm needs three more operators. float64 embeddings are exact.)"""
+    NaN makes it show, as a NaN input does; float64 embeddings are exact. (Exact float32 norms
+    would cost every call: BENCHMARKS.md, "Edges and ranks".)"""
     norm: Tensor = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(NORMALIZE_EPS)
     return norm.nan_to_num_(nan=math.nan, posinf=math.nan)
 
