@@ -100,6 +100,9 @@ def test_a_positive_that_is_the_query_is_refused_for_any_m() -> None:
     assert _refusal(z, z.unsqueeze(1).expand(4, 2, 3)) == expected
     stacked = torch.stack([random_embeddings((4, 3), 1), random_embeddings((4, 3), 2)], dim=1)
     assert _refusal(stacked[:, 1], stacked) == expected
+    # a call replayed from an earlier signature (shapes checked before) is checked too
+    cct_loss(stacked[:, 1].clone(), random_embeddings((4, 2, 3), 3))
+    assert _refusal(stacked[:, 1], stacked) == expected
     # a copy, or a stack holding a copy, is a choice: accepted
     cct_loss(z, torch.stack([random_embeddings((4, 3), 1), z.clone()], dim=1))
     cct_loss(stacked[:, 1].clone(), stacked)

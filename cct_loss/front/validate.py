@@ -229,8 +229,8 @@ def views(
 def distinct(query: Tensor, positive: Tensor, negatives: Tensor | None, entry: str) -> None:
     """What depends on the tensors themselves rather than their shapes: checked at every call,
     replayed ones too (the cheap half of the query check first)."""
-    if query.data_ptr() == positive.data_ptr():
-        check_not_query_itself(query, positive, entry)
+    if positive.dim() == 3 or query.data_ptr() == positive.data_ptr():
+        check_not_query_itself(query, positive, entry)  # (any of M positives may be query)
     if negatives is not None:
         check_no_shared_memory(negatives, positive)
 
@@ -368,12 +368,7 @@ def check_not_query_itself(query: Tensor, positive: Tensor, entry: str) -> None:
     any of the ``M`` positives of ``(N, M, D)`` (``query.unsqueeze(1).expand(N, M, D)``, a stack
     that holds it): every query would be its own positive, at distance 0, and the loss a number
     that means nothing."""
-    if positive.dim() == 2:
-        own: Tensor | None = positive
-    elif positive.shape[1] == 1:
-        own = positive[:, 0]
-    else:  # the one of the M positives that starts where query does, if any
-        own = positive_at(query, positive)
+    own = positive if positive.dim() == 2 else positive_at(query, positive)
     if own is None or not same_view(query, own):
         return
     raise ValueError(
