@@ -10,7 +10,7 @@ never waits for the GPU."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -56,9 +56,26 @@ CALLS = ("cct_loss", "cct_loss_multiview", "NegativeQueue.enqueue")
 #: The dtypes and device types the fields name (any other is sent as "another value").
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
+#: How the fields name an input that is there or not.
+PRESENCE = ("absent", "given")
 #: Fields per exchange: every call sends as many (padded), so that ranks in different calls
 #: still exchange tensors of one size (a size mismatch aborts the process).
 MAX_FIELDS = 12
+
+
+def agreement(call: str, rows: Tensor, given: Mapping[str, object], *more: Field) -> list[Field]:
+    """What every rank of a gathering ``call`` must agree on: the call, the embedding dim, dtype
+    and device type of ``rows``, the fields ``more``, then which of the optional inputs
+    ``given`` are there."""
+    return [
+        Field("the call", call, CALLS),
+        Field("the embedding dim D", rows.shape[-1]),
+        Field("the dtype", rows.dtype, DTYPES),
+        Field("the device type", rows.device.type, DEVICE_TYPES),
+        *more,
+        *(Field(name, PRESENCE[x is not None], PRESENCE) for name, x in given.items()),
+    ]
+
 
 #: Gathering calls entered on this rank, per process group (see :func:`gathering_call`).
 _CALLS_ENTERED: dict[Any, int] = {}

@@ -161,15 +161,19 @@ class NegativeQueue(nn.Module):
                 "NegativeQueue(size, dim, with_labels=True)"
             )
         keys = keys.detach()
+        if (
+            not torch.compiler.is_compiling()  # a trace cannot ask
+            and self.keys.is_inference()
+            and not torch.is_inference_mode_enabled()
+        ):
+            raise RuntimeError(
+                "this queue was created under torch.inference_mode(), so its buffers can only "
+                "be written inside inference_mode: create the queue outside it (for example in "
+                "the model's __init__), or move it into a fresh one, e.g. "
+                "fresh = NegativeQueue(size, dim); fresh.load_state_dict(queue.state_dict())"
+            )
         if gathering:
-            presence = ("absent", "given")
-            fields = [
-                distributed.Field("the call", "NegativeQueue.enqueue", distributed.CALLS),
-                distributed.Field("the key dim", keys.shape[1]),
-                distributed.Field("the dtype", keys.dtype, distributed.DTYPES),
-                distributed.Field("the device type", keys.device.type, distributed.DEVICE_TYPES),
-                distributed.Field("labels", presence[labels is not None], presence),
-            ]
+            fields = distributed.agreement("NegativeQueue.enqueue", keys, {"labels": labels})
             counts = distributed.gathered_counts(keys, fields=fields)  # keys and labels
             keys = all_gather_no_grad(keys, counts)
             if labels is not None:
@@ -183,17 +187,6 @@ class NegativeQueue(nn.Module):
                 f"keys hold a NaN or infinite value in the queue's dtype {self.keys.dtype} "
                 f"(shape {shape_str(keys)}); the queue is left unchanged (a diverged step, or "
                 "keys too large for that dtype? pass check_finite=False to skip this check)"
-            )
-        if (
-            not torch.compiler.is_compiling()  # a trace cannot ask
-            and self.keys.is_inference()
-            and not torch.is_inference_mode_enabled()
-        ):
-            raise RuntimeError(
-                "this queue was created under torch.inference_mode(), so its buffers can only "
-                "be written inside inference_mode: create the queue outside it (for example in "
-                "the model's __init__), or move it into a fresh one, e.g. "
-                "fresh = NegativeQueue(size, dim); fresh.load_state_dict(queue.state_dict())"
             )
         start = self.write_position
         if batch > self.size:

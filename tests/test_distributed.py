@@ -174,7 +174,7 @@ DISAGREEMENTS = {
     "layout": ["the layout", "rank 0: all, rank 1: all, rank 2: cross"],
     "negatives": ["negatives", "rank 0: absent, rank 1: absent, rank 2: given"],
     "views": ["the number of views", "rank 0: 2, rank 1: 2, rank 2: 3"],
-    "queue_dim": ["the key dim", "rank 0: 4, rank 1: 4, rank 2: 6"],
+    "queue_dim": ["the embedding dim D", "rank 0: 4, rank 1: 4, rank 2: 6"],
     "other_call": [
         "the call",
         "rank 0: NegativeQueue.enqueue, rank 1: NegativeQueue.enqueue, rank 2: cct_loss",

@@ -124,32 +124,14 @@ def pairs(
     counts = None
     if gathering:
         given = {"labels": labels, "negatives": negatives, "negative_labels": negative_labels}
-        fields = _agreement("cct_loss", query, options, given)
-        m = 1 if positive.dim() == 2 else positive.shape[1]
-        fields.insert(3, Field("the dtype of positive", positive.dtype, distributed.DTYPES))
-        fields.insert(4, Field("the positives per query M", m))
+        fields = distributed.agreement(
+            "cct_loss", query, given,
+            Field("the dtype of positive", positive.dtype, distributed.DTYPES),
+            Field("the positives per query M", 1 if positive.dim() == 2 else positive.shape[1]),
+            Field("the layout", options.layout, LAYOUTS),
+        )  # fmt: skip
         counts = distributed.row_counts(n, device, fields=fields)
     return PairsCall(query, positive, negatives, labels, negative_labels, device, counts)
-
-
-#: How the agreement across ranks names an input that is there or not.
-PRESENCE = ("absent", "given")
-
-
-def _agreement(
-    call: str, rows: Tensor, options: CCTOptions, given: dict[str, Tensor | None]
-) -> list[Field]:
-    """What every rank of a gathering call must agree on (:func:`distributed.gathered_counts`):
-    the call, the embedding dim, dtype and device type of ``rows``, the layout, and which of
-    the optional inputs ``given`` are there."""
-    return [
-        Field("the call", call, distributed.CALLS),
-        Field("the embedding dim D", rows.shape[-1]),
-        Field("the dtype", rows.dtype, distributed.DTYPES),
-        Field("the device type", rows.device.type, distributed.DEVICE_TYPES),
-        Field("the layout", options.layout, LAYOUTS),
-        *(Field(name, PRESENCE[x is not None], PRESENCE) for name, x in given.items()),
-    ]
 
 
 def _check_explicit_negatives(
@@ -220,8 +202,11 @@ def views(
         check_same_device({"views": stacked, "labels": labels})
     counts = None
     if gathering:
-        fields = _agreement("cct_loss_multiview", stacked, options, {"labels": labels})
-        fields.insert(3, Field("the number of views", stacked.shape[0]))
+        fields = distributed.agreement(
+            "cct_loss_multiview", stacked, {"labels": labels},
+            Field("the number of views", stacked.shape[0]),
+            Field("the layout", options.layout, LAYOUTS),
+        )  # fmt: skip
         counts = distributed.row_counts(stacked.shape[1], stacked.device, fields=fields)
     return ViewsCall(stacked, labels, counts)
 
