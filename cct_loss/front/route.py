@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -45,8 +45,41 @@ def pairs_loss(
 ) -> Tensor | CCTDetails:
     """:func:`cct_loss.cct_loss` with its options in one object (see its docstring);
     ``entry``: how the messages spell the call (``"CCTLoss(...)"`` for the module)."""
-    with _gathering(options):
-        return _pairs_loss(query, positive, negatives, labels, negative_labels, options, entry)
+    with _gathering(options):  # (every rank fails where one does)
+        signature = _signature(query, positive, negatives, labels, negative_labels, options)
+        replay = None if signature is None else _REPLAYS.get(signature)
+        if replay is not None:  # a signature checked before: the same checks pass
+            assert positive is not None and signature is not None
+            validate.distinct(query, positive, negatives, entry)
+            problem = layouts.refill(replay.template, query, positive, negatives, options.layout)
+            if signature.autocast is None:  # nothing to disable
+                return replay.run(problem)
+            with own_precision(query.device):
+                return replay.run(problem)
+        query = validate.query_of(query, options, entry)
+        if positive is None:  # the one-view call with labels
+            labels = validate.one_view(negatives, labels, negative_labels, options, entry)
+            return _views_loss([query], labels, options, entry)
+        call = validate.pairs(query, positive, negatives, labels, negative_labels, options, entry)
+        embeddings = [x for x in (call.query, call.positive, call.negatives) if x is not None]
+        preparation = Preparation.of(
+            resolve_precision(call.device, *embeddings),
+            cost=options.cost,
+            normalize=options.normalize,
+        )
+        with own_precision(call.device):
+            if call.row_counts is None:
+                tensors: Sequence[Tensor | None] = (call.query, call.positive, call.negatives)
+                ready: Preparation | None = preparation
+                if not preparation.unit:  # prepared now, every row moved by one centre
+                    tensors, ready = centred(tensors, preparation), None
+                rows, positives, keys = tensors
+                assert rows is not None and positives is not None
+                problem = layouts.pairs(rows, positives, keys, options.layout, *call[3:5], ready)
+                return _compute_and_reduce(problem, options, None, signature)
+            return _compute_and_reduce(
+                _across_processes(call, options, preparation), options, call.row_counts
+            )
 
 
 def _gathering(options: CCTOptions) -> contextlib.AbstractContextManager[object]:
@@ -55,49 +88,6 @@ def _gathering(options: CCTOptions) -> contextlib.AbstractContextManager[object]
     if options.gather_distributed and distributed.is_active():
         return distributed.gathering_call()
     return shortcuts.no_context()
-
-
-def _pairs_loss(
-    query: Tensor,
-    positive: Tensor | None,
-    negatives: Tensor | None,
-    labels: Tensor | None,
-    negative_labels: Tensor | None,
-    options: CCTOptions,
-    entry: str,
-) -> Tensor | CCTDetails:
-    signature = _signature(query, positive, negatives, labels, negative_labels, options)
-    replay = None if signature is None else _REPLAYS.get(signature)
-    if replay is not None:  # a signature checked before: the same checks pass
-        assert positive is not None and signature is not None
-        validate.distinct(query, positive, negatives, entry)
-        problem = layouts.refill(replay.template, query, positive, negatives, options.layout)
-        if signature.autocast is None:  # nothing to disable
-            return replay.run(problem)
-        with own_precision(query.device):
-            return replay.run(problem)
-    query = validate.query_of(query, options, entry)
-    if positive is None:  # the one-view call with labels
-        labels = validate.one_view(negatives, labels, negative_labels, options, entry)
-        return _views_loss([query], labels, options, entry)
-    call = validate.pairs(query, positive, negatives, labels, negative_labels, options, entry)
-    embeddings = [x for x in (call.query, call.positive, call.negatives) if x is not None]
-    preparation = Preparation.of(
-        resolve_precision(call.device, *embeddings), cost=options.cost, normalize=options.normalize
-    )
-    with own_precision(call.device):
-        if call.row_counts is None:
-            tensors: Sequence[Tensor | None] = (call.query, call.positive, call.negatives)
-            ready: Preparation | None = preparation
-            if not preparation.unit:  # prepared now, every row moved by one centre
-                tensors, ready = centred(tensors, preparation), None
-            rows, positives, keys = tensors
-            assert rows is not None and positives is not None
-            problem = layouts.pairs(rows, positives, keys, options.layout, *call[3:5], ready)
-            return _compute_and_reduce(problem, options, None, signature)
-        return _compute_and_reduce(
-            _across_processes(call, options, preparation), options, call.row_counts
-        )
 
 
 def views_loss(
@@ -128,16 +118,16 @@ def _views_loss(
                 problem = layouts.in_batch(stacked, labels=call.labels, preparation=preparation)
             else:  # prepared now, every row moved by one centre
                 (moved,) = centred([stacked], preparation)
-                assert moved is not None
                 problem = layouts.in_batch(moved, labels=call.labels)
             return _compute_and_reduce(problem, options, None)
         prepared = prepare(stacked, preparation) if unit else cast(stacked, preparation.compute)
         global_rows = _gather_views(prepared, call.labels, call.row_counts)
-        if not unit:  # every row moved by one centre, the same on every rank
-            rows = prepared if global_rows is None else global_rows.rows
-            moved_rows, prepared = _moved(rows, [rows, prepared], preparation)
-            if global_rows is not None:
-                global_rows = global_rows._replace(rows=moved_rows)
+        if not unit and global_rows is None:  # the paper's objective on one process
+            (prepared,) = centred([prepared], preparation)
+        elif not unit:  # every row moved by one centre, the gathered rows' (every rank's)
+            assert global_rows is not None
+            rows, prepared = centred([global_rows.rows, prepared], preparation)
+            global_rows = global_rows._replace(rows=rows)
         if options.layout == "paper":
             return _paper(prepared, global_rows, options, call.row_counts)
         problem = layouts.in_batch(prepared, labels=call.labels, global_rows=global_rows)
@@ -258,26 +248,19 @@ def _across_processes(
         views = each(layouts.in_batch_views(call.query, call.positive))
         global_rows = _gather_views(views, call.labels, call.row_counts)
         assert global_rows is not None
-        if not unit:
-            rows, views = _moved(global_rows.rows, [global_rows.rows, views], preparation)
+        if not unit:  # every row moved by one centre, the gathered rows' (every rank's)
+            rows, views = centred([global_rows.rows, views], preparation)
             global_rows = global_rows._replace(rows=rows)
         return layouts.in_batch(views, labels=call.labels, global_rows=global_rows)
     positive = each(layouts.as_positives(call.positive))
     query, negatives = each(call.query), None if call.negatives is None else each(call.negatives)
     global_rows = _gather(positive, call.labels, call.row_counts)
     assert global_rows is not None
-    if not unit:
+    if not unit:  # every row moved by one centre, the gathered rows' (every rank's)
         tensors = [global_rows.rows, positive, query, negatives]
-        rows, positive, query, negatives = _moved(global_rows.rows, tensors, preparation)
+        rows, positive, query, negatives = centred(tensors, preparation)
         global_rows = global_rows._replace(rows=rows)
     return layouts.cross(query, positive, negatives, *call[3:5], global_rows)
-
-
-def _moved(rows: Tensor, tensors: Sequence[Tensor | None], preparation: Preparation) -> list[Any]:
-    """``tensors`` (in the compute dtype) moved by the mean of ``rows`` (the gathered rows when
-    gathering: the same centre on every rank), then in the products' dtype
-    (:func:`cct_loss.maths.costs.centred`)."""
-    return centred([rows.detach(), *tensors], preparation)[1:]
 
 
 def _gather(rows: Tensor, labels: Tensor | None, counts: list[int] | None) -> GlobalRows | None:

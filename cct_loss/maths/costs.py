@@ -73,15 +73,16 @@ def prepare_rows_vjp(grad: Tensor, unit: Tensor, norm: Tensor | None, like: Tens
     return cast(grad, like.dtype)
 
 
-def centred(tensors: Sequence[Tensor | None], preparation: Preparation) -> list[Tensor | None]:
+def centred(tensors: Sequence[Tensor | None], preparation: Preparation) -> list[Any]:
     """Embeddings that are not normalised, prepared and moved by one common vector, the mean of
-    the first tensor's rows (no gradient): squared distances do not change, while
-    ``|a|^2 + |b|^2 - 2 a.b`` no longer cancels to nothing where every row sits far from the
-    origin (rows near ``1000 + noise``: the float32 products kept no digit of the noise)."""
+    the first tensor's rows (the gathered rows across processes: the same on every rank),
+    without gradient: squared distances do not change, while ``|a|^2 + |b|^2 - 2 a.b`` no
+    longer cancels to nothing where every row sits far from the origin (rows near
+    ``1000 + noise``: the float32 products kept no digit of the noise)."""
     ready = [None if x is None else cast(x, preparation.compute) for x in tensors]
-    first = ready[0]
-    assert first is not None
-    centre = first.detach().reshape(-1, first.shape[-1]).mean(0)
+    rows = ready[0]
+    assert rows is not None
+    centre = rows.detach().reshape(-1, rows.shape[-1]).mean(0)
     return [None if x is None else cast(x - centre, preparation.products) for x in ready]
 
 
