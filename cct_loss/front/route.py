@@ -45,17 +45,17 @@ def pairs_loss(
 ) -> Tensor | CCTDetails:
     """:func:`cct_loss.cct_loss` with its options in one object (see its docstring);
     ``entry``: how the messages spell the call (``"CCTLoss(...)"`` for the module)."""
-    with _gathering(options):  # (every rank fails where one does)
-        signature = _signature(query, positive, negatives, labels, negative_labels, options)
-        replay = None if signature is None else _REPLAYS.get(signature)
-        if replay is not None:  # a signature checked before: the same checks pass
-            assert positive is not None and signature is not None
-            validate.distinct(query, positive, negatives, entry)
-            problem = layouts.refill(replay.template, query, positive, negatives, options.layout)
-            if signature.autocast is None:  # nothing to disable
-                return replay.run(problem)
-            with own_precision(query.device):
-                return replay.run(problem)
+    signature = _signature(query, positive, negatives, labels, negative_labels, options)
+    replay = None if signature is None else _REPLAYS.get(signature)
+    if replay is not None:  # a signature checked before: the same checks pass
+        assert positive is not None and signature is not None
+        validate.distinct(query, positive, negatives, entry)
+        problem = layouts.refill(replay.template, query, positive, negatives, options.layout)
+        if signature.autocast is None:  # nothing to disable
+            return replay.run(problem)
+        with own_precision(query.device):
+            return replay.run(problem)
+    with _gathering(options):  # (never replayed: every rank fails where one does)
         query = validate.query_of(query, options, entry)
         if positive is None:  # the one-view call with labels
             labels = validate.one_view(negatives, labels, negative_labels, options, entry)
