@@ -1,19 +1,25 @@
 """cct-loss: Contrastive Conditional Transport (CCT / CACR) for PyTorch, a drop-in replacement
-for InfoNCE: ``cct_loss(z1, z2)`` in a SimCLR trainer, ``cct_loss(q, k, queue.T)`` in MoCo.
+for InfoNCE: ``cct_loss(z1, z2)`` in a SimCLR trainer, ``cct_loss(q, k, queue.T)`` in MoCo; ``CCTClipLoss`` and ``CCTMetricLoss`` for open_clip's and
+pytorch-metric-learning's trainers.
 
 The folders are the layers, each using only those below it: ``front`` (the public API and the
 one route), ``implementations``, ``problem`` (who is a query, a positive, a negative) and
-``maths``; beside them the options, the shortcuts, the queue and the process groups
+``maths``; above them ``clients`` (the losses called as other libraries call theirs); beside
+them the options, the shortcuts, the queue and the process groups
 (docs/development.md)."""
 
+from .clients.clip import CCTClipLoss
+from .clients.metric_learning import CCTMetricLoss
 from .front.functional import cct_loss, cct_loss_multiview
 from .front.modules import CCTLoss, CCTMultiviewLoss
 from .maths.reduction import CCTDetails
 from .queue import NegativeQueue
 
 __all__ = [
+    "CCTClipLoss",
     "CCTDetails",
     "CCTLoss",
+    "CCTMetricLoss",
     "CCTMultiviewLoss",
     "NegativeQueue",
     "cct_loss",

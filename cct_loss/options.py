@@ -119,7 +119,7 @@ def options_of(
     ``where``. Validated once per set of plain values (:mod:`cct_loss.shortcuts`)."""
     if not given.keys() <= _NAMES:
         unknown = next(name for name in given if name not in _NAMES)
-        raise TypeError(unknown_keyword_message(where, unknown, list(KEYWORDS)))
+        raise TypeError(unknown_keyword_message(where, unknown, list(KEYWORDS), given[unknown]))
     impl = given.get("impl", "auto")
     if impl != "auto" and (not isinstance(impl, str) or impl not in implementations):
         check_choice("impl", impl, ("auto", *implementations))
@@ -127,10 +127,40 @@ def options_of(
     return _VALIDATED.lookup(key, lambda: _build({**KEYWORDS, **given}))
 
 
-def unknown_keyword_message(where: str, name: str, valid: list[str]) -> str:
-    """``where`` got ``name``, which is none of ``valid``: the message, with the closest."""
+#: The names other libraries give our options, and what to write instead (docs/options.md).
+ALIASES = {
+    "temp": "'temperature'",
+    "tau": "'temperature'",
+    "t": "'temperature'",
+    "temperature_init": "'temperature'",
+    "t_negative": "'t_neg'",
+    "negative_temperature": "'t_neg' (an inverse temperature) or 'temperature'",
+    "inverse_temperature": "'t_neg'",
+    "t_positive": "'t_pos'",
+    "logit_scale": "temperature=1 / logit_scale (or CCTClipLoss for open_clip)",
+    "memory_bank_size": "queue=NegativeQueue(size, dim) on CCTLoss",
+    "queue_size": "queue=NegativeQueue(size, dim) on CCTLoss",
+    "symmetric": "layout='all' (symmetric) or layout='cross' (one direction)",
+    "negative_mode": "the shape of negatives: (K, D) shared, (N, K, D) per query",
+    "gather_with_grad": "'gather_distributed'",
+    "all_gather": "'gather_distributed'",
+    "distributed": "'gather_distributed'",
+    "lambda_pos": "'alpha'",
+    "lambda_neg": "'beta'",
+}
+
+
+def unknown_keyword_message(where: str, name: str, valid: list[str], value: object = None) -> str:
+    """``where`` got ``name`` (``= value``), which is none of ``valid``: the message, with what
+    other libraries' name means here (:data:`ALIASES`) or else the closest valid name."""
     close = closest_name(name, valid)
-    hint = f"; did you mean {close!r}?" if close else "."
+    alias = ALIASES.get(name.lower())
+    if name == "memory_bank_size" and isinstance(value, tuple) and len(value) == 2:
+        hint = f"; did you mean CCTLoss(queue=NegativeQueue({value[0]!r}, {value[1]!r}))?"
+    elif alias is not None:
+        hint = f"; did you mean {alias}?"
+    else:
+        hint = f"; did you mean {close!r}?" if close else "."
     return (
         f"{where}() got an unexpected keyword argument {name!r}{hint} "
         f"The valid keywords are: {', '.join(valid)}"
@@ -145,7 +175,10 @@ def spell_out_options(function: _Function) -> _Function:
     out every option with its default and type (from :class:`CCTOptions`), for ``help()`` and
     :func:`inspect.signature`. Returns ``function`` itself."""
     signature = inspect.signature(function)
-    own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    # (a ``*positional`` catch-all only refuses positional options with a message: not shown)
+    own = [
+        p for p in signature.parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    ]
     spelt = [name for name in KEYWORDS if name not in signature.parameters]
     options = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=KEYWORDS[name],

@@ -22,9 +22,12 @@ class NegativeQueue(nn.Module):
 
     **Before the queue is full, :meth:`negatives` returns only the keys written so far**, never
     uninitialised memory and never placeholder vectors (MoCo fills its queue with random unit
-    vectors; those are not negatives of anything, so we do not). Its length therefore grows to
-    ``size`` over the first steps; it is known on the host from the batch sizes, so reading it
-    costs no device synchronisation. Reading an empty queue is an error.
+    vectors; those are not negatives of anything, so we do not). Its length therefore grows
+    from 0 to ``size`` over the first steps; it is known on the host from the batch sizes, so
+    reading it costs no device synchronisation. **An empty queue gives ``(0, dim)``**, and
+    :func:`cct_loss.cct_loss` takes no shared negatives to mean "no queue yet": the other rows'
+    keys of the batch are the negatives (docs/queue.md). So the loop
+    ``loss = cct_loss(q, k, queue.negatives()); queue.enqueue(k)`` needs no first-step case.
 
     Args:
         size: capacity ``K >= 1``.
@@ -204,8 +207,8 @@ class NegativeQueue(nn.Module):
 
     @torch.no_grad()
     def reset(self) -> None:
-        """Empty the queue (keys zeroed, write position 0); :meth:`negatives` then refuses to be
-        read until keys are enqueued again."""
+        """Empty the queue (keys zeroed, write position 0): :meth:`negatives` is ``(0, dim)``
+        again until keys are enqueued."""
         self.keys.zero_()
         if self.with_labels:
             self.key_labels.zero_()
@@ -214,28 +217,23 @@ class NegativeQueue(nn.Module):
         self._filled = 0
 
     def negatives(self) -> Tensor:
-        """The keys held, ``(len(self), dim)``, ready for ``cct_loss(q, k, queue.negatives())``.
+        """The keys held, ``(len(self), dim)``, ready for ``cct_loss(q, k, queue.negatives())``;
+        ``(0, dim)`` while the queue is empty, which that call reads as "no queue yet: the other
+        rows' keys are the negatives".
 
         Returns a copy, so that :meth:`enqueue` may run before the backward pass (as MoCo's
-        forward does) without touching tensors saved for it. Raises ``ValueError`` while the
-        queue is empty.
+        forward does) without touching tensors saved for it.
         """
-        if self._filled == 0:
-            raise ValueError(
-                "the queue is empty: enqueue keys before reading negatives "
-                "(for example the momentum encoder's keys of the first batch)"
-            )
         return self.keys[: self._filled].clone()
 
     def labels(self) -> Tensor:
         """The labels of :meth:`negatives`, ``(len(self),)`` int64, in the same order (a copy).
 
-        Raises ``ValueError`` for a queue built without ``with_labels=True`` or while empty.
+        ``(0,)`` while empty. Raises ``ValueError`` for a queue built without
+        ``with_labels=True``.
         """
         if not self.with_labels:
             raise ValueError("this queue keeps no labels: build it with with_labels=True")
-        if self._filled == 0:
-            raise ValueError("the queue is empty: enqueue keys (and labels) before reading labels")
         return self.key_labels[: self._filled].clone()
 
     def extra_repr(self) -> str:

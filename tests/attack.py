@@ -341,7 +341,6 @@ def _error_cases() -> Iterator[Attack]:
     yield refused(
         "enqueue D mismatch", lambda: NegativeQueue(8, 4).enqueue(torch.randn(2, 5)), "dim"
     )
-    yield refused("empty queue read", lambda: NegativeQueue(8, 4).negatives(), "empty")
     yield refused("labels to a queue without", lambda: NegativeQueue(8, 4).enqueue(
         torch.randn(2, 4), labels=torch.arange(2)), "labels")  # fmt: skip
     yield refused("no labels to a labelled queue", lambda: NegativeQueue(

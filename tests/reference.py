@@ -291,3 +291,35 @@ def reference_paper(
         r = torch.stack(repulsion).mean()
         per_row.append(alpha * a + beta * r)
     return reduce(per_row, reduction)
+
+
+def reference_keyed(
+    query: Tensor,
+    keys: Tensor,
+    is_positive: Any,
+    is_negative: Any,
+    *,
+    reduction: str = "mean",
+    normalize: bool = True,
+    **opts: Any,
+) -> Tensor:
+    """Queries against keys where ``is_positive(i, j)`` / ``is_negative(i, j)`` say whether key
+    ``j`` is a positive / negative of query ``i`` (pytorch-metric-learning's reference
+    embeddings and mined pairs), reduced."""
+    prep = unit if normalize else (lambda x: x)
+    full: dict[str, Any] = dict(
+        t_pos=1.0, t_neg=1.0, alpha=1.0, beta=1.0, cost="sqeuclidean", detach_weights=True
+    )
+    full.update(opts)
+    rows = [prep(r) for r in query.double()]
+    cands = [prep(r) for r in keys.double()]
+    results = [
+        one_query(
+            rows[i],
+            [c for j, c in enumerate(cands) if is_positive(i, j)],
+            [c for j, c in enumerate(cands) if is_negative(i, j)],
+            **full,
+        )
+        for i in range(len(rows))
+    ]
+    return reduce_results(results, reduction, full)

@@ -25,7 +25,7 @@ def test_a_misspelt_public_name_names_the_one_meant() -> None:
         from cct_loss import CCTMultiViewLoss  # noqa: F401
     with pytest.raises(AttributeError, match="did you mean 'cct_loss_multiview'"):
         _ = package.cct_loss_multview
-    with pytest.raises(ImportError, match="its public names are CCTDetails, CCTLoss"):
+    with pytest.raises(ImportError, match="its public names are CCTClipLoss, CCTDetails, CCTLoss"):
         from cct_loss import nothing_like_it  # noqa: F401
     # attribute probes keep working
     assert not hasattr(package, "CCTMultiViewLoss")

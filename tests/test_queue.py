@@ -46,11 +46,12 @@ def test_fifo_matches_list_reference(size: int, batches: list[int], seed: int) -
             assert queue.is_full == (len(reference.items) == size)
 
 
-def test_empty_queue_refuses_to_give_negatives() -> None:
+def test_empty_queue_gives_no_negatives() -> None:
     queue = NegativeQueue(8, 4)
+    labelled = NegativeQueue(8, 4, with_labels=True)
     assert len(queue) == 0
-    with pytest.raises(ValueError, match="the queue is empty"):
-        queue.negatives()
+    assert queue.negatives().shape == (0, 4)
+    assert labelled.labels().shape == (0,) and labelled.labels().dtype == torch.long
 
 
 def test_partial_queue_gives_only_written_keys_in_order() -> None:
@@ -299,8 +300,7 @@ def test_reset_empties_the_queue() -> None:
     queue.enqueue(torch.randn(7, 3))
     queue.reset()
     assert len(queue) == 0 and not queue.is_full
-    with pytest.raises(ValueError, match="the queue is empty"):
-        queue.negatives()
+    assert queue.negatives().shape == (0, 3)
     queue.enqueue(torch.ones(2, 3))
     torch.testing.assert_close(queue.negatives(), torch.ones(2, 3))
     assert int(queue.write_position) == 2

@@ -19,6 +19,7 @@ from ..checks import closest_name
 from ..implementations.table import TABLE
 from ..maths.reduction import CCTDetails
 from ..options import (
+    ALIASES,
     KEYWORDS,
     OPTION_NAMES,
     CCTOptions,
@@ -27,6 +28,7 @@ from ..options import (
     spell_out_options,
     temperature_from_t_neg,
 )
+from ..queue import NegativeQueue
 from .route import pairs_loss, views_loss
 from .validate import PAIR_LAYOUTS, VIEW_LAYOUTS, check_layout
 
@@ -38,7 +40,9 @@ class _OptionsModule(nn.Module):
     _layouts: tuple[str, ...] = ()
 
     @spell_out_options
-    def __init__(self, **options: Unpack[ModuleKeywords]) -> None:
+    def __init__(self, *positional: object, **options: Unpack[ModuleKeywords]) -> None:
+        if positional:
+            raise TypeError(positional_options_message(type(self).__name__, positional))
         super().__init__()
         checked = options_of(options, TABLE, type(self).__name__)
         check_layout(checked, self._layouts, type(self).__name__)
@@ -75,16 +79,18 @@ class _OptionsModule(nn.Module):
         object.__setattr__(self, "options", options)
 
     def _refuse_misspelt_option(self, name: str) -> None:
-        """A new public attribute named like an option (``tneg``) is an ``AttributeError``;
+        """A new public attribute named like an option (``tneg``), or as another library names
+        one (``tau``, :data:`cct_loss.options.ALIASES`), is an ``AttributeError``;
         names the class declares, or the instance already holds, are left alone."""
         if name.startswith("_") or name in self.__dict__ or _declared(type(self), name):
             return
         if name in self._modules or name in self._parameters or name in self._buffers:
             return
         close = closest_name(name, sorted(KEYWORDS))
-        if close:
+        meant = ALIASES.get(name.lower()) or (close and f"{close!r}")
+        if meant:
             raise AttributeError(
-                f"{type(self).__name__} has no option {name!r}; did you mean {close!r}? "
+                f"{type(self).__name__} has no option {name!r}; did you mean {meant}? "
                 f"Its options are: {', '.join(sorted(KEYWORDS))}. (To give a subclass an "
                 "attribute of that name, declare it on the class.)"
             )
@@ -97,28 +103,77 @@ class _OptionsModule(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.as_dict().items())
 
 
+def positional_options_message(module: str, positional: tuple[object, ...]) -> str:
+    """``CCTLoss(0.5)``: the options are keywords; the message names the module and, for a
+    number, the ``temperature=`` it most likely meant."""
+    first = positional[0]
+    count = f"{len(positional)} positional argument{'s' if len(positional) > 1 else ''}"
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        hint = (
+            f"did you mean {module}(temperature={first!r}) (InfoNCE's tau) or "
+            f"{module}(t_neg={first!r}) (CCT's sharpness, an inverse temperature)?"
+        )
+    elif type(first).__name__ == "NegativeQueue":
+        hint = f"pass the queue by name: {module}(queue=...)"
+    else:
+        hint = f"its options are: {', '.join(KEYWORDS)}"
+    return f"{module}() takes its options as keywords only, got {count} ({first!r}): {hint}"
+
+
 def _declared(cls: type, name: str) -> bool:
     """Whether ``name`` is a class attribute or an annotation of ``cls`` or a base."""
     return any(name in vars(c) or name in getattr(c, "__annotations__", {}) for c in cls.__mro__)
 
 
 class CCTLoss(_OptionsModule):
-    """Module form of :func:`cct_loss.cct_loss`.
+    """Module form of :func:`cct_loss.cct_loss`, optionally owning a queue of negatives.
 
     Takes the options of :func:`cct_loss.cct_loss` as keywords (``layout`` ``"all"`` or
     ``"cross"``); they are checked here, at construction (and when set as attributes), so a bad
     setting fails before training starts.
 
+    Args:
+        queue: a :class:`cct_loss.NegativeQueue` the loss owns (lightly's
+            ``NTXentLoss(memory_bank_size=...)`` and MoCo's pattern): ``criterion(q, k)`` takes
+            the queue's keys as the negatives, then enqueues ``k`` (every positive, detached;
+            with the labels for a queue ``with_labels=True``). While the queue is empty (the
+            first step) the other rows' keys of the batch are the negatives, so no step needs a
+            special case (docs/queue.md). The queue is a submodule: ``state_dict`` saves it,
+            ``.to()`` moves it; across processes, build it with ``gather_distributed=True``.
+        **options: as :func:`cct_loss.cct_loss`.
+
     Examples:
         >>> import torch
-        >>> from cct_loss import CCTLoss
+        >>> from cct_loss import CCTLoss, NegativeQueue
         >>> criterion = CCTLoss(temperature=0.2)  # t_neg = 1 / (2 * 0.2) = 2.5
         >>> loss = criterion(torch.randn(8, 16), torch.randn(8, 16))
         >>> criterion.t_neg = torch.tensor(1.5)  # a schedule: takes effect on the next call
         >>> metric = CCTLoss()(torch.randn(8, 16), labels=torch.randint(0, 3, (8,)))
+        >>> moco = CCTLoss(temperature=0.2, queue=NegativeQueue(4096, 16))
+        >>> loss = moco(torch.randn(8, 16), torch.randn(8, 16))  # then enqueues the keys
     """
 
     _layouts = PAIR_LAYOUTS
+    queue: NegativeQueue | None
+
+    @spell_out_options
+    def __init__(
+        self,
+        *positional: object,
+        queue: NegativeQueue | None = None,
+        **options: Unpack[ModuleKeywords],
+    ) -> None:
+        super().__init__(*positional, **options)
+        if queue is not None and not isinstance(queue, NegativeQueue):
+            raise TypeError(f"queue must be a NegativeQueue or None, got {type(queue).__name__}")
+        if queue is not None and self.options.gather_distributed:
+            raise ValueError(
+                "CCTLoss(gather_distributed=True) gathers in-batch negatives, which a queue "
+                "replaces; to share the queue across processes build it with "
+                "NegativeQueue(size, dim, gather_distributed=True) and leave the loss's "
+                "gather_distributed=False"
+            )
+        self.queue = queue
 
     def forward(
         self,
@@ -128,9 +183,54 @@ class CCTLoss(_OptionsModule):
         labels: Tensor | None = None,
         negative_labels: Tensor | None = None,
     ) -> Tensor | CCTDetails:
-        """See :func:`cct_loss.cct_loss`."""
+        """See :func:`cct_loss.cct_loss`; with a queue, ``criterion(query, keys)`` (and
+        ``labels=``), the negatives coming from the queue."""
         tensors = (query, positive, negatives, labels, negative_labels)
-        return pairs_loss(*tensors, self.options, entry=self._call_name())
+        if self.queue is None:
+            return pairs_loss(*tensors, self.options, entry=self._call_name())
+        return self._with_queue(self.queue, *tensors)
+
+    def _with_queue(
+        self,
+        queue: NegativeQueue,
+        query: Tensor,
+        positive: Tensor | None,
+        negatives: Tensor | None,
+        labels: Tensor | None,
+        negative_labels: Tensor | None,
+    ) -> Tensor | CCTDetails:
+        """The loss against the queue's keys, then the keys enqueued."""
+        entry = self._call_name()
+        if negatives is not None or negative_labels is not None:
+            raise ValueError(
+                f"this {type(self).__name__} owns a queue, whose keys are the negatives: call "
+                "it as criterion(query, keys) (with labels=... for a queue with labels), or "
+                "build it without queue= to pass negatives yourself"
+            )
+        if positive is None:
+            raise TypeError(
+                f"{entry} with a queue needs the keys: criterion(query, keys), the keys then "
+                "enqueued as later negatives"
+            )
+        if queue.with_labels != (labels is not None):
+            raise ValueError(
+                "labels go with a queue that keeps them: build it with NegativeQueue(size, dim, "
+                "with_labels=True) and call criterion(query, keys, labels=labels)"
+                if labels is not None
+                else "this queue keeps labels (with_labels=True): call "
+                "criterion(query, keys, labels=labels)"
+            )
+        negatives = queue.negatives()
+        negative_labels = queue.labels() if queue.with_labels else None
+        loss = pairs_loss(
+            query, positive, negatives, labels, negative_labels, self.options, entry=entry
+        )
+        keys = positive if positive.dim() == 2 else positive.flatten(0, 1)
+        key_labels = labels
+        if labels is not None and positive.dim() == 3:
+            key_labels = labels.repeat_interleave(positive.shape[1])
+        queue.enqueue(keys, key_labels, check_finite=self.options.check_finite)
+        return loss
 
 
 class CCTMultiviewLoss(_OptionsModule):

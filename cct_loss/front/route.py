@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -45,6 +46,8 @@ def pairs_loss(
 ) -> Tensor | CCTDetails:
     """:func:`cct_loss.cct_loss` with its options in one object (see its docstring);
     ``entry``: how the messages spell the call (``"CCTLoss(...)"`` for the module)."""
+    if negatives is not None and validate.no_queue_yet(query, negatives):
+        return _before_the_queue(query, positive, labels, negative_labels, options, entry)
     signature = _signature(query, positive, negatives, labels, negative_labels, options)
     replay = None if signature is None else _REPLAYS.get(signature)
     if replay is not None:  # a signature checked before: the same checks pass
@@ -80,6 +83,61 @@ def pairs_loss(
             return _compute_and_reduce(
                 _across_processes(call, options, preparation), options, call.row_counts
             )
+
+
+def _before_the_queue(
+    query: Tensor,
+    positive: Tensor | None,
+    labels: Tensor | None,
+    negative_labels: Tensor | None,
+    options: CCTOptions,
+    entry: str,
+) -> Tensor | CCTDetails:
+    """A call with ``(0, D)`` shared negatives, an empty queue's (the first step): the other
+    rows' keys of the batch are the negatives. Layout ``"cross"`` has them already; the MoCo
+    mode of ``"all"`` becomes ``"cross"`` (each query's positives stay ``positive[i]``), and
+    with labels takes the keys as labelled negatives (``positive[i]`` stays the positives, a
+    same-label key is left out, as the queue's would be)."""
+    validate.empty_queue_call(positive, labels, negative_labels, options, entry)
+    if options.layout == "cross":
+        return pairs_loss(query, positive, None, labels, None, options, entry)
+    if labels is None:
+        return pairs_loss(
+            query, positive, None, None, None, replace(options, layout="cross"), entry
+        )
+    assert isinstance(positive, Tensor)
+    keys = (positive if positive.dim() == 2 else positive.flatten(0, 1)).clone()
+    key_labels = labels if positive.dim() == 2 else labels.repeat_interleave(positive.shape[1])
+    return pairs_loss(query, positive, keys, labels, key_labels, options, entry)
+
+
+def keyed_loss(
+    query: Tensor,
+    keys: Tensor | None,
+    labels: Tensor | None,
+    key_labels: Tensor | None,
+    pairs: tuple[Tensor, Tensor] | None,
+    options: CCTOptions,
+    entry: str,
+) -> Tensor | CCTDetails:
+    """Queries against keys drawn by label, or restricted to a miner's pairs
+    (:func:`cct_loss.problem.layouts.keyed`): pytorch-metric-learning's ``ref_emb`` and
+    ``indices_tuple`` (:mod:`cct_loss.clients.metric_learning`); one process."""
+    query = validate.query_of(query, options, entry)
+    call = validate.keyed(query, keys, labels, key_labels, pairs, options, entry)
+    embeddings = [x for x in (call.query, call.keys) if x is not None]
+    preparation = Preparation.of(
+        resolve_precision(call.device, *embeddings), cost=options.cost, normalize=options.normalize
+    )
+    with own_precision(call.device):
+        tensors: Sequence[Tensor | None] = (call.query, call.keys)
+        ready: Preparation | None = preparation
+        if not preparation.unit:  # prepared now, every row moved by one centre
+            tensors, ready = centred(tensors, preparation), None
+        rows, keys = tensors
+        assert rows is not None
+        problem = layouts.keyed(rows, keys, call.labels, call.key_labels, call.pairs, ready)
+        return _compute_and_reduce(problem, options, None)
 
 
 def _gathering(options: CCTOptions) -> contextlib.AbstractContextManager[object]:

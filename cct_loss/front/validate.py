@@ -6,6 +6,7 @@ the views) name the call that was meant. Only shapes, dtypes, devices and addres
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Real
 from typing import NamedTuple
 
 import torch
@@ -30,6 +31,17 @@ from ..options import CCTOptions
 PAIR_LAYOUTS = ("all", "cross")
 VIEW_LAYOUTS = ("all", "paper")
 LAYOUTS = ("all", "cross", "paper")
+
+GATHERED_NEGATIVES = (
+    "gather_distributed=True gathers in-batch negatives (negatives=None, or layout='cross'); "
+    "with explicit negatives, gather them yourself, e.g. with "
+    "NegativeQueue(..., gather_distributed=True)"
+)
+UNLABELLED_NEGATIVES = (
+    "labels with explicit negatives (the MoCo mode of layout='all') need negative_labels= (K,) "
+    "to leave out same-label negatives; to draw same-label positives from the batch use "
+    "layout='cross'"
+)
 
 
 class PairsCall(NamedTuple):
@@ -146,17 +158,116 @@ def _check_explicit_negatives(
             f"{shape_str(negatives)}"
         )
     if options.gather_distributed and not cross:
-        raise ValueError(
-            "gather_distributed=True gathers in-batch negatives (negatives=None, or "
-            "layout='cross'); with explicit negatives, gather them yourself, e.g. with "
-            "NegativeQueue(..., gather_distributed=True)"
-        )
+        raise ValueError(GATHERED_NEGATIVES)
     if labels is not None and negative_labels is None and not cross:
+        raise ValueError(UNLABELLED_NEGATIVES)
+
+
+class KeyedCall(NamedTuple):
+    """Queries against keys drawn by label or by a miner's pairs (:func:`keyed`), checked:
+    ``keys`` ``None`` when the queries are the keys; ``pairs`` the positive and negative
+    ``(N, R)`` masks of a miner, or ``None`` (then the labels decide)."""
+
+    query: Tensor
+    keys: Tensor | None
+    labels: Tensor | None
+    key_labels: Tensor | None
+    pairs: tuple[Tensor, Tensor] | None
+    device: torch.device
+
+
+def keyed(
+    query: Tensor,
+    keys: Tensor | None,
+    labels: Tensor | None,
+    key_labels: Tensor | None,
+    pairs: tuple[Tensor, Tensor] | None,
+    options: CCTOptions,
+    entry: str,
+) -> KeyedCall:
+    """The checks of a call of queries against keys (pytorch-metric-learning's ``ref_emb``) or
+    restricted to a miner's pairs: each key is a positive where its label is the query's (or
+    where the miner paired them as positive), a negative where it differs."""
+    n, d = query.shape
+    if n == 0:
+        raise ValueError(f"embeddings is an empty batch: got shape {shape_str(query)}")
+    if options.gather_distributed:
         raise ValueError(
-            "labels with explicit negatives (the MoCo mode of layout='all') need "
-            "negative_labels= (K,) to leave out same-label negatives; to draw same-label "
-            "positives from the batch use layout='cross'"
+            f"{entry} gathers across processes only for the labels of the batch itself "
+            "(no reference embeddings, no miner); gather ref_emb yourself, or drop "
+            "gather_distributed"
         )
+    if options.layout != "all":
+        raise ValueError(f"{entry} has one layout, 'all'; got layout={options.layout!r}")
+    tensors = {"embeddings": query}
+    if keys is not None:
+        keys = check_float_tensor("ref_emb", keys, (2,), f"(R, D) = (R, {d})")
+        if keys.shape[1] != d:
+            raise ValueError(
+                f"ref_emb must have shape (R, D) with D = {d} as in embeddings, got "
+                f"{shape_str(keys)}"
+            )
+        tensors["ref_emb"] = keys
+    rows = n if keys is None else keys.shape[0]
+    if pairs is None:
+        if labels is None or key_labels is None:
+            raise ValueError(
+                f"{entry} needs labels (and ref_labels with ref_emb) or a miner's pairs"
+            )
+        tensors["labels"] = check_labels("labels", labels, n, "N")
+        tensors["ref_labels"] = check_labels("ref_labels", key_labels, rows, "R")
+    else:
+        for name, mask in zip(("positive pairs", "negative pairs"), pairs, strict=True):
+            if mask.dtype != torch.bool or mask.shape != (n, rows):
+                raise ValueError(
+                    f"the {name} must be a boolean mask of shape ({n}, {rows}), got "
+                    f"{mask.dtype} {shape_str(mask)}"
+                )
+        tensors["indices_tuple"] = pairs[0]
+    device = check_same_device(tensors)
+    if options.check_finite:
+        check_finite_inputs({k: v for k, v in tensors.items() if v.is_floating_point()})
+    return KeyedCall(query, keys, labels, key_labels, pairs, device)
+
+
+def no_queue_yet(query: object, negatives: object) -> bool:
+    """Whether ``negatives`` are an empty queue's, ``(0, D)`` with the query's ``D``: no shared
+    negatives yet (:func:`cct_loss.front.route.pairs_loss` takes the batch's keys instead)."""
+    return (
+        isinstance(negatives, Tensor)
+        and negatives.dim() == 2
+        and negatives.shape[0] == 0
+        and isinstance(query, Tensor)
+        and query.dim() == 2
+        and negatives.shape[1] == query.shape[1]
+        and negatives.is_floating_point()
+    )
+
+
+def empty_queue_call(
+    positive: object,
+    labels: Tensor | None,
+    negative_labels: Tensor | None,
+    options: CCTOptions,
+    entry: str,
+) -> None:
+    """What a call with an empty queue's ``(0, D)`` negatives must hold: what the same call with
+    keys in the queue would need (the rest is checked by the call it becomes)."""
+    if not isinstance(positive, Tensor):
+        raise TypeError(
+            f"{entry}(query, positive, negatives): negatives take each query's positive too, got "
+            f"positive={type(positive).__name__}"
+        )
+    if options.gather_distributed and options.layout != "cross":
+        raise ValueError(GATHERED_NEGATIVES)
+    if negative_labels is not None:
+        negative_labels = check_labels("negative_labels", negative_labels, 0, "K")
+        if labels is None:
+            raise ValueError("negative_labels needs labels= (N,) for the queries' rows")
+    elif labels is not None and options.layout != "cross":
+        raise ValueError(UNLABELLED_NEGATIVES)
+    if isinstance(positive, Tensor) and positive.dim() == 3 and labels is not None:
+        check_labels("labels", labels, positive.shape[0], "N")
 
 
 def one_view(
@@ -235,6 +346,27 @@ def check_layout(options: CCTOptions, allowed: tuple[str, ...], entry: str) -> N
 
 
 def check_negatives(negatives: Tensor, n: int, d: int, entry: str) -> Tensor:
+    """``negatives`` ``(K, D)`` or ``(N, K, D)`` for ``n`` queries of dim ``d``; a number or a
+    0-dim tensor in their place (a temperature, open_clip's ``logit_scale``) names the call
+    that was meant."""
+    if isinstance(negatives, Real) and not isinstance(negatives, bool):
+        raise TypeError(
+            "negatives must be a torch.Tensor of shape (K, D) or (N, K, D), got "
+            f"{type(negatives).__name__} {negatives!r}; to set the temperature, name it: "
+            + (
+                f"{entry.removesuffix('(...)')}(temperature={negatives!r})(query, positive)"
+                if entry.endswith("(...)")
+                else f"{entry}(query, positive, temperature={negatives!r})"
+            )
+        )
+    if isinstance(negatives, Tensor) and negatives.dim() == 0:
+        raise ValueError(
+            "negatives must have shape (K, D) or (N, K, D), got a 0-dim tensor: if it is "
+            "open_clip's logit_scale, call "
+            f"{entry}(image_features, text_features, layout='cross', temperature=1 / "
+            "logit_scale), or swap ClipLoss for CCTClipLoss, which takes "
+            "(image_features, text_features, logit_scale)"
+        )
     if isinstance(negatives, Tensor) and not negatives.is_floating_point():
         raise TypeError(
             f"negatives must have a floating-point dtype (embeddings), got {negatives.dtype}. "
@@ -253,10 +385,6 @@ def check_negatives(negatives: Tensor, n: int, d: int, entry: str) -> Tensor:
             raise ValueError(
                 f"negatives must have shape (K, D) with D = {d} as in query, got "
                 f"{shape_str(negatives)}{hint}"
-            )
-        if rows == 0:
-            raise ValueError(
-                f"negatives has K = 0 rows (shape {shape_str(negatives)}); expected K >= 1"
             )
         return negatives
     if negatives.shape[0] != n or negatives.shape[2] != d:

@@ -74,13 +74,13 @@ def plan_of(problem: ContrastiveProblem, options: CCTOptions) -> Plan:
         pos_kind = PAIRS if positives.own_rows_only else SHARED
         rows = positives.rows if positives.own_rows_only else None
         pos_may_be_empty = positives.may_be_empty
-    exclude_own = negatives is not None and not negatives.labelled and negatives.rows is not None
+    exclude_own = negatives is not None and not negatives.per_pair and negatives.rows is not None
     if negatives is not None and exclude_own:
         rows = negatives.rows
     neg_kind = NONE if negatives is None else SHARED
     return Plan(
         options.cost, options.detach_weights, pos_kind, neg_kind, rows, exclude_own,
-        labelled=pos_kind == SHARED or (negatives is not None and negatives.labelled),
+        labelled=pos_kind == SHARED or (negatives is not None and negatives.per_pair),
         pos_may_be_empty=pos_may_be_empty,
         neg_may_be_empty=negatives is not None and negatives.may_be_empty,
         keep_pos_costs=keep or isinstance(options.t_pos, Tensor),

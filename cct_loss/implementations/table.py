@@ -208,10 +208,21 @@ def cuda_call(
 
 def choose(problem: ContrastiveProblem, options: CCTOptions) -> Implementation:
     """The implementation that serves ``problem``: the one ``options.impl`` names, or the one
-    ``auto`` picks (``return_details="weights"`` makes it dense, the one that holds them)."""
+    ``auto`` picks (``return_details="weights"`` makes it dense, the one that holds them, and so
+    do a miner's pairs, which only dense can restrict to)."""
+    mined = any(
+        isinstance(side, KeySet) and side.pairs is not None
+        for side in (problem.positives, problem.negatives)
+    )
+    if mined and options.impl not in ("auto", "dense"):
+        raise ValueError(
+            f"impl={options.impl!r} cannot restrict each query to a miner's pairs "
+            "(indices_tuple): it streams the keys by class ids, never a mask. Use impl='dense' "
+            "(or 'auto', which picks it for mined pairs), or call without indices_tuple"
+        )
     if options.impl != "auto":
         return TABLE[options.impl]
-    if options.wants_weights:
+    if options.wants_weights or mined:
         return TABLE["dense"]
     dtype = None if problem.preparation is None else problem.preparation.products
     return TABLE[choose_impl("auto", describe_call(problem.query, problem.key_rows, dtype))]

@@ -1,7 +1,8 @@
 """The problem description: the queries, the keys, and which keys are each query's positives
 and negatives (:class:`ContrastiveProblem`). A :class:`KeySet` says which keys take part by
-class labels as ids, or by the batch's block layout as a few integers (:class:`OwnRows`), never
-by a mask handed over: each implementation builds what it needs."""
+class labels as ids, or by the batch's block layout as a few integers (:class:`OwnRows`): each
+implementation builds what it needs. Only a miner's pairs come as a mask (``KeySet.pairs``),
+which the dense implementation alone reads."""
 
 from __future__ import annotations
 
@@ -120,23 +121,30 @@ class KeySet(NamedTuple):
     """Which keys take part in each query's softmax: those whose group differs from the
     query's (``same_group=False``, negatives) or equals it and is not the query itself
     (``same_group=True``, positives). Groups are labels (``query_groups``, ``key_groups``) or,
-    without, the instances of ``rows``; ``KeySet()`` is every key. ``may_be_empty``: a query may
-    have none (labels)."""
+    without, the instances of ``rows``; ``KeySet()`` is every key. ``pairs``: a ``(Q, K)``
+    boolean mask, True where a miner kept the pair, which alone decides (no groups, no rows).
+    ``may_be_empty``: a query may have none (labels, mined pairs)."""
 
     query_groups: Tensor | None = None
     key_groups: Tensor | None = None
     same_group: bool = False
     rows: OwnRows | None = None
     may_be_empty: bool = False
+    pairs: Tensor | None = None
 
     @property
     def labelled(self) -> bool:
         return self.query_groups is not None and self.key_groups is not None
 
     @property
+    def per_pair(self) -> bool:
+        """Drawn pair by pair (labels or mined pairs): a mask decides, not the block layout."""
+        return self.labelled or self.pairs is not None
+
+    @property
     def every_key(self) -> bool:
         """Every key takes part for every query."""
-        return not self.labelled and self.rows is None
+        return not self.per_pair and self.rows is None
 
     @property
     def own_rows_only(self) -> bool:
@@ -149,7 +157,9 @@ class KeySet(NamedTuple):
         return self.same_group and self.rows is not None and self.rows.includes_self
 
     def ids(self, num_keys: int, device: torch.device) -> KeyIds:
-        """The four id arrays (all ``None`` when every key takes part)."""
+        """The four id arrays (all ``None`` when every key takes part); mined pairs have none
+        (:func:`cct_loss.implementations.table.choose` sends them to the dense implementation)."""
+        assert self.pairs is None, "mined pairs have no ids: only impl='dense' reads them"
         if self.every_key:
             return (None, None, None, None)
         if self.labelled:
@@ -172,6 +182,8 @@ class KeySet(NamedTuple):
         strided view (:meth:`OwnRows.entries`) rather than compared from ids."""
         if self.every_key:
             return None
+        if self.pairs is not None:
+            return ~self.pairs
         if self.labelled:
             assert self.query_groups is not None and self.key_groups is not None
             groups, keys = self.query_groups[:, None], self.key_groups[None, :]
@@ -200,11 +212,12 @@ def label_masks(
     """The ``(Q, K)`` masks of the keys that sit out of the positives' and of the negatives'
     softmax, for the sides drawn by label (``None`` for a side that is not): one comparison of
     the labels when both sides compare the same ones."""
-    pos = positives if isinstance(positives, KeySet) and positives.labelled else None
-    neg = negatives if negatives is not None and negatives.labelled else None
+    pos = positives if isinstance(positives, KeySet) and positives.per_pair else None
+    neg = negatives if negatives is not None and negatives.per_pair else None
     if (
         pos is None
         or neg is None
+        or not (pos.labelled and neg.labelled)
         or pos.query_groups is not neg.query_groups
         or pos.key_groups is not neg.key_groups
     ):

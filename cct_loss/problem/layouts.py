@@ -205,6 +205,28 @@ def explicit_negatives(
     return ContrastiveProblem(query, negatives, positive, key_set, preparation)
 
 
+def keyed(
+    query: Tensor,
+    keys: Tensor | None,
+    labels: Tensor | None = None,
+    key_labels: Tensor | None = None,
+    pairs: tuple[Tensor, Tensor] | None = None,
+    preparation: Preparation | None = None,
+) -> ContrastiveProblem:
+    """Queries ``(N, D)`` against keys ``(R, D)`` (``None``: the queries themselves, as a miner
+    pairs them): with ``pairs``, a miner's ``(N, R)`` positive and negative masks decide alone;
+    otherwise a key is a positive where its label is the query's and a negative where it
+    differs (no key is the query itself: these keys are a reference set)."""
+    if pairs is not None:
+        positives = KeySet(same_group=True, may_be_empty=True, pairs=pairs[0])
+        negatives = KeySet(may_be_empty=True, pairs=pairs[1])
+        return ContrastiveProblem(query, keys, positives, negatives, preparation)
+    assert keys is not None and labels is not None and key_labels is not None
+    positives = KeySet(labels, key_labels, same_group=True, may_be_empty=True)
+    negatives = KeySet(labels, key_labels, may_be_empty=True)
+    return ContrastiveProblem(query, keys, positives, negatives, preparation)
+
+
 class PaperProblems(NamedTuple):
     """The paper's objective as problems: the attraction of every embedding to its row's other
     views, and per pair of views ``x < y`` the repulsion of view ``x``'s rows from the other

@@ -1,0 +1,157 @@
+""":class:`CCTMetricLoss`: the CCT loss called as pytorch-metric-learning (PML) calls its
+losses, ``loss_func(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)``.
+
+What each argument means here, as in PML's ``SupConLoss`` (docs/clients.md):
+
+* ``labels`` ``(N,)``: every other embedding with the same label is a positive, every embedding
+  with another label a negative (``cct_loss(embeddings, labels=labels)``).
+* ``ref_emb`` ``(R, D)`` and ``ref_labels`` ``(R,)`` (PML's ``CrossBatchMemory`` pattern): the
+  keys are the reference embeddings instead of the batch; same label positive, other label
+  negative, no key left out as "itself".
+* ``indices_tuple``, a miner's output: pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``
+  (taken as the pairs ``(a, p)`` and ``(a, n)``). Then only the mined pairs take part: the
+  positives of anchor ``i`` are the ``p[j]`` with ``a1[j] = i``, its negatives the ``n[j]``
+  with ``a2[j] = i``; the labels are not read, as in PML. An anchor with no mined positive has
+  no attraction term, one with no mined negative no repulsion term. Only ``impl="dense"`` can
+  restrict a query to mined pairs; the others refuse, naming it.
+
+Defaults beside PML's ``SupConLoss``: ``temperature=0.1`` as there (``t_neg = 5``; the
+functional :func:`cct_loss.cct_loss` defaults to ``t_neg = 1``, InfoNCE's ``tau = 0.5``). PML
+reduces with its ``AvgNonZeroReducer``; this loss takes the library's ``reduction``
+(``"mean"``: each term over the anchors that have it)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ..checks import shape_str
+from ..front import route
+from ..front.modules import _OptionsModule
+from ..maths.reduction import CCTDetails
+from ..options import spell_out_options
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from ..options import ModuleKeywords
+
+#: PML ``SupConLoss``'s default temperature, this loss's too.
+PML_TEMPERATURE = 0.1
+
+
+class CCTMetricLoss(_OptionsModule):
+    """The CCT loss with pytorch-metric-learning's call: a one-line swap for
+    ``losses.SupConLoss(temperature=0.1)`` (module docs above; docs/clients.md).
+
+    Takes the options of :func:`cct_loss.cct_loss` as keywords, with ``temperature=0.1`` unless
+    ``temperature`` or ``t_neg`` is given (PML's default; ``t_neg = 1 / (2 * 0.1) = 5``).
+
+    Examples:
+        >>> import torch
+        >>> from cct_loss import CCTMetricLoss
+        >>> loss_func = CCTMetricLoss(temperature=0.1)
+        >>> embeddings, labels = torch.randn(16, 8), torch.randint(0, 4, (16,))
+        >>> loss = loss_func(embeddings, labels)
+        >>> memory, memory_labels = torch.randn(64, 8), torch.randint(0, 4, (64,))
+        >>> loss = loss_func(embeddings, labels, ref_emb=memory, ref_labels=memory_labels)
+    """
+
+    _layouts = ("all",)
+
+    @spell_out_options
+    def __init__(self, *positional: object, **options: Unpack[ModuleKeywords]) -> None:
+        if "temperature" not in options and "t_neg" not in options:
+            options["temperature"] = PML_TEMPERATURE
+        super().__init__(*positional, **options)
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor | None = None,
+        indices_tuple: Sequence[Tensor] | None = None,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> Tensor | CCTDetails:
+        """The loss of ``embeddings`` ``(N, D)``: see the module docs for each argument."""
+        entry = self._call_name()
+        if ref_labels is not None and ref_emb is None:
+            raise ValueError("ref_labels labels the rows of ref_emb: pass ref_emb too")
+        if ref_emb is embeddings and (ref_labels is None or ref_labels is labels):
+            ref_emb = ref_labels = None  # the batch against itself, as PML reads it
+        if indices_tuple is None and ref_emb is None:
+            if labels is None:
+                raise ValueError(f"{entry} needs labels, or a miner's indices_tuple")
+            return route.pairs_loss(embeddings, None, None, labels, None, self.options, entry)
+        if indices_tuple is None and ref_labels is None:
+            raise ValueError(f"{entry} with ref_emb needs ref_labels (R,), one per row of ref_emb")
+        pairs = None
+        if indices_tuple is not None:
+            if not isinstance(embeddings, Tensor):
+                raise TypeError(
+                    f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}"
+                )
+            rows = embeddings.shape[0] if ref_emb is None else ref_emb.shape[0]
+            pairs = mined_pairs(indices_tuple, embeddings.shape[0], rows, embeddings.device)
+        return route.keyed_loss(embeddings, ref_emb, labels, ref_labels, pairs, self.options, entry)
+
+
+def mined_pairs(
+    indices_tuple: Sequence[Tensor], num_anchors: int, num_keys: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """The ``(num_anchors, num_keys)`` boolean masks of a miner's positive and negative pairs,
+    from PML's ``(a1, p, a2, n)`` or ``(a, p, n)``. Refuses indices out of range and a pair
+    mined as both (one host synchronisation, as a miner's own ``torch.where`` costs)."""
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        got = type(indices_tuple).__name__
+        if isinstance(indices_tuple, (tuple, list)):
+            got = f"a {got} of {len(indices_tuple)}"
+        raise ValueError(
+            f"indices_tuple must be a miner's pairs (a1, p, a2, n) or triplets (a, p, n), got {got}"
+        )
+    names = ("a1", "p", "a2", "n") if len(indices_tuple) == 4 else ("a", "p", "n")
+    for name, index in zip(names, indices_tuple, strict=True):
+        if not isinstance(index, Tensor) or index.dim() != 1 or index.is_floating_point():
+            what = type(index).__name__
+            if isinstance(index, Tensor):
+                what = f"{index.dtype} {shape_str(index)}"
+            raise TypeError(f"indices_tuple's {name} must be a 1-D integer tensor, got {what}")
+    if len(indices_tuple) == 3:
+        anchors, positives, negatives = indices_tuple
+        quad: Sequence[Tensor] = (anchors, positives, anchors, negatives)
+    else:
+        quad = indices_tuple
+    masks = []
+    for (anchor_name, anchors), (key_name, keys) in (
+        ((names[0], quad[0]), (names[1], quad[1])),
+        ((names[-2] if len(names) == 4 else names[0], quad[2]), (names[-1], quad[3])),
+    ):
+        if anchors.shape != keys.shape:
+            raise ValueError(
+                f"indices_tuple's {anchor_name} and {key_name} must have the same length, got "
+                f"{anchors.shape[0]} and {keys.shape[0]}"
+            )
+        anchors, keys = anchors.to(device=device, dtype=torch.long), keys.to(device, torch.long)
+        if anchors.numel() and bool(
+            (anchors.min() < 0) | (anchors.max() >= num_anchors)
+            | (keys.min() < 0) | (keys.max() >= num_keys)
+        ):  # fmt: skip
+            raise ValueError(
+                f"indices_tuple's {anchor_name} must index the {num_anchors} embeddings and "
+                f"{key_name} the {num_keys} keys (ref_emb, or the embeddings); got an index out "
+                "of range"
+            )
+        mask = torch.zeros(num_anchors, num_keys, dtype=torch.bool, device=device)
+        masks.append(
+            mask.index_put_((anchors, keys), torch.ones((), dtype=torch.bool, device=device))
+        )
+    positive, negative = masks
+    if bool((positive & negative).any()):
+        raise ValueError(
+            "indices_tuple pairs an anchor with the same key as a positive and as a negative; "
+            "each pair must be one or the other (as pytorch-metric-learning requires)"
+        )
+    return positive, negative

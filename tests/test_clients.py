@@ -1,0 +1,333 @@
+"""The losses called as other libraries call theirs (cct_loss.clients): pytorch-metric-learning's
+``loss_func(embeddings, labels, indices_tuple, ref_emb, ref_labels)`` and open_clip's
+``ClipLoss``, each against the float64 reference of tests/reference.py. The real packages are
+exercised by ``make test-clients`` (tests_clients/)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cct_loss import CCTClipLoss, CCTMetricLoss, cct_loss
+
+from .helpers import IMPLS, TEST_DEVICE, seeded
+from .reference import reference_keyed, reference_loss, reference_multiview
+
+OPTIONS = st.fixed_dictionaries(
+    {
+        "t_pos": st.sampled_from([0.0, 1.0, 3.0]),
+        "temperature": st.sampled_from([0.1, 0.5]),
+        "cost": st.sampled_from(["sqeuclidean", "cosine"]),
+        "normalize": st.booleans(),
+        "detach_weights": st.booleans(),
+    }
+)
+
+
+def reference_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The reference's spelling of ``options``: ``t_neg`` from ``temperature``."""
+    scale = 0.5 if options["cost"] == "sqeuclidean" else 1.0
+    out = {k: v for k, v in options.items() if k != "temperature"}
+    out["t_neg"] = scale / options["temperature"]
+    return out
+
+
+def leaves(*shapes: tuple[int, ...], seed: int) -> list[torch.Tensor]:
+    g = seeded(seed)
+    return [
+        torch.randn(*s, generator=g, device=TEST_DEVICE, dtype=torch.float64).requires_grad_()
+        for s in shapes
+    ]
+
+
+def assert_same_loss_and_grads(
+    loss: torch.Tensor, expected: torch.Tensor, inputs: list[torch.Tensor]
+) -> None:
+    got = torch.autograd.grad(loss, inputs, allow_unused=True)
+    want = torch.autograd.grad(expected, inputs, allow_unused=True)
+    torch.testing.assert_close(loss.detach(), expected.detach().to(loss.dtype))
+    for g, w in zip(got, want, strict=True):
+        if w is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, w)
+
+
+# --- pytorch-metric-learning ---------------------------------------------------------------
+
+
+def test_metric_loss_defaults_to_pml_temperature() -> None:
+    assert CCTMetricLoss().t_neg == pytest.approx(5.0)  # 1 / (2 * 0.1)
+    assert CCTMetricLoss(temperature=0.5).t_neg == pytest.approx(1.0)
+    assert CCTMetricLoss(t_neg=2.0).t_neg == 2.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 7), classes=st.integers(1, 3), options=OPTIONS, seed=st.integers(0, 99))
+def test_metric_loss_with_labels_is_the_one_view_call(
+    n: int, classes: int, options: dict[str, Any], seed: int
+) -> None:
+    (embeddings,) = leaves((n, 4), seed=seed)
+    labels = torch.randint(0, classes, (n,), generator=seeded(seed), device=TEST_DEVICE)
+    loss = CCTMetricLoss(**options)(embeddings, labels)
+    expected = reference_multiview([embeddings], labels=labels, **reference_options(options))
+    assert_same_loss_and_grads(loss, expected, [embeddings])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    rows=st.integers(1, 8),
+    options=OPTIONS,
+    impl=st.sampled_from(["auto", *IMPLS]),
+    seed=st.integers(0, 99),
+)
+def test_metric_loss_with_reference_embeddings(
+    n: int, rows: int, options: dict[str, Any], impl: str, seed: int
+) -> None:
+    """PML's CrossBatchMemory pattern: the keys are ref_emb; a key is a positive where its
+    label is the query's, a negative where it differs; none is left out as the query itself."""
+    embeddings, memory = leaves((n, 4), (rows, 4), seed=seed)
+    g = seeded(seed + 1)
+    labels = torch.randint(0, 3, (n,), generator=g, device=TEST_DEVICE)
+    memory_labels = torch.randint(0, 3, (rows,), generator=g, device=TEST_DEVICE)
+    loss_func = CCTMetricLoss(impl=impl, **options)
+    loss = loss_func(embeddings, labels, ref_emb=memory, ref_labels=memory_labels)
+    expected = reference_keyed(
+        embeddings, memory,
+        lambda i, j: bool(labels[i] == memory_labels[j]),
+        lambda i, j: bool(labels[i] != memory_labels[j]),
+        **reference_options(options),
+    )  # fmt: skip
+    assert_same_loss_and_grads(loss, expected, [embeddings, memory])
+
+
+def mined(n: int, rows: int, count: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """A miner's ``(a1, p, a2, n)``: random anchor-key pairs, each pair one kind only."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = torch.randperm(n * rows, generator=g)[: 2 * count]
+    anchors, keys = pairs // rows, pairs % rows
+    split = count if count < len(pairs) else len(pairs) // 2
+    return tuple(
+        x.to(TEST_DEVICE) for x in (anchors[:split], keys[:split], anchors[split:], keys[split:])
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(2, 6),
+    rows=st.integers(2, 7),
+    count=st.integers(1, 10),
+    with_ref=st.booleans(),
+    triplets=st.booleans(),
+    options=OPTIONS,
+    seed=st.integers(0, 99),
+)
+def test_metric_loss_restricted_to_mined_pairs(
+    n: int,
+    rows: int,
+    count: int,
+    with_ref: bool,
+    triplets: bool,
+    options: dict[str, Any],
+    seed: int,
+) -> None:
+    """Only the mined pairs take part (labels unread, as in PML); an anchor with no mined
+    positive (negative) has no attraction (repulsion) term."""
+    embeddings, memory = leaves((n, 4), (rows, 4), seed=seed)
+    keys = memory if with_ref else embeddings
+    a1, p, a2, neg = mined(n, keys.shape[0], count, seed)
+    if triplets:  # (a, p, n): the pairs (a, p) and (a, n)
+        length = min(len(a1), len(a2))
+        a1, a2 = a1[:length], a1[:length]
+        # positives at even keys, negatives at odd ones: no pair is mined as both
+        p = p[:length] - p[:length] % 2
+        neg = neg[:length] | 1
+        neg = torch.where(neg >= keys.shape[0], neg - 2, neg)
+        indices: tuple[torch.Tensor, ...] = (a1, p, neg)
+    else:
+        indices = (a1, p, a2, neg)
+    positive_pairs = set(zip(a1.tolist(), p.tolist(), strict=True))
+    negative_pairs = set(zip(a2.tolist(), neg.tolist(), strict=True))
+    labels = torch.zeros(n, dtype=torch.long, device=TEST_DEVICE)  # unread with a miner
+    ref = {"ref_emb": memory, "ref_labels": labels.new_zeros(rows)} if with_ref else {}
+    loss = CCTMetricLoss(**options)(embeddings, labels, indices, **ref)
+    expected = reference_keyed(
+        embeddings, keys,
+        lambda i, j: (i, j) in positive_pairs,
+        lambda i, j: (i, j) in negative_pairs,
+        **reference_options(options),
+    )  # fmt: skip
+    assert_same_loss_and_grads(loss, expected, [embeddings, memory] if with_ref else [embeddings])
+
+
+def test_mined_pairs_gradcheck_through_the_weights() -> None:
+    """The dense backward of a masked problem, live weights, in float64."""
+    embeddings, memory = leaves((4, 3), (5, 3), seed=3)
+    indices = tuple(
+        torch.tensor(x, device=TEST_DEVICE)
+        for x in ([0, 0, 1, 3], [1, 2, 0, 4], [0, 1, 2, 2, 3], [0, 3, 1, 4, 2])
+    )
+    loss_func = CCTMetricLoss(detach_weights=False, t_pos=2.0)
+
+    def loss(e: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        value = loss_func(e, None, indices, ref_emb=m)
+        assert isinstance(value, torch.Tensor)
+        return value
+
+    assert torch.autograd.gradcheck(loss, (embeddings, memory))
+    assert torch.autograd.gradgradcheck(loss, (embeddings, memory))
+
+
+@pytest.mark.parametrize("impl", ["chunked", "sdpa"])
+def test_streaming_implementations_refuse_mined_pairs_naming_dense(impl: str) -> None:
+    embeddings = torch.randn(4, 3, device=TEST_DEVICE)
+    indices = tuple(torch.tensor(x, device=TEST_DEVICE) for x in ([0, 1], [1, 0], [0, 1], [2, 3]))
+    with pytest.raises(ValueError, match=r"impl='dense'"):
+        CCTMetricLoss(impl=impl)(embeddings, None, indices)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda f, e, y: f(e), ValueError, "needs labels, or a miner"),
+        (lambda f, e, y: f(e, y, ref_labels=y), ValueError, "pass ref_emb too"),
+        (lambda f, e, y: f(e, y, ref_emb=e.clone()), ValueError, "needs ref_labels"),
+        (lambda f, e, y: f(e, y, (y, y)), ValueError, "pairs .* or triplets"),
+        (lambda f, e, y: f(e, y, (y, y + 10, y)), ValueError, "out of range"),
+        (lambda f, e, y: f(e, y, (y, y[:2], y, y)), ValueError, "same length"),
+        (lambda f, e, y: f(e, y, (y, y.float(), y, y)), TypeError, "1-D integer"),
+        (lambda f, e, y: f(e, y, (y[:1], y[1:2], y[:1], y[1:2])), ValueError, "one or the other"),
+        (lambda f, e, y: f(e, y, ref_emb=torch.randn(3, 5), ref_labels=y[:3]), ValueError, "ref_emb must have shape"),
+    ],
+)  # fmt: skip
+def test_metric_loss_bad_calls(call: Any, error: type[Exception], match: str) -> None:
+    embeddings = torch.randn(4, 3)
+    labels = torch.tensor([0, 1, 0, 2])
+    with pytest.raises(error, match=match):
+        call(CCTMetricLoss(), embeddings, labels)
+
+
+def test_metric_loss_refuses_positional_options_and_gathering_with_references() -> None:
+    with pytest.raises(TypeError, match=r"CCTMetricLoss\(temperature=0.1\)"):
+        CCTMetricLoss(0.1)
+    loss_func = CCTMetricLoss(gather_distributed=True)
+    e, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="gather ref_emb yourself"):
+        loss_func(e, y, ref_emb=torch.randn(5, 3), ref_labels=torch.zeros(5, dtype=torch.long))
+
+
+# --- open_clip ------------------------------------------------------------------------------
+
+
+def clip_reference(
+    image: torch.Tensor, text: torch.Tensor, scale: float, **options: Any
+) -> torch.Tensor:
+    """ClipLoss's two directions, CCT inside: the mean of image->text and text->image."""
+    t_neg = scale * (0.5 if options.get("cost", "sqeuclidean") == "sqeuclidean" else 1.0)
+    to_text = reference_loss(image, text, layout="cross", t_neg=t_neg, **options)
+    to_image = reference_loss(text, image, layout="cross", t_neg=t_neg, **options)
+    return (to_text + to_image) / 2
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(2, 6),
+    scale=st.sampled_from([1.0, 14.3, 100.0]),
+    as_tensor=st.booleans(),
+    detach_weights=st.booleans(),
+    impl=st.sampled_from(["auto", *IMPLS]),
+    seed=st.integers(0, 99),
+)
+def test_clip_loss_is_both_cross_directions(
+    n: int, scale: float, as_tensor: bool, detach_weights: bool, impl: str, seed: int
+) -> None:
+    image, text = leaves((n, 5), (n, 5), seed=seed)
+    logit_scale: Any = torch.tensor(scale, dtype=torch.float64) if as_tensor else scale
+    loss_fn = CCTClipLoss(detach_weights=detach_weights, impl=impl)
+    loss = loss_fn(image, text, logit_scale)
+    assert isinstance(loss, torch.Tensor)
+    expected = clip_reference(image, text, scale, detach_weights=detach_weights)
+    assert_same_loss_and_grads(loss, expected, [image, text])
+
+
+def test_clip_loss_output_dict_and_logit_bias() -> None:
+    image, text = torch.randn(6, 4), torch.randn(6, 4)
+    loss_fn = CCTClipLoss()
+    plain = loss_fn(image, text, torch.tensor(20.0))
+    out = loss_fn(image, text, torch.tensor(20.0), logit_bias=torch.tensor(-3.0), output_dict=True)
+    assert isinstance(out, dict) and set(out) == {"contrastive_loss"}
+    torch.testing.assert_close(out["contrastive_loss"], plain)
+    expected = (
+        cct_loss(image, text, layout="cross", temperature=1 / 20)
+        + cct_loss(text, image, layout="cross", temperature=1 / 20)
+    ) / 2
+    torch.testing.assert_close(plain, expected)
+
+
+def test_clip_loss_refuses_a_learned_scale_with_the_fix() -> None:
+    scale = torch.nn.Parameter(torch.tensor(2.0))
+    with pytest.raises(ValueError, match=r"requires_grad_\(False\)"):
+        CCTClipLoss()(torch.randn(4, 3), torch.randn(4, 3), scale.exp())
+
+
+def test_clip_loss_for_model_fixes_the_scale_of_the_model_and_its_ddp_wrapper() -> None:
+    class Clip(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.logit_scale = torch.nn.Parameter(torch.tensor(2.659))
+
+    class Wrapper(torch.nn.Module):  # DistributedDataParallel keeps the model as .module
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    for model in (Clip(), Wrapper(Clip())):
+        loss_fn = CCTClipLoss.for_model(model, local_loss=True)
+        inner = getattr(model, "module", model)
+        assert not inner.logit_scale.requires_grad and loss_fn.local_loss
+        scale = inner.logit_scale
+        assert isinstance(scale, torch.Tensor)
+        loss_fn(torch.randn(4, 3), torch.randn(4, 3), scale.exp())
+    with pytest.raises(TypeError, match="logit_scale parameter"):
+        CCTClipLoss.for_model(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: CCTClipLoss(temperature=0.1), TypeError, "1 / logit_scale"),
+        (lambda: CCTClipLoss(layout="all"), TypeError, "layout is 'cross'"),
+        (lambda: CCTClipLoss(use_horovod=True), ValueError, "torch.distributed only"),
+        (lambda: CCTClipLoss(rank=2, world_size=2), ValueError, "0 <= rank < world_size"),
+        (
+            lambda: CCTClipLoss(local_loss=1),  # type: ignore[arg-type]
+            TypeError,
+            "local_loss must be a bool",
+        ),
+        (lambda: CCTClipLoss(return_details=True), TypeError, "return_details=True"),
+    ],
+)
+def test_clip_loss_bad_constructor(make: Any, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_clip_loss_takes_open_clips_positional_constructor() -> None:
+    loss_fn = CCTClipLoss(True, True, True, 0, 1, False)  # ClipLoss's order
+    assert (loss_fn.local_loss, loss_fn.gather_with_grad, loss_fn.cache_labels) == (True,) * 3
+
+
+def test_clip_loss_without_a_process_group_refuses_world_size_above_one() -> None:
+    with pytest.raises(ValueError, match=r"initialised torch\.distributed process group"):
+        CCTClipLoss(rank=0, world_size=2)(torch.randn(4, 3), torch.randn(4, 3), 10.0)
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(2), torch.tensor(3), "10", float("inf"), -1.0])
+def test_clip_loss_bad_scale(bad: Any) -> None:
+    with pytest.raises((TypeError, ValueError), match="logit_scale"):
+        CCTClipLoss()(torch.randn(4, 3), torch.randn(4, 3), bad)
