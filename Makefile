@@ -10,8 +10,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEV_STAMP := $(VENV)/.dev-installed
 EXAMPLES_STAMP := $(VENV)/.examples-installed
+CLIENTS_VENV ?= .venv-clients
+CLIENTS_PY := $(CLIENTS_VENV)/bin/python
+CLIENTS_STAMP := $(CLIENTS_VENV)/.clients-installed
 
-.PHONY: demo experiment experiment-negatives test lint typecheck unit unit-triton docs docs-check gpu-check-smoke gpu-check bench bench-suite clean
+.PHONY: demo experiment experiment-negatives test lint typecheck unit unit-triton docs docs-check gpu-check-smoke gpu-check bench bench-suite test-clients bench-clients clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -86,8 +89,25 @@ bench: $(DEV_STAMP)
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/run.py --dtype bf16 --no-memory
 
+# The swaps with the real client packages (lightly, open_clip, pytorch-metric-learning), in their
+# own virtual environment: torchvision needs torch 2.14.1, a multi-GB CUDA build, so this is not
+# part of make test (README, Development).
+$(CLIENTS_PY):
+	$(PYTHON) -m venv $(CLIENTS_VENV)
+
+$(CLIENTS_STAMP): requirements-clients.txt constraints-clients.txt pyproject.toml | $(CLIENTS_PY)
+	$(CLIENTS_PY) -m pip install --quiet --disable-pip-version-check -r requirements-clients.txt -c constraints-clients.txt
+	$(CLIENTS_PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+test-clients: $(CLIENTS_STAMP)
+	$(CLIENTS_PY) -m pytest -p no:cacheprovider -o addopts="" tests_clients
+
+bench-clients: $(CLIENTS_STAMP)
+	$(CLIENTS_PY) benchmarks/clients.py
+
 bench-suite: $(DEV_STAMP)
 	$(PY) -m pytest benchmarks/test_benchmarks.py --benchmark-enable --benchmark-only -p no:randomly
 
 clean:
-	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks
+	rm -rf $(VENV) $(CLIENTS_VENV) site .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks

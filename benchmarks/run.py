@@ -437,6 +437,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def clients_table(repeats: int) -> str:
+    """The swaps against lightly's, open_clip's and PML's own losses (clients.py) where those
+    packages import; else how to get that table."""
+    import clients
+
+    if not clients.installed():
+        return (
+            "client swaps (lightly, open_clip, pytorch-metric-learning): not installed in this "
+            "environment; make bench-clients prints them"
+        )
+    threads = torch.get_num_threads()
+    try:
+        return clients.table(repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -464,6 +481,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.markdown:
         title = ", ".join(f"{k} {v}" for k, v in info.items())
         args.markdown.write_text(f"{title}\n\n```\n{text}\n```\n")
+    if device.type == "cpu" and not args.quick and args.dtype == "float32":
+        print()
+        print(clients_table(args.repeats))
     if device.type == "cpu" and not args.quick and args.dtype == "float32" and not args.no_memory:
         # The memory figure, in a child with the mmap threshold (see the module docs).
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}

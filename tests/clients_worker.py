@@ -61,7 +61,7 @@ def run(rank: int, world_size: int, out_dir: str) -> None:
         )
         losses = []
         for q, k in queue_batches(world_size, 3):
-            losses.append(criterion(q[own], k[own]).detach())
+            losses.append(criterion(q[own].requires_grad_(), k[own]).detach())
         results["queue_losses"] = torch.stack(losses)
         results["queue_state"] = criterion.state_dict()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")

@@ -331,3 +331,141 @@ def test_clip_loss_without_a_process_group_refuses_world_size_above_one() -> Non
 def test_clip_loss_bad_scale(bad: Any) -> None:
     with pytest.raises((TypeError, ValueError), match="logit_scale"):
         CCTClipLoss()(torch.randn(4, 3), torch.randn(4, 3), bad)
+
+
+# --- a memory of earlier batches (PML's CrossBatchMemory) -----------------------------------
+
+
+@pytest.mark.parametrize("impl", ["auto", *IMPLS])
+def test_metric_loss_owning_a_memory_takes_the_batch_and_the_memory(impl: str) -> None:
+    """Step by step against the reference: the keys are the batch (each embedding left out of
+    its own positives) and then the memory of the batches before; the first step is the call
+    with labels alone."""
+    from cct_loss import NegativeQueue
+
+    queue = NegativeQueue(10, 4, dtype=torch.float64, with_labels=True, device=TEST_DEVICE)
+    loss_func = CCTMetricLoss(queue=queue, impl=impl)
+    seen: list[torch.Tensor] = []
+    seen_labels: list[torch.Tensor] = []
+    for step in range(4):
+        (embeddings,) = leaves((4, 4), seed=40 + step)
+        labels = torch.tensor([0, 1, step % 2, 2], device=TEST_DEVICE)
+        loss = loss_func(embeddings, labels)
+        memory = torch.cat(seen)[-10:] if seen else embeddings.new_zeros(0, 4)
+        memory_labels = torch.cat(seen_labels)[-10:] if seen else labels.new_zeros(0)
+        keys = torch.cat([embeddings, memory])
+        key_labels = torch.cat([labels, memory_labels])
+        expected = reference_keyed(
+            embeddings, keys,
+            lambda i, j, y=labels, ky=key_labels: i != j and bool(y[i] == ky[j]),
+            lambda i, j, y=labels, ky=key_labels: bool(y[i] != ky[j]),
+            t_neg=5.0,
+        )  # fmt: skip
+        assert isinstance(loss, torch.Tensor)
+        assert_same_loss_and_grads(loss, expected, [embeddings])
+        seen.append(embeddings.detach())
+        seen_labels.append(labels)
+    assert {"queue.keys", "queue.key_labels"} <= set(loss_func.state_dict())
+    before = queue.state_dict()
+    with torch.no_grad():  # an evaluation leaves the memory be
+        loss_func(torch.randn(4, 4, dtype=torch.float64, device=TEST_DEVICE), labels)
+    for name, value in queue.state_dict().items():
+        torch.testing.assert_close(value, before[name], msg=name)
+
+
+def test_metric_loss_memory_refusals() -> None:
+    from cct_loss import NegativeQueue
+
+    with pytest.raises(TypeError, match="with_labels=True"):
+        CCTMetricLoss(queue=NegativeQueue(8, 3))
+    loss_func = CCTMetricLoss(queue=NegativeQueue(8, 3, with_labels=True))
+    e, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="owns a memory"):
+        loss_func(e, y, ref_emb=torch.randn(2, 3), ref_labels=y[:2])
+    with pytest.raises(ValueError, match="needs labels"):
+        loss_func(e)
+
+
+def test_an_empty_reference_set_is_the_batch_itself() -> None:
+    """``ref_emb`` from an empty memory (0 rows): no memory yet, so the batch alone."""
+    e, y = torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])
+    loss_func = CCTMetricLoss()
+    torch.testing.assert_close(
+        loss_func(e, y, ref_emb=e.new_zeros(0, 3), ref_labels=y[:0]), loss_func(e, y)
+    )
+
+
+# --- CLIP's two directions from one cost matrix (dense's two_way) ---------------------------
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(2, 6),
+    alpha=st.sampled_from([1.0, 0.5]),
+    beta=st.sampled_from([1.0, 2.0]),
+    cost=st.sampled_from(["sqeuclidean", "cosine"]),
+    normalize=st.booleans(),
+    detach_weights=st.booleans(),
+    reduction=st.sampled_from(["mean", "sum"]),
+    seed=st.integers(0, 99),
+)
+def test_two_way_cross_is_the_two_directions(
+    n: int,
+    alpha: float,
+    beta: float,
+    cost: str,
+    normalize: bool,
+    detach_weights: bool,
+    reduction: str,
+    seed: int,
+) -> None:
+    from cct_loss.front.route import two_way_loss
+    from cct_loss.options import CCTOptions
+
+    image, text = leaves((n, 3), (n, 3), seed=seed)
+    options = dict(alpha=alpha, beta=beta, cost=cost, normalize=normalize, t_neg=2.0)
+    checked = CCTOptions(
+        layout="cross",
+        detach_weights=detach_weights,
+        reduction=reduction,
+        **options,  # type: ignore[arg-type]
+    )
+    loss = two_way_loss(image, text, checked, "test")
+    assert isinstance(loss, torch.Tensor)
+    more = dict(layout="cross", detach_weights=detach_weights, reduction=reduction, **options)
+    expected = (reference_loss(image, text, **more) + reference_loss(text, image, **more)) / 2
+    assert_same_loss_and_grads(loss, expected, [image, text])
+
+
+def test_two_way_cross_takes_one_matrix_product_and_is_twice_differentiable() -> None:
+    from .helpers import OperatorLog
+
+    image, text = leaves((5, 3), (5, 3), seed=7)
+    loss_fn = CCTClipLoss(detach_weights=False)
+    with OperatorLog() as log:
+        loss = loss_fn(image.detach(), text.detach(), 3.0)
+    assert log.names.count("mm") == 1, log.names  # both directions from one cost matrix
+    assert isinstance(loss, torch.Tensor)
+
+    def both(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        value = loss_fn(a, b, 3.0)
+        assert isinstance(value, torch.Tensor)
+        return value
+
+    assert torch.autograd.gradcheck(both, (image, text))
+    assert torch.autograd.gradgradcheck(both, (image, text))
+
+
+def test_two_way_cross_under_autocast_and_compile() -> None:
+    """bf16 products under CPU autocast, a float32 result near the float32 one; and
+    ``torch.compile(fullgraph=True)`` gives the eager value."""
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+    loss_fn = CCTClipLoss()
+    eager = loss_fn(image, text, 10.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = loss_fn(image, text, 10.0)
+    assert isinstance(mixed, torch.Tensor) and mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, eager, rtol=0.05, atol=0.02)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(image, text, torch.tensor(10.0)), eager)

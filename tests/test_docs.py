@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cct_loss import queue
+from cct_loss.clients import clip, metric_learning
 from cct_loss.front import functional, modules
 from cct_loss.maths import reduction
 
@@ -46,9 +47,33 @@ def test_the_pages_have_python_blocks() -> None:
     assert len(PYTHON) >= 15
 
 
+#: A line that prints what its comment shows: ``print(...)  # what it prints``.
+PRINTS = re.compile(r"^\s*print\(.*\)\s+#\s?(?P<shown>.*)$", re.MULTILINE)
+
+
 @pytest.mark.parametrize("code", PYTHON)
-def test_python_block_runs(code: str) -> None:
+def test_python_block_runs_and_prints_what_it_shows(
+    code: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every block runs; a ``print`` whose comment shows its output prints that (``...``
+    stands for any text), so that a reader can check a pasted block by eye."""
     exec(compile(code, "<docs>", "exec"), {"__name__": "__docs__"})
+    shown = [m["shown"] for m in PRINTS.finditer(code)]
+    if not shown:
+        return
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == len(shown), f"printed {printed}, the comments show {shown}"
+    checker = doctest.OutputChecker()
+    for want, got in zip(shown, printed, strict=True):
+        assert checker.check_output(want + "\n", got + "\n", doctest.ELLIPSIS), (
+            f"printed {got!r}, the comment shows {want!r}"
+        )
+
+
+def test_every_readme_block_prints_something_to_check() -> None:
+    """The README's blocks each show a newcomer what to expect."""
+    readme = [b for lang, b, before in blocks(ROOT / "README.md") if lang == "python"]
+    assert readme and all(PRINTS.search(b) for b in readme)
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
@@ -72,7 +97,7 @@ def test_readme_fits_on_a_screen_and_its_links_work_on_the_package_index() -> No
         assert target.startswith("https://"), f"README link {target!r} is not absolute"
 
 
-@pytest.mark.parametrize("module", [functional, modules, queue, reduction])
+@pytest.mark.parametrize("module", [functional, modules, queue, reduction, clip, metric_learning])
 def test_docstring_examples_run(module: object) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, verbose=False)  # type: ignore[arg-type]
     assert result.attempted > 0 or module is reduction

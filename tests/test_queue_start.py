@@ -134,8 +134,21 @@ def test_a_module_queue_enqueues_every_positive_of_m() -> None:
     queue = NegativeQueue(20, 3)
     criterion = CCTLoss(queue=queue)
     k = torch.randn(4, 2, 3)
-    criterion(torch.randn(4, 3), k)
+    criterion(torch.randn(4, 3, requires_grad=True), k)
     torch.testing.assert_close(queue.negatives(), k.flatten(0, 1))
+
+
+def test_an_evaluation_leaves_the_module_queue_as_it_was() -> None:
+    """As lightly's memory bank: a call whose query needs no gradient enqueues nothing."""
+    queue = NegativeQueue(20, 3)
+    criterion = CCTLoss(queue=queue)
+    criterion(torch.randn(4, 3, requires_grad=True), torch.randn(4, 3))
+    before = queue.state_dict()
+    with torch.no_grad():
+        criterion(torch.randn(4, 3, requires_grad=True), torch.randn(4, 3))
+    criterion(torch.randn(4, 3), torch.randn(4, 3))
+    for name, value in queue.state_dict().items():
+        torch.testing.assert_close(value, before[name], msg=name)
 
 
 def test_a_module_queue_under_torch_compile() -> None:
@@ -144,7 +157,8 @@ def test_a_module_queue_under_torch_compile() -> None:
     compiled = torch.compile(criterion, backend="eager")
     for step in range(3):
         g = torch.Generator().manual_seed(step)
-        q, k = torch.randn(4, 4, generator=g), torch.randn(4, 4, generator=g)
+        q = torch.randn(4, 4, generator=g).requires_grad_()
+        k = torch.randn(4, 4, generator=g)
         before = criterion.queue.negatives() if criterion.queue is not None else None
         loss = compiled(q, k)
         expected = (

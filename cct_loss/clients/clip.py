@@ -141,16 +141,18 @@ class CCTClipLoss(_OptionsModule):
         models) adds one constant to every logit of a query, which cancels in each softmax:
         it changes nothing, as in ``ClipLoss``."""
         options = self._options_at(logit_scale)
-        images, texts, image_rows, text_rows = image_features, text_features, None, None
+        images, texts = image_features, text_features
         if self.world_size > 1:
             images, texts, own = self._gathered(image_features, text_features)
             if self.local_loss:  # this rank's queries; every rank's candidates
                 image_rows, text_rows = _others(images, own), _others(texts, own)
-                images, texts = image_features, text_features
-        to_text = self._direction(images, texts, text_rows, options)
-        to_image = self._direction(texts, images, image_rows, options)
-        loss = (to_text + to_image) / 2
-        return {"contrastive_loss": loss} if output_dict else loss
+                to_text = self._direction(image_features, text_features, text_rows, options)
+                to_image = self._direction(text_features, image_features, image_rows, options)
+                loss = (to_text + to_image) / 2
+                return {"contrastive_loss": loss} if output_dict else loss
+        both = route.two_way_loss(images, texts, options, self._call_name())
+        assert isinstance(both, Tensor)
+        return {"contrastive_loss": both} if output_dict else both
 
     def _direction(
         self, query: Tensor, positive: Tensor, others: Tensor | None, options: CCTOptions
@@ -180,7 +182,13 @@ class CCTClipLoss(_OptionsModule):
                     "model.logit_scale.requires_grad_(False) (or build the loss with "
                     "CCTClipLoss.for_model(model, ...), which does)"
                 )
-            scale: Tensor | float = logit_scale.reshape(())
+            # On the CPU its value is read (no device to wait for), so that a fixed scale makes
+            # every step the same call; elsewhere, and while torch.compile traces, it stays a
+            # tensor, read by the kernels without a synchronisation.
+            read = logit_scale.device.type == "cpu" and not torch.compiler.is_compiling()
+            scale: Tensor | float = float(logit_scale) if read else logit_scale.reshape(())
+            if isinstance(scale, float) and not 0 < scale < float("inf"):
+                raise ValueError(f"logit_scale must be a finite number > 0, got {scale}")
         elif isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool):
             scale = float(logit_scale)
             if not scale > 0 or scale == float("inf"):

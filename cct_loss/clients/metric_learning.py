@@ -8,6 +8,11 @@ What each argument means here, as in PML's ``SupConLoss`` (docs/clients.md):
 * ``ref_emb`` ``(R, D)`` and ``ref_labels`` ``(R,)`` (PML's ``CrossBatchMemory`` pattern): the
   keys are the reference embeddings instead of the batch; same label positive, other label
   negative, no key left out as "itself".
+* ``queue=NegativeQueue(K, D, with_labels=True)`` (PML's ``CrossBatchMemory`` as one module,
+  which PML's own wrapper cannot hold: it accepts its own losses by class name): each call takes
+  the batch and the memory as keys (the batch as in the call with labels alone, each embedding
+  left out of its own positives), then enqueues the batch (when it requires grad). An empty
+  memory is the batch alone.
 * ``indices_tuple``, a miner's output: pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``
   (taken as the pairs ``(a, p)`` and ``(a, n)``). Then only the mined pairs take part: the
   positives of anchor ``i`` are the ``p[j]`` with ``a1[j] = i``, its negatives the ``n[j]``
@@ -33,6 +38,7 @@ from ..front import route
 from ..front.modules import _OptionsModule
 from ..maths.reduction import CCTDetails
 from ..options import spell_out_options
+from ..queue import NegativeQueue
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -61,12 +67,34 @@ class CCTMetricLoss(_OptionsModule):
     """
 
     _layouts = ("all",)
+    queue: NegativeQueue | None
 
     @spell_out_options
-    def __init__(self, *positional: object, **options: Unpack[ModuleKeywords]) -> None:
+    def __init__(
+        self,
+        *positional: object,
+        queue: NegativeQueue | None = None,
+        **options: Unpack[ModuleKeywords],
+    ) -> None:
         if "temperature" not in options and "t_neg" not in options:
             options["temperature"] = PML_TEMPERATURE
         super().__init__(*positional, **options)
+        if queue is not None and not (isinstance(queue, NegativeQueue) and queue.with_labels):
+            raise TypeError(
+                "queue must be a NegativeQueue that keeps labels, "
+                "NegativeQueue(size, dim, with_labels=True), or None; got "
+                + (
+                    "a NegativeQueue without labels"
+                    if isinstance(queue, NegativeQueue)
+                    else type(queue).__name__
+                )
+            )
+        if queue is not None and self.options.gather_distributed:
+            raise ValueError(
+                "CCTMetricLoss(gather_distributed=True) gathers the batch, not a memory; share "
+                "the memory across processes with NegativeQueue(..., gather_distributed=True)"
+            )
+        self.queue = queue
 
     def forward(
         self,
@@ -78,6 +106,10 @@ class CCTMetricLoss(_OptionsModule):
     ) -> Tensor | CCTDetails:
         """The loss of ``embeddings`` ``(N, D)``: see the module docs for each argument."""
         entry = self._call_name()
+        if self.queue is not None:
+            return self._with_memory(self.queue, embeddings, labels, indices_tuple, ref_emb)
+        if isinstance(ref_emb, Tensor) and ref_emb.dim() == 2 and ref_emb.shape[0] == 0:
+            ref_emb = ref_labels = None  # an empty memory's: no memory yet, the batch itself
         if ref_labels is not None and ref_emb is None:
             raise ValueError("ref_labels labels the rows of ref_emb: pass ref_emb too")
         if ref_emb is embeddings and (ref_labels is None or ref_labels is labels):
@@ -97,6 +129,41 @@ class CCTMetricLoss(_OptionsModule):
             rows = embeddings.shape[0] if ref_emb is None else ref_emb.shape[0]
             pairs = mined_pairs(indices_tuple, embeddings.shape[0], rows, embeddings.device)
         return route.keyed_loss(embeddings, ref_emb, labels, ref_labels, pairs, self.options, entry)
+
+    def _with_memory(
+        self,
+        queue: NegativeQueue,
+        embeddings: Tensor,
+        labels: Tensor | None,
+        indices_tuple: object,
+        ref_emb: Tensor | None,
+    ) -> Tensor | CCTDetails:
+        """The batch against itself and the memory (PML's ``CrossBatchMemory``), then the
+        batch enqueued (a training step)."""
+        entry = self._call_name()
+        if indices_tuple is not None or ref_emb is not None:
+            raise ValueError(
+                f"this {type(self).__name__} owns a memory (queue=), whose keys are the "
+                "references: call it as loss_func(embeddings, labels), or build it without "
+                "queue= to pass indices_tuple or ref_emb yourself"
+            )
+        if labels is None:
+            raise ValueError(f"{entry} with a memory needs labels: loss_func(embeddings, labels)")
+        if not isinstance(embeddings, Tensor) or not isinstance(labels, Tensor):
+            return route.pairs_loss(embeddings, None, None, labels, None, self.options, entry)
+        memory, memory_labels = queue.negatives(), queue.labels()
+        keys = (
+            embeddings if len(queue) == 0 else torch.cat([embeddings, memory.to(embeddings.dtype)])
+        )
+        key_labels = (
+            labels if len(queue) == 0 else torch.cat([labels, memory_labels.to(labels.dtype)])
+        )
+        loss = route.keyed_loss(
+            embeddings, keys, labels, key_labels, None, self.options, entry, queries_first=True
+        )
+        if embeddings.requires_grad:  # a training step; an evaluation leaves the memory be
+            queue.enqueue(embeddings.detach(), labels, check_finite=self.options.check_finite)
+        return loss
 
 
 def mined_pairs(

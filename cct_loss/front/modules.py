@@ -136,7 +136,8 @@ class CCTLoss(_OptionsModule):
         queue: a :class:`cct_loss.NegativeQueue` the loss owns (lightly's
             ``NTXentLoss(memory_bank_size=...)`` and MoCo's pattern): ``criterion(q, k)`` takes
             the queue's keys as the negatives, then enqueues ``k`` (every positive, detached;
-            with the labels for a queue ``with_labels=True``). While the queue is empty (the
+            with the labels for a queue ``with_labels=True``) when ``q`` requires grad: an
+            evaluation under ``torch.no_grad()`` leaves the queue as it was. While the queue is empty (the
             first step) the other rows' keys of the batch are the negatives, so no step needs a
             special case (docs/queue.md). The queue is a submodule: ``state_dict`` saves it,
             ``.to()`` moves it; across processes, build it with ``gather_distributed=True``.
@@ -199,7 +200,7 @@ class CCTLoss(_OptionsModule):
         labels: Tensor | None,
         negative_labels: Tensor | None,
     ) -> Tensor | CCTDetails:
-        """The loss against the queue's keys, then the keys enqueued."""
+        """The loss against the queue's keys, then the keys enqueued (a training step)."""
         entry = self._call_name()
         if negatives is not None or negative_labels is not None:
             raise ValueError(
@@ -229,7 +230,8 @@ class CCTLoss(_OptionsModule):
         key_labels = labels
         if labels is not None and positive.dim() == 3:
             key_labels = labels.repeat_interleave(positive.shape[1])
-        queue.enqueue(keys, key_labels, check_finite=self.options.check_finite)
+        if query.requires_grad:  # a training step (lightly's rule: evaluation leaves it be)
+            queue.enqueue(keys, key_labels, check_finite=self.options.check_finite)
         return loss
 
 

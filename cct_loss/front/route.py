@@ -85,6 +85,45 @@ def pairs_loss(
             )
 
 
+def two_way_loss(
+    query: Tensor, positive: Tensor, options: CCTOptions, entry: str
+) -> Tensor | CCTDetails:
+    """``(cct_loss(query, positive, layout="cross") + cct_loss(positive, query,
+    layout="cross")) / 2``, CLIP's two directions. On one process, with ``"mean"`` or ``"sum"``
+    and no diagnostics, an implementation that offers it computes both from one cost matrix
+    (``Implementation.two_way``); otherwise the two calls."""
+    shared = (
+        options.reduction != "none"
+        and not options.return_details
+        and not (options.gather_distributed and distributed.is_active())
+        and isinstance(positive, Tensor)
+        and positive.dim() == 2
+    )
+    if shared:
+        query = validate.query_of(query, options, entry)
+        call = validate.pairs(query, positive, None, None, None, options, entry)
+        preparation = Preparation.of(
+            resolve_precision(call.device, call.query, call.positive),
+            cost=options.cost,
+            normalize=options.normalize,
+        )
+        with own_precision(call.device):
+            tensors: Sequence[Tensor | None] = (call.query, call.positive)
+            ready: Preparation | None = preparation
+            if not preparation.unit:  # prepared now, every row moved by one centre
+                tensors, ready = centred(tensors, preparation), None
+            rows, keys = tensors
+            assert rows is not None and keys is not None
+            problem = layouts.cross(rows, layouts.as_positives(keys), preparation=ready)
+            implementation = table.choose(problem, options)
+            if implementation.two_way is not None:
+                return implementation.two_way(problem, options)
+    there = pairs_loss(query, positive, None, None, None, options, entry)
+    back = pairs_loss(positive, query, None, None, None, options, entry)
+    assert isinstance(there, Tensor) and isinstance(back, Tensor)
+    return (there + back) / 2
+
+
 def _before_the_queue(
     query: Tensor,
     positive: Tensor | None,
@@ -119,10 +158,13 @@ def keyed_loss(
     pairs: tuple[Tensor, Tensor] | None,
     options: CCTOptions,
     entry: str,
+    *,
+    queries_first: bool = False,
 ) -> Tensor | CCTDetails:
     """Queries against keys drawn by label, or restricted to a miner's pairs
-    (:func:`cct_loss.problem.layouts.keyed`): pytorch-metric-learning's ``ref_emb`` and
-    ``indices_tuple`` (:mod:`cct_loss.clients.metric_learning`); one process."""
+    (:func:`cct_loss.problem.layouts.keyed`; ``queries_first``: the keys start with the
+    queries): pytorch-metric-learning's ``ref_emb`` and ``indices_tuple``
+    (:mod:`cct_loss.clients.metric_learning`); one process."""
     query = validate.query_of(query, options, entry)
     call = validate.keyed(query, keys, labels, key_labels, pairs, options, entry)
     embeddings = [x for x in (call.query, call.keys) if x is not None]
@@ -136,7 +178,9 @@ def keyed_loss(
             tensors, ready = centred(tensors, preparation), None
         rows, keys = tensors
         assert rows is not None
-        problem = layouts.keyed(rows, keys, call.labels, call.key_labels, call.pairs, ready)
+        problem = layouts.keyed(
+            rows, keys, call.labels, call.key_labels, call.pairs, ready, queries_first=queries_first
+        )
         return _compute_and_reduce(problem, options, None)
 
 

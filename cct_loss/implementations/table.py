@@ -24,7 +24,7 @@ from ..maths.expectation import ConditionalExpectation, Side, block_expectation
 from ..maths.precision import HALF_DTYPES, tf32_matmul_allowed
 from ..options import CCTOptions
 from ..problem.description import ContrastiveProblem, KeySet
-from . import chunked, dense, sdpa, triton_op
+from . import chunked, dense, dense_two_way, sdpa, triton_op
 
 Sides = tuple[ConditionalExpectation | None, ConditionalExpectation | None]
 
@@ -39,15 +39,18 @@ class StreamingKernel(Protocol):
 
 
 class Implementation(NamedTuple):
-    """A table entry: its name; ``expectations(problem, options)``, the two sides; and
+    """A table entry: its name; ``expectations(problem, options)``, the two sides;
     ``one_pass(problem, options)`` (or ``None``), a runner giving the reduced loss of every call
-    of that signature (one process, ``"mean"``/``"sum"``, no diagnostics)."""
+    of that signature (one process, ``"mean"``/``"sum"``, no diagnostics); and ``two_way(problem,
+    options)`` (or ``None``), the reduced loss of a one-positive cross problem taken both ways
+    (CLIP) from one cost matrix."""
 
     name: str
     expectations: Callable[[ContrastiveProblem, CCTOptions], Sides]
     one_pass: (
         Callable[[ContrastiveProblem, CCTOptions], Callable[[ContrastiveProblem], Tensor]] | None
     ) = None
+    two_way: Callable[[ContrastiveProblem, CCTOptions], Tensor] | None = None
 
 
 def streamed(kernel: StreamingKernel) -> Callable[[ContrastiveProblem, CCTOptions], Sides]:
@@ -99,7 +102,7 @@ def sdpa_or_chunked(
 
 #: Every implementation by its ``impl`` name.
 TABLE: dict[str, Implementation] = {
-    "dense": Implementation("dense", dense.expectations, dense.OnePass),
+    "dense": Implementation("dense", dense.expectations, dense.OnePass, dense_two_way.loss),
     "chunked": Implementation("chunked", streamed(chunked.expected_cost)),
     "sdpa": Implementation("sdpa", streamed(sdpa_or_chunked)),
     "triton": Implementation("triton", streamed(triton_op.expected_cost)),

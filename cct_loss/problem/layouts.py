@@ -212,17 +212,22 @@ def keyed(
     key_labels: Tensor | None = None,
     pairs: tuple[Tensor, Tensor] | None = None,
     preparation: Preparation | None = None,
+    *,
+    queries_first: bool = False,
 ) -> ContrastiveProblem:
     """Queries ``(N, D)`` against keys ``(R, D)`` (``None``: the queries themselves, as a miner
     pairs them): with ``pairs``, a miner's ``(N, R)`` positive and negative masks decide alone;
     otherwise a key is a positive where its label is the query's and a negative where it
-    differs (no key is the query itself: these keys are a reference set)."""
+    differs. ``queries_first``: the first ``N`` keys are the queries (a memory after the
+    batch), each left out of its own positives; otherwise no key is a query itself."""
     if pairs is not None:
         positives = KeySet(same_group=True, may_be_empty=True, pairs=pairs[0])
         negatives = KeySet(may_be_empty=True, pairs=pairs[1])
         return ContrastiveProblem(query, keys, positives, negatives, preparation)
     assert keys is not None and labels is not None and key_labels is not None
-    positives = KeySet(labels, key_labels, same_group=True, may_be_empty=True)
+    n = query.shape[0]
+    rows = OwnRows(1, n, 1, n, includes_self=True) if queries_first else None
+    positives = KeySet(labels, key_labels, same_group=True, rows=rows, may_be_empty=True)
     negatives = KeySet(labels, key_labels, may_be_empty=True)
     return ContrastiveProblem(query, keys, positives, negatives, preparation)
 
