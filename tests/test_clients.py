@@ -423,16 +423,13 @@ def test_two_way_cross_is_the_two_directions(
     from cct_loss.options import CCTOptions
 
     image, text = leaves((n, 3), (n, 3), seed=seed)
-    options = dict(alpha=alpha, beta=beta, cost=cost, normalize=normalize, t_neg=2.0)
-    checked = CCTOptions(
-        layout="cross",
-        detach_weights=detach_weights,
-        reduction=reduction,
-        **options,  # type: ignore[arg-type]
-    )
-    loss = two_way_loss(image, text, checked, "test")
+    options: dict[str, Any] = dict(
+        alpha=alpha, beta=beta, cost=cost, normalize=normalize, t_neg=2.0,
+        detach_weights=detach_weights, reduction=reduction,
+    )  # fmt: skip
+    loss = two_way_loss(image, text, CCTOptions(layout="cross", **options), "test")
     assert isinstance(loss, torch.Tensor)
-    more = dict(layout="cross", detach_weights=detach_weights, reduction=reduction, **options)
+    more = dict(layout="cross", **options)
     expected = (reference_loss(image, text, **more) + reference_loss(text, image, **more)) / 2
     assert_same_loss_and_grads(loss, expected, [image, text])
 
