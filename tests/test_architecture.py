@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cct_loss"
 
 #: Each module's layer, higher above lower (a folder stands for every module in it).
 LAYERS = {
-    "cct_loss": 5,  # __init__: the public names
+    "cct_loss": 6,  # __init__: the public names
+    "cct_loss.clients": 5,  # the losses called as other libraries call theirs
     "cct_loss.front": 4,
     "cct_loss.implementations": 3,
     "cct_loss.problem": 2,
@@ -32,6 +33,7 @@ LAYERS = {
 KERNELS = {
     "cct_loss.implementations.dense": {"cct_loss.implementations.dense_sides"},
     "cct_loss.implementations.dense_sides": set(),
+    "cct_loss.implementations.dense_two_way": set(),
     "cct_loss.implementations.chunked": set(),
     "cct_loss.implementations.sdpa": set(),
     "cct_loss.implementations.triton_op": {

@@ -466,3 +466,49 @@ def test_two_way_cross_under_autocast_and_compile() -> None:
     torch.testing.assert_close(mixed, eager, rtol=0.05, atol=0.02)
     compiled = torch.compile(loss_fn, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(image, text, torch.tensor(10.0)), eager)
+
+
+# --- messages that lead to the call meant ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda z: untyped(z, z.clone(), 0.5), TypeError,
+         r"got float 0\.5; to set the temperature, name it: cct_loss\(query, positive, temperature=0\.5\)"),
+        (lambda z: CCTLossFor()(z, z.clone(), 0.5), TypeError,
+         r"CCTLoss\(temperature=0\.5\)\(query, positive\)"),
+        (lambda z: untyped(z, z.clone(), torch.tensor(14.3)), ValueError,
+         r"layout='cross', temperature=1 / logit_scale\).*CCTClipLoss"),
+        (lambda z: CCTLossFor(0.5), TypeError,
+         r"CCTLoss\(\) takes its options as keywords only.*CCTLoss\(temperature=0\.5\)"),
+        (lambda z: untyped(z, z.clone(), temp=0.5), TypeError, r"did you mean 'temperature'\?"),
+        (lambda z: untyped(z, z.clone(), tau=0.5), TypeError, r"did you mean 'temperature'\?"),
+        (lambda z: untyped(z, z.clone(), t_negative=2.0), TypeError, r"did you mean 't_neg'\?"),
+        (lambda z: CCTLossFor(logit_scale=14.3), TypeError, r"temperature=1 / logit_scale"),
+    ],
+)  # fmt: skip
+def test_messages_name_the_call_meant(call: Any, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match) as raised:
+        call(torch.randn(4, 3))
+    assert "_OptionsModule" not in str(raised.value)
+
+
+#: ``cct_loss`` untyped, for the calls that type checkers would refuse.
+untyped: Any = cct_loss
+
+
+def CCTLossFor(*args: Any, **kwargs: Any) -> Any:
+    """``CCTLoss`` untyped, for the calls that type checkers would refuse."""
+    from cct_loss import CCTLoss
+
+    return CCTLoss(*args, **kwargs)
+
+
+def test_a_module_attribute_named_as_another_library_names_an_option() -> None:
+    from cct_loss import CCTLoss
+
+    criterion = CCTLoss()
+    with pytest.raises(AttributeError, match=r"no option 'tau'; did you mean 'temperature'\?"):
+        criterion.tau = 0.2
+    assert "tau" not in criterion.__dict__

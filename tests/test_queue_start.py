@@ -152,9 +152,10 @@ def test_an_evaluation_leaves_the_module_queue_as_it_was() -> None:
 
 
 def test_a_module_queue_under_torch_compile() -> None:
-    """A compiled trainer's step (graph breaks at the queue's host counters, not fullgraph)."""
+    """A compiled trainer's step, fullgraph: the read, the loss and the enqueue (the queue's
+    host counters are Python ints that dynamo follows)."""
     criterion = CCTLoss(temperature=0.2, queue=NegativeQueue(16, 4))
-    compiled = torch.compile(criterion, backend="eager")
+    compiled = torch.compile(criterion, backend="eager", fullgraph=True)
     for step in range(3):
         g = torch.Generator().manual_seed(step)
         q = torch.randn(4, 4, generator=g).requires_grad_()
@@ -167,6 +168,7 @@ def test_a_module_queue_under_torch_compile() -> None:
             else cct_loss(q, k, layout="cross", temperature=0.2)
         )
         torch.testing.assert_close(loss, expected)
+        assert criterion.queue is not None and len(criterion.queue) == 4 * (step + 1)
 
 
 @pytest.mark.parametrize(
@@ -186,6 +188,10 @@ def test_a_module_queue_bad_calls(call: Any, error: type[Exception], match: str)
 def test_a_module_queue_bad_construction() -> None:
     with pytest.raises(ValueError, match="NegativeQueue\\(size, dim, gather_distributed=True\\)"):
         CCTLoss(gather_distributed=True, queue=NegativeQueue(8, 3))
+    later = CCTLoss(queue=NegativeQueue(8, 3))
+    later.gather_distributed = True
+    with pytest.raises(ValueError, match="gather_distributed=True\\) and leave"):
+        later(torch.randn(4, 3), torch.randn(4, 3))
     with pytest.raises(TypeError, match="queue must be a NegativeQueue"):
         CCTLoss(queue=torch.zeros(8, 3))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="pass the queue by name"):

@@ -152,12 +152,10 @@ class CCTMetricLoss(_OptionsModule):
         if not isinstance(embeddings, Tensor) or not isinstance(labels, Tensor):
             return route.pairs_loss(embeddings, None, None, labels, None, self.options, entry)
         memory, memory_labels = queue.negatives(), queue.labels()
-        keys = (
-            embeddings if len(queue) == 0 else torch.cat([embeddings, memory.to(embeddings.dtype)])
-        )
-        key_labels = (
-            labels if len(queue) == 0 else torch.cat([labels, memory_labels.to(labels.dtype)])
-        )
+        keys, key_labels = embeddings, labels
+        if len(queue):  # the batch first, then the memory
+            keys = torch.cat([embeddings, memory.to(embeddings.dtype)])
+            key_labels = torch.cat([labels, memory_labels.to(labels.dtype)])
         loss = route.keyed_loss(
             embeddings, keys, labels, key_labels, None, self.options, entry, queries_first=True
         )
@@ -186,16 +184,14 @@ def mined_pairs(
             if isinstance(index, Tensor):
                 what = f"{index.dtype} {shape_str(index)}"
             raise TypeError(f"indices_tuple's {name} must be a 1-D integer tensor, got {what}")
-    if len(indices_tuple) == 3:
-        anchors, positives, negatives = indices_tuple
-        quad: Sequence[Tensor] = (anchors, positives, anchors, negatives)
+    if len(indices_tuple) == 3:  # triplets: the pairs (a, p) and (a, n)
+        a, p, n = indices_tuple
+        sides = ((("a", a), ("p", p)), (("a", a), ("n", n)))
     else:
-        quad = indices_tuple
+        a1, p, a2, n = indices_tuple
+        sides = ((("a1", a1), ("p", p)), (("a2", a2), ("n", n)))
     masks = []
-    for (anchor_name, anchors), (key_name, keys) in (
-        ((names[0], quad[0]), (names[1], quad[1])),
-        ((names[-2] if len(names) == 4 else names[0], quad[2]), (names[-1], quad[3])),
-    ):
+    for (anchor_name, anchors), (key_name, keys) in sides:
         if anchors.shape != keys.shape:
             raise ValueError(
                 f"indices_tuple's {anchor_name} and {key_name} must have the same length, got "

@@ -113,7 +113,7 @@ def positional_options_message(module: str, positional: tuple[object, ...]) -> s
             f"did you mean {module}(temperature={first!r}) (InfoNCE's tau) or "
             f"{module}(t_neg={first!r}) (CCT's sharpness, an inverse temperature)?"
         )
-    elif type(first).__name__ == "NegativeQueue":
+    elif isinstance(first, NegativeQueue):
         hint = f"pass the queue by name: {module}(queue=...)"
     else:
         hint = f"its options are: {', '.join(KEYWORDS)}"
@@ -137,10 +137,11 @@ class CCTLoss(_OptionsModule):
             ``NTXentLoss(memory_bank_size=...)`` and MoCo's pattern): ``criterion(q, k)`` takes
             the queue's keys as the negatives, then enqueues ``k`` (every positive, detached;
             with the labels for a queue ``with_labels=True``) when ``q`` requires grad: an
-            evaluation under ``torch.no_grad()`` leaves the queue as it was. While the queue is empty (the
-            first step) the other rows' keys of the batch are the negatives, so no step needs a
-            special case (docs/queue.md). The queue is a submodule: ``state_dict`` saves it,
-            ``.to()`` moves it; across processes, build it with ``gather_distributed=True``.
+            evaluation under ``torch.no_grad()`` leaves the queue as it was. While the queue is
+            empty (the first step) the other rows' keys of the batch are the negatives, so no
+            step needs a special case (docs/queue.md). The queue is a submodule:
+            ``state_dict`` saves it, ``.to()`` moves it; across processes, build it with
+            ``gather_distributed=True``.
         **options: as :func:`cct_loss.cct_loss`.
 
     Examples:
@@ -168,12 +169,7 @@ class CCTLoss(_OptionsModule):
         if queue is not None and not isinstance(queue, NegativeQueue):
             raise TypeError(f"queue must be a NegativeQueue or None, got {type(queue).__name__}")
         if queue is not None and self.options.gather_distributed:
-            raise ValueError(
-                "CCTLoss(gather_distributed=True) gathers in-batch negatives, which a queue "
-                "replaces; to share the queue across processes build it with "
-                "NegativeQueue(size, dim, gather_distributed=True) and leave the loss's "
-                "gather_distributed=False"
-            )
+            raise ValueError(_GATHERING_WITH_A_QUEUE)
         self.queue = queue
 
     def forward(
@@ -202,6 +198,8 @@ class CCTLoss(_OptionsModule):
     ) -> Tensor | CCTDetails:
         """The loss against the queue's keys, then the keys enqueued (a training step)."""
         entry = self._call_name()
+        if self.options.gather_distributed:  # (set as an attribute after construction)
+            raise ValueError(_GATHERING_WITH_A_QUEUE)
         if negatives is not None or negative_labels is not None:
             raise ValueError(
                 f"this {type(self).__name__} owns a queue, whose keys are the negatives: call "
@@ -233,6 +231,13 @@ class CCTLoss(_OptionsModule):
         if query.requires_grad:  # a training step (lightly's rule: evaluation leaves it be)
             queue.enqueue(keys, key_labels, check_finite=self.options.check_finite)
         return loss
+
+
+_GATHERING_WITH_A_QUEUE = (
+    "CCTLoss(gather_distributed=True) gathers in-batch negatives, which a queue replaces; to "
+    "share the queue across processes build it with NegativeQueue(size, dim, "
+    "gather_distributed=True) and leave the loss's gather_distributed=False"
+)
 
 
 class CCTMultiviewLoss(_OptionsModule):
