@@ -64,19 +64,11 @@ def pairs_loss(
             labels = validate.one_view(negatives, labels, negative_labels, options, entry)
             return _views_loss([query], labels, options, entry)
         call = validate.pairs(query, positive, negatives, labels, negative_labels, options, entry)
-        embeddings = [x for x in (call.query, call.positive, call.negatives) if x is not None]
-        preparation = Preparation.of(
-            resolve_precision(call.device, *embeddings),
-            cost=options.cost,
-            normalize=options.normalize,
-        )
+        tensors = (call.query, call.positive, call.negatives)
+        preparation = _preparation(call.device, tensors, options)
         with own_precision(call.device):
             if call.row_counts is None:
-                tensors: Sequence[Tensor | None] = (call.query, call.positive, call.negatives)
-                ready: Preparation | None = preparation
-                if not preparation.unit:  # prepared now, every row moved by one centre
-                    tensors, ready = centred(tensors, preparation), None
-                rows, positives, keys = tensors
+                (rows, positives, keys), ready = _for_one_process(tensors, preparation)
                 assert rows is not None and positives is not None
                 problem = layouts.pairs(rows, positives, keys, options.layout, *call[3:5], ready)
                 return _compute_and_reduce(problem, options, None, signature)
@@ -102,17 +94,10 @@ def two_way_loss(
     if shared:
         query = validate.query_of(query, options, entry)
         call = validate.pairs(query, positive, None, None, None, options, entry)
-        preparation = Preparation.of(
-            resolve_precision(call.device, call.query, call.positive),
-            cost=options.cost,
-            normalize=options.normalize,
-        )
+        tensors = (call.query, call.positive)
+        preparation = _preparation(call.device, tensors, options)
         with own_precision(call.device):
-            tensors: Sequence[Tensor | None] = (call.query, call.positive)
-            ready: Preparation | None = preparation
-            if not preparation.unit:  # prepared now, every row moved by one centre
-                tensors, ready = centred(tensors, preparation), None
-            rows, keys = tensors
+            (rows, keys), ready = _for_one_process(tensors, preparation)
             assert rows is not None and keys is not None
             problem = layouts.cross(rows, layouts.as_positives(keys), preparation=ready)
             implementation = table.choose(problem, options)
@@ -167,21 +152,37 @@ def keyed_loss(
     (:mod:`cct_loss.clients.metric_learning`); one process."""
     query = validate.query_of(query, options, entry)
     call = validate.keyed(query, keys, labels, key_labels, pairs, options, entry)
-    embeddings = [x for x in (call.query, call.keys) if x is not None]
-    preparation = Preparation.of(
-        resolve_precision(call.device, *embeddings), cost=options.cost, normalize=options.normalize
-    )
+    tensors = (call.query, call.keys)
+    preparation = _preparation(call.device, tensors, options)
     with own_precision(call.device):
-        tensors: Sequence[Tensor | None] = (call.query, call.keys)
-        ready: Preparation | None = preparation
-        if not preparation.unit:  # prepared now, every row moved by one centre
-            tensors, ready = centred(tensors, preparation), None
-        rows, keys = tensors
+        (rows, keys), ready = _for_one_process(tensors, preparation)
         assert rows is not None
         problem = layouts.keyed(
             rows, keys, call.labels, call.key_labels, call.pairs, ready, queries_first=queries_first
         )
         return _compute_and_reduce(problem, options, None)
+
+
+def _preparation(
+    device: torch.device, tensors: Sequence[Tensor | None], options: CCTOptions
+) -> Preparation:
+    """How a call's embeddings are prepared: the precision policy's dtypes, the cost and
+    whether to normalise."""
+    given = [x for x in tensors if x is not None]
+    return Preparation.of(
+        resolve_precision(device, *given), cost=options.cost, normalize=options.normalize
+    )
+
+
+def _for_one_process(
+    tensors: Sequence[Tensor | None], preparation: Preparation
+) -> tuple[Sequence[Tensor | None], Preparation | None]:
+    """The embeddings a one-process problem takes, with the preparation it still owes: unit rows
+    as given (the implementation prepares them, differentiably); other rows prepared now, every
+    row moved by one centre (:func:`cct_loss.maths.costs.centred`)."""
+    if preparation.unit:
+        return tensors, preparation
+    return centred(tensors, preparation), None
 
 
 def _gathering(options: CCTOptions) -> contextlib.AbstractContextManager[object]:
@@ -210,17 +211,13 @@ def _views_loss(
 ) -> Tensor | CCTDetails:
     call = validate.views(views, labels, options, entry)
     stacked = call.views
-    preparation = Preparation.of(
-        resolve_precision(stacked.device, stacked), cost=options.cost, normalize=options.normalize
-    )
+    preparation = _preparation(stacked.device, [stacked], options)
     with own_precision(stacked.device):
         unit = preparation.unit
         if call.row_counts is None and options.layout != "paper":
-            if unit:
-                problem = layouts.in_batch(stacked, labels=call.labels, preparation=preparation)
-            else:  # prepared now, every row moved by one centre
-                (moved,) = centred([stacked], preparation)
-                problem = layouts.in_batch(moved, labels=call.labels)
+            (ready_views,), ready = _for_one_process([stacked], preparation)
+            assert ready_views is not None
+            problem = layouts.in_batch(ready_views, labels=call.labels, preparation=ready)
             return _compute_and_reduce(problem, options, None)
         prepared = prepare(stacked, preparation) if unit else cast(stacked, preparation.compute)
         global_rows = _gather_views(prepared, call.labels, call.row_counts)
