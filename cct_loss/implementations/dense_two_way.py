@@ -28,12 +28,11 @@ def loss(problem: ContrastiveProblem, options: CCTOptions) -> Tensor:
     costs = cost_matrix(prepared.query, prepared.key_rows, options.cost)  # (N, N)
     costs = cast(costs, accumulation_dtype(costs.dtype))  # float32 for half inputs
     n = costs.shape[0]
-    own = torch.eye(n, dtype=torch.bool, device=costs.device)
     logits = (costs.detach() if options.detach_weights else costs) * -options.t_neg
-    logits = logits.masked_fill(own, float("-inf"))
+    logits.fill_diagonal_(float("-inf"))  # a fresh tensor: its own row sits out
     # Both directions' weights at once: the repulsion of query i (rows) and of key j (columns)
     # over the other rows, averaged as the two directions' losses are.
-    weights = (torch.softmax(logits, dim=1) + torch.softmax(logits, dim=0)) * 0.5
+    weights = torch.add(torch.softmax(logits, dim=1), torch.softmax(logits, dim=0)).mul_(0.5)
     attraction = costs.diagonal().sum()
     repulsion = -(weights * costs).sum()
     total = attraction * options.alpha + repulsion * options.beta
