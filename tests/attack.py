@@ -1,4 +1,5 @@
-"""A broad attack of edge and bad inputs on every entry point and implementation (issue 24).
+"""A broad attack of edge and bad inputs on every entry point and implementation (issue 24;
+issue 25 added the first step of a queue and the losses of other libraries, CLIENT_SHAPES).
 
 Every case must end in one of three ways: the float64 reference's result (tests/reference.py),
 a clear error (``ValueError`` or ``TypeError`` whose message names what was wrong), or a NaN
@@ -28,9 +29,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cct_loss import CCTLoss, CCTMultiviewLoss, NegativeQueue, cct_loss, cct_loss_multiview
+from cct_loss import (
+    CCTClipLoss,
+    CCTLoss,
+    CCTMetricLoss,
+    CCTMultiviewLoss,
+    NegativeQueue,
+    cct_loss,
+    cct_loss_multiview,
+)
 
-from .reference import reference_loss, reference_multiview, reference_paper
+from .reference import reference_keyed, reference_loss, reference_multiview, reference_paper
 
 IMPLS = ("dense", "chunked", "sdpa")
 #: A case that takes longer than this is a hang.
@@ -157,10 +166,84 @@ def _value_cases(rng: random.Random, seed: int, count: int) -> Iterator[Attack]:
     """``count`` value cases drawn over call shapes, implementations, perturbations and
     options."""
     shapes = ("simclr", "multi-positive", "moco", "per-query", "cross", "cross queue",
-              "labels", "labels queue", "one view labels", "multiview", "paper")  # fmt: skip
+              "labels", "labels queue", "one view labels", "multiview", "paper",
+              *CLIENT_SHAPES)  # fmt: skip
     grid = list(itertools.product(shapes, IMPLS, PERTURBATIONS, range(len(OPTIONS))))
     for shape, impl, name, option in rng.sample(grid, count):
         yield _value_case(shape, impl, name, OPTIONS[option], seed + len(name) + option)
+
+
+#: The calls of issue 25: the first step of a queue, and the losses of other libraries.
+CLIENT_SHAPES = ("empty queue", "clip", "ref emb", "mined pairs", "memory")
+#: A miner's pairs ``(a1, p, a2, n)`` over the 6 rows of a value case, no pair of both kinds.
+MINED = tuple(
+    torch.tensor(x) for x in ([0, 0, 1, 2, 4], [1, 2, 3, 0, 5], [0, 1, 1, 3, 5], [3, 4, 5, 1, 2])
+)
+
+
+def _client_call(
+    shape: str,
+    rows: tuple[Tensor, Tensor, Tensor],
+    labels: Tensor,
+    key_labels: Tensor,
+    given: Callable[[Tensor], Tensor],
+    options: dict[str, Any],
+    reference_options: dict[str, Any],
+) -> tuple[Callable[[], Any], Callable[[], Tensor]]:
+    """The call and its float64 reference for one of :data:`CLIENT_SHAPES`, on float64 rows
+    ``q``, ``p`` and ``keys`` (the call sees them through ``given``)."""
+    q, p, keys = rows
+    reduction = options.get("reduction", "mean")
+    ref = {**reference_options, "reduction": reduction}
+    factor = 0.5 if options.get("cost", "sqeuclidean") == "sqeuclidean" else 1.0
+    if shape == "empty queue":  # the first step: the other rows' keys
+        return (
+            lambda: cct_loss(given(q), given(p), given(keys[:0]), **options),
+            lambda: reference_loss(q, p, layout="cross", **ref),
+        )
+    if shape == "clip":  # logit_scale for the case's t_neg
+        t_neg: Any = options.get("t_neg", 1.0)
+        scale = 1 / options["temperature"] if "temperature" in options else t_neg / factor
+        built = {k: v for k, v in options.items() if k not in ("temperature", "t_neg", "return_details")}  # fmt: skip
+        ref.pop("t_neg", None)
+        both = {**ref, "layout": "cross", "t_neg": float(scale) * factor}
+        return (
+            lambda: CCTClipLoss(**built)(given(q), given(p), scale),
+            lambda: (reference_loss(q, p, **both) + reference_loss(p, q, **both)) / 2,
+        )
+    if "t_neg" not in ref:  # CCTMetricLoss's default, PML's temperature 0.1
+        ref["t_neg"] = factor / 0.1
+    if shape == "ref emb":
+        return (
+            lambda: CCTMetricLoss(**options)(
+                given(q), labels, ref_emb=given(keys), ref_labels=key_labels
+            ),
+            lambda: reference_keyed(
+                q, keys, lambda i, j: bool(labels[i] == key_labels[j]),
+                lambda i, j: bool(labels[i] != key_labels[j]), **ref,
+            ),
+        )  # fmt: skip
+    if shape == "mined pairs":
+        positive = set(zip(MINED[0].tolist(), MINED[1].tolist(), strict=True))
+        negative = set(zip(MINED[2].tolist(), MINED[3].tolist(), strict=True))
+        return (
+            lambda: CCTMetricLoss(**options)(given(q), labels, MINED),
+            lambda: reference_keyed(
+                q, q, lambda i, j: (i, j) in positive, lambda i, j: (i, j) in negative, **ref
+            ),
+        )
+    assert shape == "memory"
+    everything, every_label = torch.cat([q, keys]), torch.cat([labels, key_labels])
+
+    def with_memory() -> Any:
+        memory = NegativeQueue(16, keys.shape[1], dtype=torch.float64, with_labels=True)
+        memory.enqueue(keys, labels=key_labels)
+        return CCTMetricLoss(queue=memory, **options)(given(q), labels)
+
+    return with_memory, lambda: reference_keyed(
+        q, everything, lambda i, j: i != j and bool(labels[i] == every_label[j]),
+        lambda i, j: bool(labels[i] != every_label[j]), **ref,
+    )  # fmt: skip
 
 
 def _value_case(
@@ -199,7 +282,13 @@ def _value_case(
         reference_options["t_neg"] = scale / temperature
     call: Callable[[], Any]
     reference: Callable[[], Tensor]
-    if shape == "multiview" or shape == "paper" or shape == "one view labels":
+    if shape in CLIENT_SHAPES:
+        call, reference = _client_call(
+            shape, (q, p, queue), labels, negative_labels, given, options, reference_options
+        )
+        if shape == "mined pairs" and impl != "dense":
+            return Attack(f"{shape} / {impl}", call, "error", says="impl='dense'")
+    elif shape == "multiview" or shape == "paper" or shape == "one view labels":
         layout = "paper" if shape == "paper" else "all"
         given_views = [given(v) for v in views]
         if shape == "one view labels":
@@ -327,6 +416,7 @@ def _error_cases() -> Iterator[Attack]:
         ("tneg", 2.0, "t_neg"), ("temprature", 0.1, "temperature"), ("normalize", 1, "bool"),
     ]:  # fmt: skip
         yield refused(f"{name}={value!r}", partial(_call_with, z1, z2, {name: value}), says)
+    yield from _client_errors(z1, z2)
     yield refused("temperature and t_neg", lambda: cct_loss(z1, z2, temperature=0.1, t_neg=2.0),
                   "not both")  # fmt: skip
     yield refused("chunk_size with dense", lambda: cct_loss(z1, z2, impl="dense", chunk_size=4),
@@ -361,6 +451,29 @@ def _error_cases() -> Iterator[Attack]:
     size: Any = np.int64(8)
     yield Attack("NumPy queue size", lambda: _filled(NegativeQueue(size, np.int32(4))), "value",
                  lambda: torch.tensor(4.0))  # fmt: skip
+
+
+def _client_errors(z1: Tensor, z2: Tensor) -> Iterator[Attack]:
+    """Bad calls of issue 25's entry points, each naming the call meant."""
+    labels = torch.tensor([0, 1, 0, 2, 1, 3])
+    learned = torch.tensor(2.0, requires_grad=True)
+    untyped: Any = CCTLoss
+    cases: list[tuple[str, Callable[[], Any], str]] = [
+        ("learned logit_scale", lambda: CCTClipLoss()(z1, z2, learned.exp()), "requires_grad_(False)"),
+        ("CCTClipLoss(temperature=)", lambda: CCTClipLoss(temperature=0.1), "logit_scale"),
+        ("logit_scale as negatives", lambda: cct_loss(z1, z2, torch.tensor(14.0)), "CCTClipLoss"),
+        ("a number as negatives", lambda: cct_loss(z1, z2, 0.5), "temperature=0.5"),  # type: ignore[call-overload]
+        ("CCTLoss(0.5)", lambda: untyped(0.5), "keywords"),
+        ("tau=", lambda: untyped(tau=0.2), "'temperature'"),
+        ("memory_bank_size=", lambda: untyped(memory_bank_size=(64, 5)), "NegativeQueue(64, 5)"),
+        ("a miner's pair of two", lambda: CCTMetricLoss()(z1, labels, MINED[:2]), "indices_tuple"),
+        ("mined pairs with chunked", lambda: CCTMetricLoss(impl="chunked")(z1, labels, MINED), "impl='dense'"),
+        ("ref_labels without ref_emb", lambda: CCTMetricLoss()(z1, labels, ref_labels=labels), "ref_emb"),
+        ("negatives to a queue's owner", lambda: CCTLoss(queue=NegativeQueue(8, 5))(z1, z2, z2 + 1), "owns a queue"),
+        ("a memory without labels", lambda: CCTMetricLoss(queue=NegativeQueue(8, 5)), "with_labels=True"),
+    ]  # fmt: skip
+    for name, call, says in cases:
+        yield Attack(name, call, "error", says=says)
 
 
 def _call_with(query: Tensor, positive: Tensor, options: dict[str, Any]) -> Any:

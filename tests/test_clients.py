@@ -512,3 +512,11 @@ def test_a_module_attribute_named_as_another_library_names_an_option() -> None:
     with pytest.raises(AttributeError, match=r"no option 'tau'; did you mean 'temperature'\?"):
         criterion.tau = 0.2
     assert "tau" not in criterion.__dict__
+
+
+def test_a_zero_logit_scale_gives_uniform_weights_as_clip_loss_does() -> None:
+    image, text = leaves((5, 3), (5, 3), seed=11)
+    loss = CCTClipLoss()(image, text, 0.0)
+    expected = clip_reference(image, text, 0.0)
+    assert isinstance(loss, torch.Tensor)
+    assert_same_loss_and_grads(loss, expected, [image, text])

@@ -18,6 +18,7 @@ against every rank's candidates, ``local_loss=False`` the whole global batch on 
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -164,8 +165,9 @@ class CCTClipLoss(_OptionsModule):
         return loss
 
     def _options_at(self, logit_scale: object) -> CCTOptions:
-        """The options with ``t_neg`` from ``logit_scale`` (checked: a positive number, or a
-        0-dim floating-point tensor that requires no grad)."""
+        """The options with ``t_neg`` from ``logit_scale`` (checked: a finite number >= 0, or a
+        one-element floating-point tensor that requires no grad; 0 gives uniform weights, as
+        ``ClipLoss``'s softmax of zero logits)."""
         if isinstance(logit_scale, Tensor):
             if logit_scale.numel() != 1 or not logit_scale.is_floating_point():
                 raise ValueError(
@@ -187,17 +189,15 @@ class CCTClipLoss(_OptionsModule):
             # tensor, read by the kernels without a synchronisation.
             read = logit_scale.device.type == "cpu" and not torch.compiler.is_compiling()
             scale: Tensor | float = float(logit_scale) if read else logit_scale.reshape(())
-            if isinstance(scale, float) and not 0 < scale < float("inf"):
-                raise ValueError(f"logit_scale must be a finite number > 0, got {scale}")
         elif isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool):
             scale = float(logit_scale)
-            if not scale > 0 or scale == float("inf"):
-                raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale}")
         else:
             raise TypeError(
                 f"logit_scale must be a tensor or a number (open_clip's "
                 f"model.logit_scale.exp()), got {type(logit_scale).__name__}"
             )
+        if isinstance(scale, float) and not 0 <= scale < math.inf:  # (0: uniform weights)
+            raise ValueError(f"logit_scale must be a finite number >= 0, got {scale}")
         t_neg = t_neg_from_temperature(1.0, self.options.cost)  # the scale's factor
         return self._with(t_neg=scale * t_neg)
 
