@@ -520,3 +520,12 @@ def test_a_zero_logit_scale_gives_uniform_weights_as_clip_loss_does() -> None:
     expected = clip_reference(image, text, 0.0)
     assert isinstance(loss, torch.Tensor)
     assert_same_loss_and_grads(loss, expected, [image, text])
+
+
+@pytest.mark.parametrize("name", ["temperature", "t_neg", "layout", "gather_distributed"])
+def test_clip_loss_refuses_an_option_each_call_sets(name: str) -> None:
+    loss_fn = CCTClipLoss()
+    with pytest.raises(AttributeError, match=f"CCTClipLoss takes no {name}"):
+        setattr(loss_fn, name, 0.5)
+    loss_fn.alpha = 0.5  # the others are set as on any module
+    assert loss_fn.alpha == 0.5

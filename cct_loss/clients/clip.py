@@ -3,7 +3,8 @@
 
 Each image is a query whose positive is its caption and whose negatives are the other captions,
 and each caption likewise against the images; the loss is the mean of the two directions, as
-``ClipLoss``'s two cross-entropies (``cct_loss(image, text, layout="cross")`` and back).
+``ClipLoss``'s two cross-entropies (``cct_loss(image, text, layout="cross")`` and back; where
+the dense implementation serves the call, both from one cost matrix).
 ``logit_scale`` is InfoNCE's ``1 / tau``: it sets ``temperature = 1 / logit_scale``, whose
 repulsion weights are ``ClipLoss``'s ``softmax(logit_scale * cos)``. It must be fixed: with
 detached weights a scale gets no gradient, and with live weights a learned one collapses
@@ -113,6 +114,11 @@ class CCTClipLoss(_OptionsModule):
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
         self.cache_labels, self.use_horovod = cache_labels, use_horovod
         self.rank, self.world_size = rank, world_size
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _DECIDED:  # each call sets these; a value set here would be ignored
+            raise AttributeError(f"CCTClipLoss takes no {name}: {_DECIDED[name]}")
+        super().__setattr__(name, value)
 
     @classmethod
     def for_model(cls, model: nn.Module, **arguments: Any) -> CCTClipLoss:
