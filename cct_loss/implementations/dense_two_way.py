@@ -49,28 +49,49 @@ def _costs(query: Tensor, keys: Tensor, options: CCTOptions) -> Tensor:
 def _shares(costs: Tensor, options: CCTOptions) -> Tensor:
     """``G``: each cost's share of the summed loss, ``alpha`` on the own rows (the attraction)
     and ``-beta`` times the two directions' mean repulsion weight elsewhere."""
-    source = costs.detach() if options.detach_weights else costs
-    logits = source * -options.t_neg
-    logits.fill_diagonal_(float("-inf"))  # a fresh tensor: its own row sits out
-    weights = torch.softmax(logits, dim=1) + torch.softmax(logits, dim=0)
     own = torch.eye(costs.shape[0], dtype=costs.dtype, device=costs.device)
-    return own * options.alpha - weights * (options.beta * 0.5)
+    return own * options.alpha - _both_weights(costs, options.t_neg) * (options.beta * 0.5)
 
 
 def _constant_shares(query: Tensor, keys: Tensor, options: CCTOptions) -> Tensor:
-    """``G`` of detached weights, without gradient: the same numbers as :func:`_shares`, each
-    ``(N, N)`` step in place on one buffer (at CLIP's batch sizes on the CPU a step over the
-    matrix costs about as much as the matrix product)."""
+    """``G`` of detached weights, without gradient: the same numbers as :func:`_shares`, the
+    ``(N, N)`` steps in place where they can be (at CLIP's batch sizes on the CPU a step over
+    the matrix costs about as much as the matrix product)."""
     gram = product(query, keys.T, query.dtype)  # (N, N) in the accumulation dtype
     if options.cost == "cosine":  # 1 - a.b on unit rows
         costs = gram.neg_().add_(1.0)
     else:
         costs = gram.mul_(-2.0).add_(squared_norms(query)[:, None]).add_(squared_norms(keys))
-    logits = costs.clamp_min_(0.0).mul_(-options.t_neg)
-    logits.fill_diagonal_(float("-inf"))  # its own row sits out
-    shares = torch.softmax(logits, dim=1).add_(torch.softmax(logits, dim=0))
+    shares = _both_weights(costs.clamp_min_(0.0), options.t_neg, fresh=True)
     shares.mul_(options.beta * -0.5).diagonal().add_(options.alpha)
     return shares
+
+
+#: From this ``t_neg`` on (and for a tensor ``t_neg``, whose value is not read) the logits are
+#: shifted by each softmax's nearest cost first: ``t_neg`` times a cost of up to 4 (unit rows)
+#: would overflow float32 to ``-inf`` along a whole row, a NaN where every implementation is
+#: exact up to ``MAX_SHARPNESS``.
+SHIFTED_FROM = 1e37
+
+
+def _both_weights(costs: Tensor, t_neg: float | Tensor, *, fresh: bool = False) -> Tensor:
+    """``softmax_rows(-t_neg c) + softmax_columns(-t_neg c)`` over the other rows, zero on the
+    own rows (``fresh``: ``costs`` is a buffer of its own, scaled in place)."""
+    if isinstance(t_neg, Tensor) or t_neg >= SHIFTED_FROM:
+        masked = costs.detach().clone().fill_diagonal_(float("inf"))
+        rows = (costs - masked.amin(1, keepdim=True)) * -t_neg
+        columns = (costs - masked.amin(0, keepdim=True)) * -t_neg
+        rows.fill_diagonal_(float("-inf"))  # each its own row sits out
+        columns.fill_diagonal_(float("-inf"))
+        return torch.softmax(rows, dim=1) + torch.softmax(columns, dim=0)
+    logits = costs.mul_(-t_neg) if fresh else costs * -t_neg
+    logits.fill_diagonal_(float("-inf"))  # its own row sits out
+    weights = torch.softmax(logits, dim=1)
+    return (
+        weights.add_(torch.softmax(logits, dim=0))
+        if fresh
+        else weights + torch.softmax(logits, dim=0)
+    )
 
 
 def _weighted_costs(shares: Tensor, query: Tensor, keys: Tensor, cost: str) -> Tensor:
