@@ -28,6 +28,7 @@ from ..options import (
     spell_out_options,
     temperature_from_t_neg,
 )
+from ..problem.layouts import flat_keys
 from ..queue import NegativeQueue
 from .route import pairs_loss, views_loss
 from .validate import PAIR_LAYOUTS, VIEW_LAYOUTS, check_layout
@@ -224,10 +225,7 @@ class CCTLoss(_OptionsModule):
         loss = pairs_loss(
             query, positive, negatives, labels, negative_labels, self.options, entry=entry
         )
-        keys = positive if positive.dim() == 2 else positive.flatten(0, 1)
-        key_labels = labels
-        if labels is not None and positive.dim() == 3:
-            key_labels = labels.repeat_interleave(positive.shape[1])
+        keys, key_labels = flat_keys(positive, labels)
         if query.requires_grad:  # a training step (lightly's rule: evaluation leaves it be)
             queue.enqueue(keys, key_labels, check_finite=self.options.check_finite)
         return loss

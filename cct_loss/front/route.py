@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -46,8 +45,6 @@ def pairs_loss(
 ) -> Tensor | CCTDetails:
     """:func:`cct_loss.cct_loss` with its options in one object (see its docstring);
     ``entry``: how the messages spell the call (``"CCTLoss(...)"`` for the module)."""
-    if negatives is not None and validate.no_queue_yet(query, negatives):
-        return _before_the_queue(query, positive, labels, negative_labels, options, entry)
     signature = _signature(query, positive, negatives, labels, negative_labels, options)
     replay = None if signature is None else _REPLAYS.get(signature)
     if replay is not None:  # a signature checked before: the same checks pass
@@ -107,32 +104,6 @@ def two_way_loss(
     back = pairs_loss(positive, query, None, None, None, options, entry)
     assert isinstance(there, Tensor) and isinstance(back, Tensor)
     return (there + back) / 2
-
-
-def _before_the_queue(
-    query: Tensor,
-    positive: Tensor | None,
-    labels: Tensor | None,
-    negative_labels: Tensor | None,
-    options: CCTOptions,
-    entry: str,
-) -> Tensor | CCTDetails:
-    """A call with ``(0, D)`` shared negatives, an empty queue's (the first step): the other
-    rows' keys of the batch are the negatives. Layout ``"cross"`` has them already; the MoCo
-    mode of ``"all"`` becomes ``"cross"`` (each query's positives stay ``positive[i]``), and
-    with labels takes the keys as labelled negatives (``positive[i]`` stays the positives, a
-    same-label key is left out, as the queue's would be)."""
-    validate.empty_queue_call(positive, labels, negative_labels, options, entry)
-    if options.layout == "cross":
-        return pairs_loss(query, positive, None, labels, None, options, entry)
-    if labels is None:
-        return pairs_loss(
-            query, positive, None, None, None, replace(options, layout="cross"), entry
-        )
-    assert isinstance(positive, Tensor)
-    keys = (positive if positive.dim() == 2 else positive.flatten(0, 1)).clone()
-    key_labels = labels if positive.dim() == 2 else labels.repeat_interleave(positive.shape[1])
-    return pairs_loss(query, positive, keys, labels, key_labels, options, entry)
 
 
 def keyed_loss(
@@ -283,6 +254,8 @@ def _signature(
     if options.gather_distributed and distributed.is_active():
         return None
     if not (options.normalize or options.cost == "cosine"):  # centred each call (_pairs_loss)
+        return None
+    if negatives is not None and negatives.dim() == 2 and len(negatives) == 0:  # an empty queue
         return None
     device = query.device
     keys = None if negatives is None else (negatives.shape, negatives.dtype, negatives.device)

@@ -32,17 +32,6 @@ PAIR_LAYOUTS = ("all", "cross")
 VIEW_LAYOUTS = ("all", "paper")
 LAYOUTS = ("all", "cross", "paper")
 
-GATHERED_NEGATIVES = (
-    "gather_distributed=True gathers in-batch negatives (negatives=None, or layout='cross'); "
-    "with explicit negatives, gather them yourself, e.g. with "
-    "NegativeQueue(..., gather_distributed=True)"
-)
-UNLABELLED_NEGATIVES = (
-    "labels with explicit negatives (the MoCo mode of layout='all') need negative_labels= (K,) "
-    "to leave out same-label negatives; to draw same-label positives from the batch use "
-    "layout='cross'"
-)
-
 
 class PairsCall(NamedTuple):
     """A :func:`cct_loss.cct_loss` call whose arguments passed every check, with their device
@@ -158,9 +147,17 @@ def _check_explicit_negatives(
             f"{shape_str(negatives)}"
         )
     if options.gather_distributed and not cross:
-        raise ValueError(GATHERED_NEGATIVES)
+        raise ValueError(
+            "gather_distributed=True gathers in-batch negatives (negatives=None, or "
+            "layout='cross'); with explicit negatives, gather them yourself, e.g. with "
+            "NegativeQueue(..., gather_distributed=True)"
+        )
     if labels is not None and negative_labels is None and not cross:
-        raise ValueError(UNLABELLED_NEGATIVES)
+        raise ValueError(
+            "labels with explicit negatives (the MoCo mode of layout='all') need "
+            "negative_labels= (K,) to leave out same-label negatives; to draw same-label "
+            "positives from the batch use layout='cross'"
+        )
 
 
 class KeyedCall(NamedTuple):
@@ -228,46 +225,6 @@ def keyed(
     if options.check_finite:
         check_finite_inputs({k: v for k, v in tensors.items() if v.is_floating_point()})
     return KeyedCall(query, keys, labels, key_labels, pairs, device)
-
-
-def no_queue_yet(query: object, negatives: object) -> bool:
-    """Whether ``negatives`` are an empty queue's, ``(0, D)`` with the query's ``D``: no shared
-    negatives yet (:func:`cct_loss.front.route.pairs_loss` takes the batch's keys instead)."""
-    return (
-        isinstance(negatives, Tensor)
-        and negatives.dim() == 2
-        and negatives.shape[0] == 0
-        and isinstance(query, Tensor)
-        and query.dim() == 2
-        and negatives.shape[1] == query.shape[1]
-        and negatives.is_floating_point()
-    )
-
-
-def empty_queue_call(
-    positive: object,
-    labels: Tensor | None,
-    negative_labels: Tensor | None,
-    options: CCTOptions,
-    entry: str,
-) -> None:
-    """What a call with an empty queue's ``(0, D)`` negatives must hold: what the same call with
-    keys in the queue would need (the rest is checked by the call it becomes)."""
-    if not isinstance(positive, Tensor):
-        raise TypeError(
-            f"{entry}(query, positive, negatives): negatives take each query's positive too, got "
-            f"positive={type(positive).__name__}"
-        )
-    if options.gather_distributed and options.layout != "cross":
-        raise ValueError(GATHERED_NEGATIVES)
-    if negative_labels is not None:
-        negative_labels = check_labels("negative_labels", negative_labels, 0, "K")
-        if labels is None:
-            raise ValueError("negative_labels needs labels= (N,) for the queries' rows")
-    elif labels is not None and options.layout != "cross":
-        raise ValueError(UNLABELLED_NEGATIVES)
-    if isinstance(positive, Tensor) and positive.dim() == 3 and labels is not None:
-        check_labels("labels", labels, positive.shape[0], "N")
 
 
 def one_view(

@@ -37,11 +37,38 @@ def pairs(
     """A :func:`cct_loss.cct_loss` call on one process: in-batch (``negatives=None``, layout
     ``"all"``), cross, or the MoCo mode of ``"all"`` (explicit negatives)."""
     rest = (labels, negative_labels)
-    if layout == "cross":
+    if layout == "cross":  # (an empty queue's (0, D) negatives add nothing)
         return cross(query, as_positives(positive), negatives, *rest, preparation=preparation)
     if negatives is None:
         return in_batch(in_batch_views(query, positive), labels=labels, preparation=preparation)
+    if negatives.dim() == 2 and negatives.shape[0] == 0:
+        return before_the_queue(query, positive, labels, preparation)
     return explicit_negatives(query, positive, negatives, *rest, preparation=preparation)
+
+
+def before_the_queue(
+    query: Tensor,
+    positive: Tensor,
+    labels: Tensor | None = None,
+    preparation: Preparation | None = None,
+) -> ContrastiveProblem:
+    """The MoCo mode of ``"all"`` with an empty queue's ``(0, D)`` negatives (the first step):
+    no queue yet, so the other rows' keys of the batch are the negatives. Without labels that
+    is the cross layout (``positive[i]`` stay the positives); with labels the batch's keys are
+    labelled negatives, a key with the query's label left out as a queue's would be."""
+    if labels is None:
+        return cross(query, as_positives(positive), preparation=preparation)
+    keys, key_labels = flat_keys(positive, labels)
+    return explicit_negatives(query, positive, keys, labels, key_labels, preparation=preparation)
+
+
+def flat_keys(positive: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Every key of ``positive`` ``(N, D)`` or ``(N, M, D)`` as ``(N M, D)``, row by row, with
+    each row's label repeated for its ``M`` keys."""
+    if positive.dim() == 2:
+        return positive, labels
+    m = positive.shape[1]
+    return positive.flatten(0, 1), None if labels is None else labels.repeat_interleave(m)
 
 
 def in_batch_views(query: Tensor, positive: Tensor) -> Tensor:
