@@ -169,7 +169,8 @@ def mined_pairs(
 ) -> tuple[Tensor, Tensor]:
     """The ``(num_anchors, num_keys)`` boolean masks of a miner's positive and negative pairs,
     from PML's ``(a1, p, a2, n)`` or ``(a, p, n)``. Refuses indices out of range and a pair
-    mined as both (one host synchronisation, as a miner's own ``torch.where`` costs)."""
+    mined as both (the two read back in one host synchronisation, as a miner's own
+    ``torch.where`` costs one)."""
     if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
         got = type(indices_tuple).__name__
         if isinstance(indices_tuple, (tuple, list)):
@@ -190,7 +191,7 @@ def mined_pairs(
     else:
         a1, p, a2, n = indices_tuple
         sides = ((("a1", a1), ("p", p)), (("a2", a2), ("n", n)))
-    masks = []
+    masks, out_of_range = [], []
     for (anchor_name, anchors), (key_name, keys) in sides:
         if anchors.shape != keys.shape:
             raise ValueError(
@@ -198,21 +199,25 @@ def mined_pairs(
                 f"{anchors.shape[0]} and {keys.shape[0]}"
             )
         anchors, keys = anchors.to(device=device, dtype=torch.long), keys.to(device, torch.long)
-        if anchors.numel() and bool(
-            (anchors.min() < 0) | (anchors.max() >= num_anchors)
-            | (keys.min() < 0) | (keys.max() >= num_keys)
-        ):  # fmt: skip
-            raise ValueError(
-                f"indices_tuple's {anchor_name} must index the {num_anchors} embeddings and "
-                f"{key_name} the {num_keys} keys (ref_emb, or the embeddings); got an index out "
-                "of range"
-            )
+        out_of_range += [
+            ((anchors < 0) | (anchors >= num_anchors)).any(),
+            ((keys < 0) | (keys >= num_keys)).any(),
+        ]
+        # built from clamped indices, so that a bad one is reported below, not by index_put_
+        where = (anchors.clamp(0, num_anchors - 1), keys.clamp(0, num_keys - 1))
         mask = torch.zeros(num_anchors, num_keys, dtype=torch.bool, device=device)
-        masks.append(
-            mask.index_put_((anchors, keys), torch.ones((), dtype=torch.bool, device=device))
-        )
+        masks.append(mask.index_put_(where, torch.ones((), dtype=torch.bool, device=device)))
     positive, negative = masks
-    if bool((positive & negative).any()):
+    # every check read back at once: one host synchronisation
+    flags = torch.stack([torch.stack(out_of_range).any(), (positive & negative).any()])
+    bad_range, both = flags.tolist()
+    if bad_range:
+        raise ValueError(
+            f"indices_tuple's anchors must index the {num_anchors} embeddings and its positives "
+            f"and negatives the {num_keys} keys (ref_emb, or the embeddings); got an index out "
+            "of range"
+        )
+    if both:
         raise ValueError(
             "indices_tuple pairs an anchor with the same key as a positive and as a negative; "
             "each pair must be one or the other (as pytorch-metric-learning requires)"
