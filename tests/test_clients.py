@@ -536,11 +536,16 @@ def test_clip_loss_refuses_an_option_each_call_sets(name: str) -> None:
 def test_two_way_cross_at_the_largest_sharpness(detach_weights: bool, as_tensor: bool) -> None:
     """Every other row nearly antipodal: ``t_neg`` times each cost overflows float32 at
     ``t_neg = 1e38``, where the two calls are exact; so must one matrix be (shifted logits)."""
-    image = torch.tensor([[1.0, 0.01], [-1.0, 0.01], [0.01, 1.0]])
-    text = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
     for t_neg in (1e30, 5e37, 1e38):
+        image = torch.tensor([[1.0, 0.01], [-1.0, 0.01], [0.01, 1.0]], requires_grad=True)
+        text = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]], requires_grad=True)
         scale: Any = torch.tensor(2 * t_neg) if as_tensor else 2 * t_neg
         loss = CCTClipLoss(detach_weights=detach_weights)(image, text, scale)
         expected = clip_reference(image, text, 2 * t_neg, detach_weights=detach_weights)
         assert isinstance(loss, torch.Tensor) and torch.isfinite(loss)
         torch.testing.assert_close(loss.double(), expected.double(), rtol=1e-5, atol=1e-5)
+        got = torch.autograd.grad(loss, (image, text))
+        want = torch.autograd.grad(expected, (image, text))
+        for g, w in zip(got, want, strict=True):
+            assert torch.isfinite(g).all()
+            torch.testing.assert_close(g.double(), w.double(), rtol=1e-5, atol=1e-5)

@@ -78,12 +78,23 @@ def _both_weights(costs: Tensor, t_neg: float | Tensor, *, fresh: bool = False) 
     """``softmax_rows(-t_neg c) + softmax_columns(-t_neg c)`` over the other rows, zero on the
     own rows (``fresh``: ``costs`` is a buffer of its own, scaled in place)."""
     if isinstance(t_neg, Tensor) or t_neg >= SHIFTED_FROM:
-        masked = costs.detach().clone().fill_diagonal_(float("inf"))
-        rows = (costs - masked.amin(1, keepdim=True)) * -t_neg
-        columns = (costs - masked.amin(0, keepdim=True)) * -t_neg
+        # each softmax's nearest cost, its own row left out (a copy only where costs are in
+        # the graph: in place, the diagonal is overwritten below anyway)
+        masked = costs.fill_diagonal_(float("inf")) if fresh else costs.detach().clone()
+        if not fresh:
+            masked.fill_diagonal_(float("inf"))
+        nearest_row, nearest_column = masked.amin(1, keepdim=True), masked.amin(0, keepdim=True)
+        rows = (costs - nearest_row).mul_(-t_neg)
+        columns = costs.sub_(nearest_column) if fresh else costs - nearest_column
+        columns = columns.mul_(-t_neg)
         rows.fill_diagonal_(float("-inf"))  # each its own row sits out
         columns.fill_diagonal_(float("-inf"))
-        return torch.softmax(rows, dim=1) + torch.softmax(columns, dim=0)
+        weights = torch.softmax(rows, dim=1)
+        return (
+            weights.add_(torch.softmax(columns, dim=0))
+            if fresh
+            else weights + torch.softmax(columns, dim=0)
+        )
     logits = costs.mul_(-t_neg) if fresh else costs * -t_neg
     logits.fill_diagonal_(float("-inf"))  # its own row sits out
     weights = torch.softmax(logits, dim=1)
