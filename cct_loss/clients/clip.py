@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..front import route
-from ..front.modules import _OptionsModule
+from ..front.modules import OptionsModule
 from ..options import CCTOptions, t_neg_from_temperature
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ _DECIDED = {
 }
 
 
-class CCTClipLoss(_OptionsModule):
+class CCTClipLoss(OptionsModule):
     """open_clip's ``ClipLoss`` with the CCT loss inside (module docs above): a one-line swap,
     ``loss = CCTClipLoss.for_model(model, local_loss=args.local_loss, ...)`` for
     ``loss = create_loss(args)`` (docs/clients.md).

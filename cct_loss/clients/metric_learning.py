@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..checks import shape_str
 from ..front import route
-from ..front.modules import _OptionsModule
+from ..front.modules import OptionsModule
 from ..maths.reduction import CCTDetails
 from ..options import spell_out_options
 from ..queue import NegativeQueue
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 PML_TEMPERATURE = 0.1
 
 
-class CCTMetricLoss(_OptionsModule):
+class CCTMetricLoss(OptionsModule):
     """The CCT loss with pytorch-metric-learning's call: a one-line swap for
     ``losses.SupConLoss(temperature=0.1)`` (module docs above; docs/clients.md).
 

@@ -34,8 +34,9 @@ from .route import pairs_loss, views_loss
 from .validate import PAIR_LAYOUTS, VIEW_LAYOUTS, check_layout
 
 
-class _OptionsModule(nn.Module):
-    """Holds a :class:`CCTOptions`; its fields read and write as attributes."""
+class OptionsModule(nn.Module):
+    """Holds a :class:`CCTOptions`; its fields read and write as attributes. The base of every
+    loss module, the clients' (:mod:`cct_loss.clients`) too; not exported from ``cct_loss``."""
 
     options: CCTOptions
     _layouts: tuple[str, ...] = ()
@@ -126,7 +127,7 @@ def _declared(cls: type, name: str) -> bool:
     return any(name in vars(c) or name in getattr(c, "__annotations__", {}) for c in cls.__mro__)
 
 
-class CCTLoss(_OptionsModule):
+class CCTLoss(OptionsModule):
     """Module form of :func:`cct_loss.cct_loss`, optionally owning a queue of negatives.
 
     Takes the options of :func:`cct_loss.cct_loss` as keywords (``layout`` ``"all"`` or
@@ -238,7 +239,7 @@ _GATHERING_WITH_A_QUEUE = (
 )
 
 
-class CCTMultiviewLoss(_OptionsModule):
+class CCTMultiviewLoss(OptionsModule):
     """Module form of :func:`cct_loss.cct_loss_multiview`.
 
     Takes the options of :func:`cct_loss.cct_loss_multiview` as keywords (``layout``
