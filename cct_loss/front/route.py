@@ -79,8 +79,9 @@ def two_way_loss(
 ) -> Tensor | CCTDetails:
     """``(cct_loss(query, positive, layout="cross") + cct_loss(positive, query,
     layout="cross")) / 2``, CLIP's two directions. On one process, with ``"mean"`` or ``"sum"``
-    and no diagnostics, an implementation that offers it computes both from one cost matrix
-    (``Implementation.two_way``); otherwise the two calls."""
+    and no diagnostics, checked and prepared once: an implementation that offers it computes
+    both from one cost matrix (``Implementation.two_way``), another each direction's problem;
+    otherwise the two calls."""
     shared = (
         options.reduction != "none"
         and not options.return_details
@@ -100,6 +101,10 @@ def two_way_loss(
             implementation = table.choose(problem, options)
             if implementation.two_way is not None:
                 return implementation.two_way(problem, options)
+            reverse = layouts.cross(keys, layouts.as_positives(rows), preparation=ready)
+            directions = [_compute_and_reduce(one, options, None) for one in (problem, reverse)]
+            assert isinstance(directions[0], Tensor) and isinstance(directions[1], Tensor)
+            return (directions[0] + directions[1]) / 2
     there = pairs_loss(query, positive, None, None, None, options, entry)
     back = pairs_loss(positive, query, None, None, None, options, entry)
     assert isinstance(there, Tensor) and isinstance(back, Tensor)
