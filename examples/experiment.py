@@ -10,7 +10,9 @@ The same encoder, augmentations, optimiser and epochs for every loss; rows at 2 
 Each loss gets the same tuning budget on the validation split, on matched grids (InfoNCE
 ``tau`` in {0.1, 0.25, 0.5, 1}; CCT ``t_neg`` in {5, 2, 1, 0.5}, their equivalents
 ``1 / (2 tau)``), selected by validation kNN accuracy; tuning uses fewer seeds and epochs than
-the final runs. The final runs train each loss at its best setting with the same seeds (the same
+the final runs. A pick at the edge of the values tried widens that loss's grid one step along
+``TAU_LADDER`` (``tau`` 0.0125 to 8; ``t_neg`` 40 to 1/16), until the pick is interior or the
+ladder ends; the report lists every value tried and says which. The final runs train each loss at its best setting with the same seeds (the same
 initialisation and augmentations per seed), evaluate on the test split, and report the paired
 differences against InfoNCE with a 95% t-interval. Results (every run) go to
 ``experiment_output/results.json``, the table to ``results.md``, the figure to
@@ -25,6 +27,8 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +42,79 @@ from simclr import Config, train
 
 LOSSES = ("infonce", "cct", "cct_paper")
 VIEWS = (2, 5)
+#: The starting grid (InfoNCE ``tau``; CCT ``t_neg = 1 / (2 tau)``) and the ladder it widens along,
+#: one step at a time, while a loss's best value sits at the edge of what it has tried.
 TAUS = (0.1, 0.25, 0.5, 1.0)
+TAU_LADDER = (0.0125, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 METRICS = (("knn", "kNN"), ("linear", "linear probe"))
 TUNE_SEED_BASE = 100  # tuning seeds are not the final seeds
+
+
+@dataclass
+class Tuned:
+    """One loss's tuning: the score of every value tried, the pick, and whether it is interior."""
+
+    scores: dict[float, float]
+    best: float
+    edge: str | None  # None when the pick has a tried value on each side; otherwise why not
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "tried": sorted(self.scores),
+            "scores": {str(tau): self.scores[tau] for tau in sorted(self.scores)},
+            "best": self.best,
+            "interior": self.edge is None,
+            "edge": self.edge,
+        }
+
+
+def tune_widening(
+    score: Callable[[float], float],
+    start: tuple[float, ...] = TAUS,
+    ladder: tuple[float, ...] = TAU_LADDER,
+) -> Tuned:
+    """Score every value of ``start``; while the best score sits at the smallest (largest) value
+    tried, score the ladder's next smaller (larger) value too. Stops when the best is interior,
+    or at the ladder's end, which the result then names. Ties go to the value tried first."""
+    if not start or any(tau not in ladder for tau in start):
+        raise ValueError(f"start must be values of the ladder {ladder}, got {start}")
+    scores = {tau: score(tau) for tau in start}
+    while True:
+        best = max(scores, key=lambda tau: scores[tau])
+        low, high = min(scores), max(scores)
+        if low < best < high:
+            return Tuned(scores, best, None)
+        below, above = ladder.index(low) - 1, ladder.index(high) + 1
+        if best == low and below >= 0:
+            scores[ladder[below]] = score(ladder[below])
+        elif best == high and above < len(ladder):
+            scores[ladder[above]] = score(ladder[above])
+        else:
+            side = "smallest" if best == low else "largest"
+            return Tuned(scores, best, f"tau~{best} is the {side} value of the ladder")
+
+
+def tuning_table(tuned: dict[str, tuple[str, Tuned]]) -> list[str]:
+    """Markdown rows: per labelled loss, every value tried with its validation kNN (the pick in
+    bold), and whether the pick is interior."""
+    lines = [
+        "| tuned | values tried: validation kNN (pick in bold) | pick interior? |",
+        "|---|---|---|",
+    ]
+    for label, (loss, t) in tuned.items():
+        cells = []
+        for tau in sorted(t.scores):
+            cell = f"{_value(loss, tau)}: {t.scores[tau]:.3f}"
+            cells.append(f"**{cell}**" if tau == t.best else cell)
+        lines.append(
+            f"| {label} | {', '.join(cells)} | {'yes' if t.edge is None else 'no: ' + t.edge} |"
+        )
+    return lines
+
+
+def _value(loss: str, tau: float) -> str:
+    ((name, value),) = setting(loss, tau).items()
+    return f"{'tau' if name == 'temperature' else name}={value:g}"
 
 
 def setting(loss: str, tau: float) -> dict[str, float]:
@@ -99,22 +173,22 @@ def main() -> None:
     )
 
     tuning: list[dict[str, Any]] = []
-    best: dict[tuple[str, int], float] = {}
+    tuned: dict[tuple[str, int], Tuned] = {}
     for views in VIEWS:
         for loss in LOSSES:
-            scores = {}
-            for tau in TAUS:
+
+            def score(tau: float, loss: str = loss, views: int = views) -> float:
                 runs = [
                     run(loss, views, tau, TUNE_SEED_BASE + s, args.tune_epochs, validation)
                     for s in range(args.tune_seeds)
                 ]
                 tuning.extend(runs)
-                scores[tau] = statistics.fmean(r["knn"] for r in runs)
-                print(
-                    f"  tune {loss:<9} V={views} tau~{tau:<4}: val kNN {scores[tau]:.3f}",
-                    flush=True,
-                )
-            best[(loss, views)] = max(scores, key=lambda t: scores[t])
+                mean = statistics.fmean(r["knn"] for r in runs)
+                print(f"  tune {loss:<9} V={views} tau~{tau:<6}: val kNN {mean:.3f}", flush=True)
+                return mean
+
+            tuned[(loss, views)] = tune_widening(score)
+    best = {key: t.best for key, t in tuned.items()}
 
     final: list[dict[str, Any]] = []
     for views in VIEWS:
@@ -149,6 +223,10 @@ def main() -> None:
             lines.append(
                 f"| {views} | {loss} | {setting(loss, best[(loss, views)])} | {cells[0]} | {cells[1]} |"
             )
+    lines += ["", "Tuning (widened along the ladder until each pick is interior):", ""]
+    lines += tuning_table(
+        {f"{loss}, {views} views": (loss, t) for (loss, views), t in tuned.items()}
+    )
     lines += [
         "",
         "| views | paired difference | metric | mean | SE | 95% t-interval | excludes 0 |",
@@ -184,6 +262,7 @@ def main() -> None:
                 "best_tau_equivalent": {
                     f"{loss}/{views}": tau for (loss, views), tau in best.items()
                 },
+                "grids": {f"{loss}/{views}": t.as_json() for (loss, views), t in tuned.items()},
                 "final": {"seeds": args.seeds, "epochs": args.epochs, "runs": final},
                 "paired_differences": differences,
                 "minutes": minutes,

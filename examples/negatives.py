@@ -6,7 +6,8 @@ that sensitivity on the split, encoder, augmentations, optimiser and evaluation 
 encoder, test split), in two sweeps:
 
 * **Queue sweep** (MoCo-style: a momentum key encoder, a FIFO queue of keys): a fixed batch of
-  128 and a fixed number of steps; only the queue length ``K`` varies. The queue is filled with
+  128 and a fixed number of steps; only the queue length ``K`` varies, from 8 (few negatives,
+  where the paper's claim would bite) to 16,384. The queue is filled with
   the initial key encoder's keys before the first step, so every step sees ``K`` negatives.
   Losses: InfoNCE and CCT (``cct_loss(q, k, queue)``).
 * **Batch sweep** (in-batch, two views): ``N`` images per step for a fixed number of epochs, so
@@ -17,7 +18,9 @@ encoder, test split), in two sweeps:
 
 Each loss tunes its temperature (InfoNCE ``tau`` in {0.1, 0.25, 0.5, 1}) or sharpness (CCT
 ``t_neg`` in {5, 2, 1, 0.5}, the matched ``1 / (2 tau)``) once, at the sweep's tuning point, on
-the validation split, and keeps it across the sweep. The final runs use seeds 0 to
+the validation split, and keeps it across the sweep. A pick at the edge of the values tried
+widens the grid one step along ``make experiment``'s ladder (``tau`` 0.0125 to 8), until the pick
+is interior or the ladder ends (the report says which). The final runs use seeds 0 to
 ``--seeds - 1`` for every loss and setting (the same initialisation, augmentations and batch
 order for every loss at a setting), on the test split. Reported: each loss's mean accuracy at
 each setting with its 95% t-interval; per loss, the drop from the largest to the smallest
@@ -46,13 +49,13 @@ import matplotlib.pyplot as plt
 import moco
 import torch
 from common import Split, load_fashion_mnist, make_reproducible, mean_interval, paired_difference
-from experiment import METRICS, TAUS, TUNE_SEED_BASE  # make experiment's: the grids match
+from experiment import METRICS, TUNE_SEED_BASE, Tuned, tune_widening, tuning_table
 from experiment import setting as setting_of
 from simclr import Config
 from simclr import train as train_in_batch
 
 #: The queue sweep: K, the batch, the steps, where it is tuned.
-QUEUE_SIZES = (256, 1024, 4096, 16384)
+QUEUE_SIZES = (8, 32, 256, 1024, 4096, 16384)
 QUEUE_BATCH = 128
 QUEUE_STEPS = 500  # 16 epochs of 31 batches: even K = 16384 is refreshed four times
 QUEUE_LOSSES = ("infonce", "cct")
@@ -122,8 +125,8 @@ def batch_run(
 
 
 def make_sweeps(queue_sizes: tuple[int, ...], batches: tuple[int, ...]) -> tuple[Sweep, ...]:
-    """The queue sweep (tuned at K = 1024 by default: the lower middle of four, as the geometric
-    middle, 2048, is not a point) and the batch sweep (tuned at N = 128)."""
+    """The queue sweep (tuned at K = 256 by default: the lower middle of six, next to the
+    geometric middle of 8 and 16,384, about 362) and the batch sweep (tuned at N = 128)."""
     return (
         Sweep(
             "queue",
@@ -146,12 +149,13 @@ def make_sweeps(queue_sizes: tuple[int, ...], batches: tuple[int, ...]) -> tuple
 
 def tune(
     sweep: Sweep, seeds: int, length: float, split: Split, runs: list[dict[str, Any]]
-) -> dict[str, float]:
-    """Each loss's best ``tau`` (equivalent) at the sweep's tuning point, by validation kNN."""
-    best = {}
+) -> dict[str, Tuned]:
+    """Each loss's ``tau`` (equivalent) at the sweep's tuning point, by validation kNN, on
+    ``make experiment``'s grid, widened until the pick is interior."""
+    tuned = {}
     for loss in sweep.losses:
-        scores = {}
-        for tau in TAUS:
+
+        def score(tau: float, loss: str = loss) -> float:
             found = [
                 sweep.run(loss, sweep.tune_at, tau, TUNE_SEED_BASE + s, split, length)
                 for s in range(seeds)
@@ -161,14 +165,15 @@ def tune(
                     {"sweep": sweep.name, "loss": loss, "setting": sweep.tune_at, "tau": tau}
                     | {"seed": TUNE_SEED_BASE + s, **metrics}
                 )
-            scores[tau] = statistics.fmean(m["knn"] for m in found)
+            mean = statistics.fmean(m["knn"] for m in found)
             print(
-                f"  tune {sweep.name} {loss:<9} at {sweep.tune_at}, tau~{tau}: "
-                f"val kNN {scores[tau]:.3f}",
+                f"  tune {sweep.name} {loss:<9} at {sweep.tune_at}, tau~{tau}: val kNN {mean:.3f}",
                 flush=True,
             )
-        best[loss] = max(scores, key=lambda t: scores[t])
-    return best
+            return mean
+
+        tuned[loss] = tune_widening(score)
+    return tuned
 
 
 def summarise(sweep: Sweep, final: list[dict[str, Any]], seeds: int) -> dict[str, Any]:
@@ -215,7 +220,7 @@ def interval(d: dict[str, float], digits: int = 3) -> str:
 def markdown(
     sweeps: tuple[Sweep, ...],
     summaries: dict[str, dict[str, Any]],
-    best: dict[str, dict[str, float]],
+    tuned: dict[str, dict[str, Tuned]],
     seeds: int,
     minutes: float,
 ) -> str:
@@ -229,8 +234,10 @@ def markdown(
             "Tuned at "
             + f"{sweep.tune_at}: "
             + ", ".join(
-                f"{loss} {setting_of(loss, best[sweep.name][loss])}" for loss in best[sweep.name]
+                f"{loss} {setting_of(loss, t.best)}" for loss, t in tuned[sweep.name].items()
             ),
+            "",
+            *tuning_table({loss: (loss, t) for loss, t in tuned[sweep.name].items()}),
             "",
             "| loss | setting | negatives per query | kNN (test), 95% interval | linear probe (test) |",
             "|---|---|---|---|---|",
@@ -326,15 +333,15 @@ def main() -> None:
     test = load_fashion_mnist("test", limit=args.limit)
     tuning: list[dict[str, Any]] = []
     final: dict[str, list[dict[str, Any]]] = {}
-    best: dict[str, dict[str, float]] = {}
+    tuned: dict[str, dict[str, Tuned]] = {}
     summaries: dict[str, dict[str, Any]] = {}
     for sweep in sweeps:
         print(f"== {sweep.name} sweep: {sweep.what}", flush=True)
-        best[sweep.name] = tune(sweep, args.tune_seeds, args.tune_length, validation, tuning)
+        tuned[sweep.name] = tune(sweep, args.tune_seeds, args.tune_length, validation, tuning)
         rows: list[dict[str, Any]] = []
         for setting in sweep.settings:
             for loss in sweep.losses:
-                tau = best[sweep.name][loss]
+                tau = tuned[sweep.name][loss].best
                 for seed in range(args.seeds):
                     began = time.perf_counter()
                     metrics = sweep.run(loss, setting, tau, seed, test, args.length)
@@ -351,7 +358,7 @@ def main() -> None:
         final[sweep.name] = rows
         summaries[sweep.name] = summarise(sweep, rows, args.seeds)
     minutes = (time.perf_counter() - start) / 60
-    table = markdown(sweeps, summaries, best, args.seeds, minutes)
+    table = markdown(sweeps, summaries, tuned, args.seeds, minutes)
     print("\n" + table)
     (args.out / "negatives.md").write_text(table)
     (args.out / "negatives.json").write_text(
@@ -360,7 +367,14 @@ def main() -> None:
                 "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist), 4000/1000/1000 stratified",
                 "seeds": args.seeds,
                 "tuning": {"seeds": args.tune_seeds, "length": args.tune_length, "runs": tuning},
-                "best_tau_equivalent": best,
+                "best_tau_equivalent": {
+                    name: {loss: t.best for loss, t in found.items()}
+                    for name, found in tuned.items()
+                },
+                "grids": {
+                    name: {loss: t.as_json() for loss, t in found.items()}
+                    for name, found in tuned.items()
+                },
                 "sweeps": {
                     s.name: {
                         "what": s.what,

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import common  # noqa: E402
 import moco  # noqa: E402
 from common import Encoder, Split, augment, knn_of, load_dataset, paired_difference  # noqa: E402
+from experiment import TAU_LADDER, TAUS, tune_widening  # noqa: E402
 from simclr import Config, train  # noqa: E402
 
 #: The examples train on the CPU (MNIST-5k, digits).
@@ -232,6 +235,41 @@ def test_paired_difference_by_hand() -> None:
     assert d["high"] - d["mean"] == pytest.approx(3.1824 * 0.0064550, rel=1e-3)
 
 
+def scored(peak: float, calls: list[float]) -> Callable[[float], float]:
+    """A score that peaks at ``peak`` on the log scale, recording each value asked for."""
+
+    def score(tau: float) -> float:
+        calls.append(tau)
+        return -abs(math.log(tau) - math.log(peak))
+
+    return score
+
+
+@pytest.mark.parametrize("peak", TAU_LADDER)
+def test_tuning_widens_until_the_pick_is_interior(peak: float) -> None:
+    calls: list[float] = []
+    tuned = tune_widening(scored(peak, calls))
+    assert tuned.best == peak
+    assert calls[: len(TAUS)] == list(TAUS) and len(set(calls)) == len(calls)  # none twice
+    tried = sorted(tuned.scores)
+    assert tried == sorted(calls)
+    first, last = TAU_LADDER.index(tried[0]), TAU_LADDER.index(tried[-1])
+    assert tried == list(TAU_LADDER[first : last + 1])  # a contiguous stretch of the ladder
+    if peak in (TAU_LADDER[0], TAU_LADDER[-1]):  # stays at the ladder's edge, and says so
+        assert tuned.edge is not None and str(peak) in tuned.edge
+        assert tuned.as_json()["interior"] is False
+    else:  # interior, one step beyond the peak and no further
+        i = TAU_LADDER.index(peak)
+        assert tuned.edge is None
+        assert tried[0] == min(TAU_LADDER[i - 1], TAUS[0])
+        assert tried[-1] == max(TAU_LADDER[i + 1], TAUS[-1])
+
+
+def test_tuning_refuses_a_start_off_the_ladder() -> None:
+    with pytest.raises(ValueError, match="ladder"):
+        tune_widening(lambda tau: 0.0, start=(0.3,))
+
+
 def run_on_synthetic_fashion(
     tmp_path: Path, script: str, args: list[str]
 ) -> tuple[subprocess.CompletedProcess[str], Path]:
@@ -258,6 +296,13 @@ def test_experiment_runs_end_to_end(tmp_path: Path) -> None:
     args = ["--seeds", "2", "--epochs", "1", "--tune-epochs", "1", "--limit", "256"]
     result, out = run_on_synthetic_fashion(tmp_path, "experiment.py", args)
     assert "cct_paper - infonce" in result.stdout and "95% t-interval" in result.stdout
+    assert "values tried: validation kNN" in result.stdout
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["grids"]) == {
+        f"{loss}/{v}" for loss in ("infonce", "cct", "cct_paper") for v in (2, 5)
+    }
+    for grid in report["grids"].values():
+        assert set(TAUS) <= set(grid["tried"]) and grid["best"] in grid["tried"]
     for name in ("results.json", "results.md", "paired_differences.png"):
         assert (out / name).stat().st_size > 0
 
@@ -271,6 +316,19 @@ def test_negatives_experiment_runs_end_to_end(tmp_path: Path) -> None:
     report = json.loads((out / "negatives.json").read_text())
     queue, batch = report["sweeps"]["queue"], report["sweeps"]["batch"]
     assert queue["tuned_at"] == 64 and batch["tuned_at"] == 32
+    for sweep in ("queue", "batch"):  # each pick is interior, or its grid reached the ladder's end
+        for loss, grid in report["grids"][sweep].items():
+            assert grid["best"] == report["best_tau_equivalent"][sweep][loss]
+            assert set(TAUS) <= set(grid["tried"])
+            assert grid["interior"] == (grid["tried"][0] < grid["best"] < grid["tried"][-1])
+            if not grid["interior"]:
+                assert grid["best"] in (TAU_LADDER[0], TAU_LADDER[-1]), grid
+            tuning = [
+                r["knn"]
+                for r in report["tuning"]["runs"]
+                if (r["sweep"], r["loss"], r["tau"]) == (sweep, loss, grid["best"])
+            ]
+            assert grid["scores"][str(grid["best"])] == pytest.approx(sum(tuning) / len(tuning))
     assert {r["setting"] for r in queue["runs"]} == {16, 64, 256}
     assert len(batch["runs"]) == 3 * 3 * 2  # settings x losses x seeds
     assert set(batch["difference_of_drops"]) == {
@@ -286,4 +344,5 @@ def test_negatives_experiment_runs_end_to_end(tmp_path: Path) -> None:
     assert queue["difference_of_drops"]["cct-infonce/knn"]["mean"] == pytest.approx(sum(paired) / 2)
     text = (out / "negatives.md").read_text()
     assert "Paired difference of drops" in text and "| cct - infonce |" in text
+    assert "values tried: validation kNN" in text
     assert (out / "negatives.png").stat().st_size > 0
