@@ -91,6 +91,7 @@ TEST_FILES = [
     "tests/test_properties.py",
     "tests/test_layouts.py",
     "tests/test_multiview.py",
+    "tests/test_objectives.py",
     "tests/test_streaming.py",
     "tests/test_numerics.py",
     "tests/test_queue.py",

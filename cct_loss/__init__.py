@@ -10,7 +10,7 @@ them the options, the shortcuts, the queue and the process groups
 
 from .clients.clip import CCTClipLoss
 from .clients.metric_learning import CCTMetricLoss
-from .front.functional import cct_loss, cct_loss_multiview
+from .front.functional import cct_loss, cct_loss_moco, cct_loss_multicrop, cct_loss_multiview
 from .front.modules import CCTLoss, CCTMultiviewLoss
 from .maths.reduction import CCTDetails
 from .queue import NegativeQueue
@@ -23,6 +23,8 @@ __all__ = [
     "CCTMultiviewLoss",
     "NegativeQueue",
     "cct_loss",
+    "cct_loss_moco",
+    "cct_loss_multicrop",
     "cct_loss_multiview",
 ]
 

@@ -52,7 +52,9 @@ class Field(NamedTuple):
 
 
 #: The gathering calls, first among the fields of every exchange (a rank in a different call).
-CALLS = ("cct_loss", "cct_loss_multiview", "NegativeQueue.enqueue")
+CALLS = (
+    "cct_loss", "cct_loss_multiview", "NegativeQueue.enqueue", "cct_loss_moco", "cct_loss_multicrop",
+)  # fmt: skip
 #: The dtypes and device types the fields name (any other is sent as "another value").
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")

@@ -16,7 +16,14 @@ from torch import nn
 from torch.distributed import TCPStore  # type: ignore[attr-defined]
 from torch.nn.parallel import DistributedDataParallel
 
-from cct_loss import CCTLoss, NegativeQueue, cct_loss, cct_loss_multiview
+from cct_loss import (
+    CCTLoss,
+    NegativeQueue,
+    cct_loss,
+    cct_loss_moco,
+    cct_loss_multicrop,
+    cct_loss_multiview,
+)
 
 from .helpers import OperatorLog
 
@@ -43,6 +50,12 @@ SCENARIOS = {
     # Mixed precision: under CPU autocast the gathered embeddings are bfloat16
     "nt_xent_dense_autocast": ("all", "dense", 2),
     "clip_cross_chunked_autocast": ("clip", "chunked", 2),
+    # The paper's large-scale objectives: multi-crop gathers its keys; MoCo v2 keeps its
+    # in-batch negatives local (one process matches it chunk by chunk, summed)
+    "multicrop_dense": ("multicrop", "dense", 4),
+    "multicrop_sdpa": ("multicrop", "sdpa", 3),
+    "moco_dense_live": ("moco_live", "dense", 2),
+    "moco_chunked": ("moco", "chunked", 3),
 }
 #: Scenarios whose loss runs under ``torch.autocast("cpu", dtype=torch.bfloat16)``.
 AUTOCAST = ("nt_xent_dense_autocast", "clip_cross_chunked_autocast")
@@ -56,6 +69,8 @@ def make_model() -> nn.Module:
 #: Rows per rank in the uneven run (the last batch of an epoch with drop_last=False).
 UNEVEN_ROWS = (4, 3, 1)
 UNEVEN_SCENARIOS = (
+    "multicrop_dense",
+    "moco_dense_live",
     "nt_xent_dense",
     "nt_xent_chunked",
     "clip_cross_sdpa",
@@ -78,13 +93,43 @@ def global_batches(num_views: int, rows: int) -> list[tuple[torch.Tensor, torch.
 
 
 def loss_fn(
-    model: nn.Module, views: torch.Tensor, labels: torch.Tensor, scenario: str, gather: bool
+    model: nn.Module,
+    views: torch.Tensor,
+    labels: torch.Tensor,
+    scenario: str,
+    gather: bool,
+    chunks: tuple[int, ...] = (),
 ) -> torch.Tensor:
+    """The scenario's loss; ``chunks``: the ranks' rows, for one process to hold the MoCo
+    objective's in-batch negatives to each rank's rows as DDP does."""
     layout, impl, _ = SCENARIOS[scenario]
+    if layout in MOCO_V2 and not gather and chunks:
+        z: torch.Tensor = model(views)
+        parts = z.split(list(chunks), dim=1)
+        total = torch.stack([_moco(part, layout, impl, False, "sum") for part in parts]).sum()
+        return total / z.shape[0] / z.shape[1]
     if scenario in AUTOCAST:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return _loss(model, views, labels, layout, impl, gather)
     return _loss(model, views, labels, layout, impl, gather)
+
+
+#: The layouts of the paper's MoCo-v2 objective (in-batch weights as the queue's, or live).
+MOCO_V2 = ("moco", "moco_live")
+#: The queue of the MoCo scenarios: the same keys on every rank.
+QUEUE = torch.randn(6, DIM_OUT, generator=torch.Generator().manual_seed(3))
+
+
+def _moco(z: torch.Tensor, layout: str, impl: str, gather: bool, reduction: str) -> torch.Tensor:
+    """The paper's MoCo-v2 objective of ``(V, N, D)`` embeddings (their detached copy as the
+    momentum keys)."""
+    loss = cct_loss_moco(
+        list(z), list(z.detach()), QUEUE, t_neg=2.0, impl=impl, gather_distributed=gather,
+        in_batch_weights="live" if layout == "moco_live" else None, reduction=reduction,
+        chunk_size=3 if impl == "chunked" else None,
+    )  # fmt: skip
+    assert isinstance(loss, torch.Tensor)
+    return loss
 
 
 def _loss(
@@ -116,6 +161,11 @@ def _loss(
         loss = cct_loss(z[0], k[1], layout="cross", **opts) + cct_loss(
             z[1], k[0], layout="cross", **opts
         )
+    elif layout == "multicrop":
+        k = z.detach()
+        loss = cct_loss_multicrop(list(z[:2]), list(k[:2]), list(z[2:]), t_pos=3.0, **opts)
+    elif layout in MOCO_V2:
+        loss = _moco(z, layout, impl, gather, "mean")
     elif layout == "labels_all":
         loss = cct_loss_multiview(list(z), labels=labels, **opts)
     elif layout == "labels_cross":
@@ -135,7 +185,7 @@ def train(
         rows = slice(start, start + rows_per_rank[rank])
         local, local_labels = (views[:, rows], labels[rows]) if gather else (views, labels)
         opt.zero_grad()
-        loss_fn(model, local, local_labels, scenario, gather).backward()
+        loss_fn(model, local, local_labels, scenario, gather, rows_per_rank).backward()
         opt.step()
 
 

@@ -323,3 +323,98 @@ def reference_keyed(
         for i in range(len(rows))
     ]
     return reduce_results(results, reduction, full)
+
+
+def reference_moco(
+    queries: list[Tensor],
+    keys: list[Tensor],
+    queue: Tensor,
+    *,
+    t_pos: float = 1.0,
+    t_neg: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    cost: str = "sqeuclidean",
+    normalize: bool = True,
+    detach_weights: bool = True,
+    in_batch_weights: str | None = None,
+    reduction: str = "mean",
+    compute_dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """Loop transcription of the paper's MoCo-v2 objective (issue 26, A; docs/layouts.md), in
+    float64 unless ``compute_dtype`` says otherwise. For view x and row i: attraction over the other views' keys k_j[i], j != x, with
+    weights softmax(t_pos d) (detached with detach_weights); repulsion over the queue keys and
+    the same view's other queries q_x[m], m != i, in ONE softmax(-t_neg d), whose queue entries
+    follow detach_weights and whose in-batch entries follow in_batch_weights (None: as the queue).
+    Each term averaged over the V * N queries; "none": per query, view-major."""
+    prep = unit if normalize else (lambda x: x)
+    q = [[prep(r) for r in v.to(compute_dtype)] for v in queries]
+    k = [[prep(r) for r in v.to(compute_dtype)] for v in keys]
+    negatives_q = [prep(r) for r in queue.to(compute_dtype)]
+    num_views, n = len(q), len(q[0])
+    in_batch_detached = detach_weights if in_batch_weights is None else in_batch_weights != "live"
+    attraction, repulsion = [], []
+    for x in range(num_views):
+        for i in range(n):
+            d_pos = [cost_fn(q[x][i], k[j][i], cost) for j in range(num_views) if j != x]
+            src = [d.detach() for d in d_pos] if detach_weights else d_pos
+            w_pos = softmax_list([t_pos * d for d in src])
+            attraction.append(torch.stack([w * d for w, d in zip(w_pos, d_pos, strict=True)]).sum())
+            d_queue = [cost_fn(q[x][i], key, cost) for key in negatives_q]
+            d_batch = [cost_fn(q[x][i], q[x][m], cost) for m in range(n) if m != i]
+            w = softmax_list([-t_neg * d for d in d_queue + d_batch])  # one softmax, live
+            w_queue, w_batch = w[: len(d_queue)], w[len(d_queue) :]
+            if detach_weights:
+                w_queue = [x_.detach() for x_ in w_queue]
+            if in_batch_detached:
+                w_batch = [x_.detach() for x_ in w_batch]
+            terms = [a * b for a, b in zip(w_queue + w_batch, d_queue + d_batch, strict=True)]
+            repulsion.append(-torch.stack(terms).sum())
+    if reduction == "mean":
+        return alpha * torch.stack(attraction).mean() + beta * torch.stack(repulsion).mean()
+    per_query = [alpha * a + beta * r for a, r in zip(attraction, repulsion, strict=True)]
+    return reduce(per_query, reduction)
+
+
+def reference_multicrop(
+    queries: list[Tensor],
+    keys: list[Tensor],
+    local_queries: list[Tensor],
+    *,
+    t_pos: float = 1.0,
+    t_neg: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    cost: str = "sqeuclidean",
+    normalize: bool = True,
+    detach_weights: bool = True,
+    reduction: str = "mean",
+    compute_dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """Loop transcription of the paper's multi-crop objective (issue 26, B; docs/layouts.md),
+    in float64 unless ``compute_dtype`` says otherwise. For key view i in {0, 1} and row b: the query list is the other global view,
+    then every local crop; view v's weight p_v = softmax_v(t_pos c(q_v[b], k_i[b])), detached;
+    view v's term is the cross layout's (attraction to k_i[b], repulsion from k_i[m], m != b,
+    weights softmax(-t_neg d), detached with detach_weights); the row's loss sum_v p_v term_v,
+    averaged over the two key views, then reduced over the rows."""
+    prep = unit if normalize else (lambda x: x)
+    views = [[prep(r) for r in v.to(compute_dtype)] for v in [*queries, *local_queries]]
+    k = [[prep(r) for r in v.to(compute_dtype)] for v in keys]
+    n = len(k[0])
+    per_row = []
+    for b in range(n):
+        per_key_view = []
+        for i in range(2):
+            listed = [v for v in range(len(views)) if v != i]
+            own = [cost_fn(views[v][b], k[i][b], cost) for v in listed]
+            p = softmax_list([t_pos * c.detach() for c in own])
+            terms = []
+            for v, c_own in zip(listed, own, strict=True):
+                d_neg = [cost_fn(views[v][b], k[i][m], cost) for m in range(n) if m != b]
+                src = [d.detach() for d in d_neg] if detach_weights else d_neg
+                w = softmax_list([-t_neg * d for d in src])
+                repulsion = -torch.stack([a * d for a, d in zip(w, d_neg, strict=True)]).sum()
+                terms.append(alpha * c_own + beta * repulsion)
+            per_key_view.append(torch.stack([pv * t for pv, t in zip(p, terms, strict=True)]).sum())
+        per_row.append((per_key_view[0] + per_key_view[1]) / 2)
+    return reduce(per_row, reduction)

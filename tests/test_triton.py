@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from torch import Tensor
 
-from cct_loss import CCTDetails, cct_loss, cct_loss_multiview
+from cct_loss import CCTDetails, cct_loss, cct_loss_moco, cct_loss_multicrop, cct_loss_multiview
 from cct_loss.implementations import triton_op
 from cct_loss.implementations.triton_op import INTERPRETER_TILES, interpreting
 
@@ -31,7 +31,14 @@ from .helpers import (
     grads_of,
     random_embeddings,
 )
-from .reference import reduce_results, reference_loss, reference_paper, reference_queries
+from .reference import (
+    reduce_results,
+    reference_loss,
+    reference_moco,
+    reference_multicrop,
+    reference_paper,
+    reference_queries,
+)
 from .test_precision import BF16_GRAD_RTOL, BF16_VALUE_RTOL, assert_bf16_close
 from .test_reference_agreement import check_against_reference
 
@@ -247,6 +254,30 @@ def test_paper_layout(detach: bool) -> None:
     assert isinstance(loss, Tensor)
     for got, want in zip(
         torch.autograd.grad(loss, views), torch.autograd.grad(expected, ref_views), strict=True
+    ):
+        assert float((got.double() - want).abs().max()) <= RTOL * (float(want.abs().max()) + 1e-3)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("which", ["moco", "multicrop"])
+def test_large_scale_objectives(which: str, detach: bool) -> None:
+    """The paper's MoCo-v2 objective (every weight treated alike: the split treatment is
+    dense's) and its multi-crop objective, sizes ending mid-block."""
+    q = [random_embeddings((19, 10), seed).float().requires_grad_() for seed in range(3)]
+    k = [random_embeddings((19, 10), 10 + seed).float() for seed in range(3)]
+    queue = random_embeddings((37, 10), 20).float()
+    opts: dict[str, Any] = {"t_neg": 2.0, "t_pos": 3.0, "detach_weights": detach}
+    ref_q = [v.detach().double().requires_grad_() for v in q]
+    if which == "moco":
+        loss = cct_loss_moco(q, k, queue, impl="triton", **opts)
+        expected = reference_moco(ref_q, k, queue, **opts)
+    else:
+        loss = cct_loss_multicrop(q[:2], k[:2], q[2:], impl="triton", **opts)
+        expected = reference_multicrop(ref_q[:2], k[:2], ref_q[2:], **opts)
+    assert isinstance(loss, Tensor)
+    assert abs(float(loss) - float(expected)) <= RTOL * (float(expected.abs()) + 4.0)
+    for got, want in zip(
+        torch.autograd.grad(loss, q), torch.autograd.grad(expected, ref_q), strict=True
     ):
         assert float((got.double() - want).abs().max()) <= RTOL * (float(want.abs().max()) + 1e-3)
 

@@ -12,7 +12,7 @@ from torch import Tensor
 from ..implementations.table import TABLE
 from ..maths.reduction import CCTDetails
 from ..options import options_of, spell_out_options
-from .route import pairs_loss, views_loss
+from .route import moco_loss, multicrop_loss, pairs_loss, views_loss
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -200,3 +200,170 @@ def cct_loss_multiview(
     """
     checked = options_of(options, TABLE, "cct_loss_multiview")
     return views_loss(views, labels, checked)
+
+
+@overload
+def cct_loss_moco(
+    queries: Sequence[Tensor],
+    keys: Sequence[Tensor],
+    queue: Tensor,
+    *,
+    in_batch_weights: Literal["live", "detached"] | None = None,
+    return_details: Literal[False] = False,
+    **options: Unpack[OptionKeywords],
+) -> Tensor: ...
+
+
+@overload
+def cct_loss_moco(
+    queries: Sequence[Tensor],
+    keys: Sequence[Tensor],
+    queue: Tensor,
+    *,
+    in_batch_weights: Literal["live", "detached"] | None = None,
+    return_details: Literal[True, "weights"],
+    **options: Unpack[OptionKeywords],
+) -> CCTDetails: ...
+
+
+@overload
+def cct_loss_moco(
+    queries: Sequence[Tensor],
+    keys: Sequence[Tensor],
+    queue: Tensor,
+    *,
+    in_batch_weights: Literal["live", "detached"] | None = None,
+    return_details: bool | str = False,
+    **options: Unpack[OptionKeywords],
+) -> Tensor | CCTDetails: ...
+
+
+@spell_out_options
+def cct_loss_moco(
+    queries: Sequence[Tensor],
+    keys: Sequence[Tensor],
+    queue: Tensor,
+    *,
+    in_batch_weights: str | None = None,
+    **options: Any,
+) -> Tensor | CCTDetails:
+    """The paper's MoCo-v2 objective (its ImageNet-1K, ImageNet-100 and WebVision runs): ``V``
+    views per image, a queue, and the same view's other queries as negatives (docs/layouts.md).
+
+    For view ``x`` and row ``i`` (``q_x`` from the query encoder, ``k_x`` from the momentum
+    encoder)::
+
+        attraction: positives k_j[i] for every j != x (not the query's own view's key),
+                    weights softmax_j(+t_pos c(q_x[i], k_j[i]))
+        repulsion:  negatives the K queue keys and q_x[m] for m != i (this process's batch),
+                    one softmax(-t_neg c) over the K + N - 1 of them
+
+    Each term is averaged over the ``V * N`` queries (over the batch, divided by ``V``).
+
+    Args:
+        queries: ``V >= 2`` tensors ``(N, D)``, one per view, from the query encoder.
+        keys: ``V`` tensors ``(N, D)``, the same views from the momentum encoder (no gradient
+            is needed; one that flows is kept).
+        queue: ``(K, D)`` keys of earlier batches (``queue.T`` for MoCo's ``(D, K)`` buffer;
+            ``(0, D)``: none yet, the in-batch negatives alone).
+        in_batch_weights: how the in-batch negatives' weights are treated: ``None`` (default)
+            as every other weight (``detach_weights``); ``"live"`` differentiated, the queue's
+            staying constants (with ``detach_weights=True``: the recipe's mix); ``"detached"``
+            constants. Gradients reach both rows of an in-batch pair in every case.
+        temperature, t_pos, t_neg, alpha, beta, cost, normalize, detach_weights, reduction,
+            impl, chunk_size, return_details, gather_distributed, check_finite: as in
+            :func:`cct_loss` (``reduction="none"``: ``(V * N,)``, view-major). With
+            ``gather_distributed=True`` the mean is the global batch's; the in-batch negatives
+            stay this process's. ``in_batch_weights="live"`` with ``detach_weights=True``
+            (or ``"detached"`` with ``False``) is served by ``impl="dense"`` only.
+
+    Returns:
+        The loss, or a :class:`CCTDetails` (weights ``(V N, V - 1)`` and ``(V N, N + K)``).
+
+    Examples:
+        >>> import torch
+        >>> from cct_loss import cct_loss_moco
+        >>> q = [torch.randn(8, 16, requires_grad=True) for _ in range(2)]
+        >>> k = [torch.randn(8, 16) for _ in range(2)]
+        >>> loss = cct_loss_moco(q, k, torch.randn(32, 16), t_neg=2.0, in_batch_weights="live")
+    """
+    checked = options_of(options, TABLE, "cct_loss_moco")
+    return moco_loss(queries, keys, queue, in_batch_weights, checked)
+
+
+@overload
+def cct_loss_multicrop(
+    queries: Sequence[Tensor],
+    keys: Sequence[Tensor],
+    local_queries: Sequence[Tensor] = (),
+    *,
+    return_details: Literal[False] = False,
+    **options: Unpack[OptionKeywords],
+) -> Tensor: ...
+
+
+@overload
+def cct_loss_multicrop(
+    queries: Sequence[Tensor],
+    keys: Sequence[Tensor],
+    local_queries: Sequence[Tensor] = (),
+    *,
+    return_details: Literal[True, "weights"],
+    **options: Unpack[OptionKeywords],
+) -> CCTDetails: ...
+
+
+@overload
+def cct_loss_multicrop(
+    queries: Sequence[Tensor],
+    keys: Sequence[Tensor],
+    local_queries: Sequence[Tensor] = (),
+    *,
+    return_details: bool | str = False,
+    **options: Unpack[OptionKeywords],
+) -> Tensor | CCTDetails: ...
+
+
+@spell_out_options
+def cct_loss_multicrop(
+    queries: Sequence[Tensor],
+    keys: Sequence[Tensor],
+    local_queries: Sequence[Tensor] = (),
+    **options: Any,
+) -> Tensor | CCTDetails:
+    """The paper's multi-crop objective (its MoCo-v3-based ImageNet-1K recipe with local
+    crops; docs/layouts.md).
+
+    For key view ``i`` in {1, 2}, its query list is every other view's queries: the other
+    global view and every local crop. For key row ``b`` each query view ``v`` of the list gets
+    the detached weight ``p_v = softmax_v(t_pos c(q_v[b], k_i[b]))`` (the farther view weighs
+    more) and its cross-layout term (attraction to ``k_i[b]``, repulsion from every other row's
+    key of ``k_i``); the row's loss is ``sum_v p_v term_v``, averaged over the two key views.
+    Without local crops ``p = 1``: ``(cct_loss(q2, k1, layout="cross") + cct_loss(q1, k2,
+    layout="cross")) / 2``.
+
+    Args:
+        queries: the two global views' queries ``(q1, q2)``, each ``(N, D)``.
+        keys: their momentum keys ``(k1, k2)``, each ``(N, D)``.
+        local_queries: ``L`` local crops' queries ``(N, D)`` (no keys: the recipe's "light"
+            mode).
+        temperature, t_pos, t_neg, alpha, beta, cost, normalize, detach_weights, reduction,
+            impl, chunk_size, return_details, gather_distributed, check_finite: as in
+            :func:`cct_loss`; ``t_pos`` is the view weights' sharpness (the recipe's ``1 / T``
+            for ``||q - k||^2 / T``: ``t_pos = 1 / T``, or ``2 / T`` with ``cost="cosine"``);
+            ``reduction="none"``: ``(N,)``, one per row. ``gather_distributed=True``: the keys
+            come from every rank.
+
+    Returns:
+        The loss, or a :class:`CCTDetails` (``pos_entropy``: the view weights'; weights
+        ``(2, N, L + 1)``, the view weights, and ``(2, L + 1, N, K)``).
+
+    Examples:
+        >>> import torch
+        >>> from cct_loss import cct_loss_multicrop
+        >>> q1, q2, k1, k2 = (torch.randn(8, 16) for _ in range(4))
+        >>> crops = [torch.randn(8, 16) for _ in range(4)]
+        >>> loss = cct_loss_multicrop((q1, q2), (k1, k2), crops, cost="cosine", t_neg=5.0)
+    """
+    checked = options_of(options, TABLE, "cct_loss_multicrop")
+    return multicrop_loss(queries, keys, local_queries, checked)

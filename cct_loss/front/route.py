@@ -26,10 +26,17 @@ from ..maths.precision import (
     resolve_precision,
     tf32_matmul_allowed,
 )
-from ..maths.reduction import CCTDetails, combine, paper_row_terms, reduce
+from ..maths.reduction import (
+    CCTDetails,
+    combine,
+    concatenated,
+    multicrop_row_terms,
+    paper_row_terms,
+    reduce,
+)
 from ..options import CCTOptions
 from ..problem import layouts
-from ..problem.description import ContrastiveProblem
+from ..problem.description import ContrastiveProblem, Leading
 from ..problem.layouts import GlobalRows
 from . import validate
 
@@ -350,6 +357,13 @@ def _gather(rows: Tensor, labels: Tensor | None, counts: list[int] | None) -> Gl
     return GlobalRows(gathered, gathered_labels, offset)
 
 
+def _gathered(rows: Tensor, counts: list[int]) -> GlobalRows:
+    """:func:`_gather` of unlabelled ``rows``, given every rank's row count."""
+    gathered = _gather(rows, None, counts)
+    assert gathered is not None
+    return gathered
+
+
 def _gather_views(
     views: Tensor, labels: Tensor | None, counts: list[int] | None
 ) -> GlobalRows | None:
@@ -358,3 +372,69 @@ def _gather_views(
     if gathered is None:
         return None
     return gathered._replace(rows=gathered.rows.transpose(0, 1))
+
+
+def moco_loss(
+    queries: Sequence[Tensor],
+    keys: Sequence[Tensor],
+    queue: Tensor,
+    in_batch_weights: str | None,
+    options: CCTOptions,
+    entry: str = "cct_loss_moco",
+) -> Tensor | CCTDetails:
+    """:func:`cct_loss.cct_loss_moco` with its options in one object: one problem per view
+    (:func:`cct_loss.problem.layouts.moco_views`) through the table, the ``V * N`` queries'
+    terms through the one reduction (the in-batch negatives stay local; gathering counts the
+    global batch for the mean)."""
+    with _gathering(options):
+        call = validate.moco(queries, keys, queue, in_batch_weights, options, entry)
+        tensors = (call.queries, call.keys, call.queue)
+        preparation = _preparation(call.queries.device, tensors, options)
+        detach = options.detach_weights if in_batch_weights is None else in_batch_weights != "live"
+        split = None if detach == options.detach_weights else Leading(call.queries.shape[1], detach)
+        with own_precision(call.queries.device):
+            (views, momentum, rows), ready = _for_one_process(tensors, preparation)
+            assert views is not None and momentum is not None and rows is not None
+            problems = layouts.moco_views(views, momentum, rows, split, ready)
+            sides = [table.choose(one, options).expectations(one, options) for one in problems]
+            return reduce(
+                concatenated([combine(*pair) for pair in sides]), options, call.row_counts
+            )
+
+
+def multicrop_loss(
+    queries: Sequence[Tensor],
+    keys: Sequence[Tensor],
+    local_queries: Sequence[Tensor],
+    options: CCTOptions,
+    entry: str = "cct_loss_multicrop",
+) -> Tensor | CCTDetails:
+    """:func:`cct_loss.cct_loss_multicrop` with its options in one object: per key view, one
+    cross problem per query view (:func:`cct_loss.problem.layouts.multicrop`, the keys gathered
+    once) through the table, the rows' terms weighted over the query views
+    (:func:`cct_loss.maths.reduction.multicrop_row_terms`), the one reduction."""
+    with _gathering(options):
+        call = validate.multicrop(queries, keys, local_queries, options, entry)
+        preparation = _preparation(call.queries.device, (call.queries, call.keys), options)
+        with own_precision(call.queries.device):
+            unit = preparation.unit
+            views, momentum = (
+                prepare(x, preparation) if unit else cast(x, preparation.compute)
+                for x in (call.queries, call.keys)
+            )
+            global_keys = None
+            if call.row_counts is not None:  # each key view once, not once per query view
+                global_keys = [_gathered(k.unsqueeze(1), call.row_counts) for k in momentum]
+            if not unit:  # every row moved by one centre (the gathered keys' when gathering)
+                gathered = [] if global_keys is None else [g.rows for g in global_keys]
+                views, momentum, *moved = centred([views, momentum, *gathered], preparation)
+                if global_keys is not None:
+                    global_keys = [
+                        g._replace(rows=r) for g, r in zip(global_keys, moved, strict=True)
+                    ]
+            found = layouts.multicrop(views, momentum, global_keys)
+            sides = [
+                [table.choose(one, options).expectations(one, options) for one in listed]
+                for listed in found.per_key_view
+            ]
+            return reduce(multicrop_row_terms(sides, options), options, call.row_counts)

@@ -356,8 +356,17 @@ def check_negatives(negatives: Tensor, n: int, d: int, entry: str) -> Tensor:
     return negatives
 
 
-def stack_views(views: Sequence[Tensor], *, labels: bool, gathering: bool, entry: str) -> Tensor:
-    """``(V, N, D)`` from a list of ``V`` views ``(N, D)``."""
+def stack_views(
+    views: Sequence[Tensor],
+    *,
+    labels: bool,
+    gathering: bool,
+    entry: str,
+    name: str = "views",
+    rows_checked: bool = True,
+) -> Tensor:
+    """``(V, N, D)`` from a list of ``V`` views ``(N, D)`` (``name``: how the messages name the
+    list; ``rows_checked=False``: the caller checks the number of rows)."""
     if isinstance(views, Tensor) and views.dim() == 2:
         with_labels = ", labels=labels" if labels else ""
         raise ValueError(
@@ -375,33 +384,33 @@ def stack_views(views: Sequence[Tensor], *, labels: bool, gathering: bool, entry
             f"{entry}(list(x.unbind(1))) for (N, V, D)"
         )
     if not isinstance(views, Sequence) or isinstance(views, str):
-        raise TypeError(f"views must be a list of V tensors (N, D), got {type(views).__name__}")
-    checked = [check_float_tensor(f"views[{i}]", v, (2,), "(N, D)") for i, v in enumerate(views)]
+        raise TypeError(f"{name} must be a list of V tensors (N, D), got {type(views).__name__}")
+    checked = [check_float_tensor(f"{name}[{i}]", v, (2,), "(N, D)") for i, v in enumerate(views)]
     least = 1 if labels else 2
     if len(checked) < least:
         hint = "" if labels else " (or 1 view with labels=)"
-        raise ValueError(f"views must hold at least {least} views{hint}, got {len(checked)}")
+        raise ValueError(f"{name} must hold at least {least} views{hint}, got {len(checked)}")
     first = checked[0]
     for i in range(1, len(checked)):
         v = checked[i]
         if v.shape != first.shape:
             raise ValueError(
-                f"views[{i}] has shape {shape_str(v)} but views[0] has {shape_str(first)}; "
+                f"{name}[{i}] has shape {shape_str(v)} but {name}[0] has {shape_str(first)}; "
                 "expected every view to be (N, D) with the same N and D"
             )
-    check_same_device({f"views[{i}]": v for i, v in enumerate(checked)})
-    check_distinct_views(checked, entry)
+    check_same_device({f"{name}[{i}]": v for i, v in enumerate(checked)})
+    check_distinct_views(checked, entry, name)
     dtype = promoted_dtype([v.dtype for v in checked])
     stacked = torch.stack([view.to(dtype) for view in checked])
     _, n, d = stacked.shape
-    if n < 2 and not (gathering or labels):
+    if n < 2 and rows_checked and not (gathering or labels):
         raise ValueError(
             f"multi-view in-batch negatives need N >= 2 rows per view, got shape {shape_str(stacked)}"
         )
-    if n == 0 and not gathering:  # across processes every rank raises, in row_counts
+    if n == 0 and rows_checked and not gathering:  # across processes: in row_counts
         raise ValueError(f"views are an empty batch: got shape {shape_str(stacked)}")
     if d == 0:
-        raise ValueError(f"views have embedding dim D = 0: got shape {shape_str(stacked)}")
+        raise ValueError(f"{name} have embedding dim D = 0: got shape {shape_str(stacked)}")
     return stacked
 
 
@@ -449,13 +458,13 @@ def check_not_query_itself(query: Tensor, positive: Tensor, entry: str) -> None:
     )
 
 
-def check_distinct_views(views: Sequence[Tensor], entry: str) -> None:
+def check_distinct_views(views: Sequence[Tensor], entry: str, name: str = "views") -> None:
     """Refuse a view given twice (:func:`same_view`): its rows would be their own positives."""
     for i in range(1, len(views)):
         for j in range(i):
             if same_view(views[i], views[j]):
                 raise ValueError(
-                    f"views[{i}] is views[{j}] (the same memory, shape and strides): each of "
+                    f"{name}[{i}] is {name}[{j}] (the same memory, shape and strides): each of "
                     "its rows would be its own positive, at distance 0. Pass the different "
                     f"augmented views of each image: {entry}([view1, view2]); for one view "
                     f"with class labels: {entry}([embeddings], labels=labels)"
@@ -471,3 +480,150 @@ def _byte_range(x: Tensor, end: int) -> int:
         return start
     span = sum((size - 1) * abs(stride) for size, stride in zip(x.shape, x.stride(), strict=True))
     return start + (span + 1) * x.element_size()
+
+
+class MocoCall(NamedTuple):
+    """A :func:`cct_loss.cct_loss_moco` call that passed every check: queries and keys stacked
+    ``(V, N, D)`` in one promoted dtype, the ``(K, D)`` queue, and every rank's rows when
+    gathering (only the mean's divisor reads them: the in-batch negatives stay local)."""
+
+    queries: Tensor
+    keys: Tensor
+    queue: Tensor
+    row_counts: list[int] | None
+
+
+def moco(
+    queries: Sequence[Tensor],
+    keys: Sequence[Tensor],
+    queue: Tensor,
+    in_batch_weights: object,
+    options: CCTOptions,
+    entry: str,
+) -> MocoCall:
+    """The checks of :func:`cct_loss.cct_loss_moco`."""
+    check_own_layout(options, entry)
+    if in_batch_weights not in IN_BATCH_WEIGHTS:
+        raise ValueError(
+            "in_batch_weights must be None (the queue's treatment, detach_weights), 'live' or "
+            f"'detached', got {in_batch_weights!r}"
+        )
+    gathering = options.gather_distributed and distributed.is_active()
+    stacked = stack_views(
+        queries, labels=False, gathering=gathering, entry=entry, name="queries", rows_checked=False
+    )
+    v, n, d = stacked.shape
+    momentum = stack_views(
+        keys, labels=False, gathering=gathering, entry=entry, name="keys", rows_checked=False
+    )
+    if momentum.shape != stacked.shape:
+        raise ValueError(
+            f"keys must be {v} tensors of shape (N, D) = ({n}, {d}), one per view of queries, "
+            f"got {momentum.shape[0]} of shape {shape_str(momentum[0])}"
+        )
+    if isinstance(queue, Tensor) and queue.dim() == 3:
+        raise ValueError(
+            f"queue must have shape (K, D), got {shape_str(queue)}: the MoCo objective shares "
+            "one queue among every query"
+        )
+    queue = check_negatives(queue, n, d, entry)
+    if queue.shape[0] == 0 and n < 2 and not gathering:
+        raise ValueError(
+            f"an empty queue leaves the in-batch negatives only, which need N >= 2 rows per "
+            f"view; got queries of shape ({v}, {n}, {d}) stacked"
+        )
+    dtype = promoted_dtype([stacked.dtype, momentum.dtype, queue.dtype])
+    stacked, momentum, queue = stacked.to(dtype), momentum.to(dtype), queue.to(dtype)
+    check_same_device({"queries": stacked, "keys": momentum, "queue": queue})
+    if options.check_finite:
+        check_finite_inputs({"queries": stacked, "keys": momentum, "queue": queue})
+    counts = None
+    if gathering:
+        fields = distributed.agreement(
+            "cct_loss_moco", stacked, {}, Field("the number of views", v),
+            Field("the queue length K", queue.shape[0]),
+        )  # fmt: skip
+        counts = distributed.row_counts(n, stacked.device, fields=fields)
+    elif n == 0:
+        raise ValueError(f"queries are an empty batch: got {v} views of shape (0, {d})")
+    return MocoCall(stacked, momentum, queue, counts)
+
+
+#: What ``in_batch_weights`` of :func:`cct_loss.cct_loss_moco` takes.
+IN_BATCH_WEIGHTS = (None, "live", "detached")
+
+
+class MultiCropCall(NamedTuple):
+    """A :func:`cct_loss.cct_loss_multicrop` call that passed every check: the queries
+    ``(2 + L, N, D)`` (global views, then local crops) and keys ``(2, N, D)`` in one promoted
+    dtype, and every rank's rows when gathering."""
+
+    queries: Tensor
+    keys: Tensor
+    row_counts: list[int] | None
+
+
+def multicrop(
+    queries: Sequence[Tensor],
+    keys: Sequence[Tensor],
+    local_queries: Sequence[Tensor],
+    options: CCTOptions,
+    entry: str,
+) -> MultiCropCall:
+    """The checks of :func:`cct_loss.cct_loss_multicrop`."""
+    check_own_layout(options, entry)
+    gathering = options.gather_distributed and distributed.is_active()
+    for name, given in (("queries", queries), ("keys", keys)):
+        if isinstance(given, Sequence) and not isinstance(given, Tensor) and len(given) != 2:
+            raise ValueError(
+                f"{name} must be the two global views' (N, D) {name} (q1, q2) or (k1, k2), got "
+                f"{len(given)}; pass the local crops' queries as local_queries"
+            )
+    if isinstance(local_queries, Tensor):
+        raise ValueError(
+            f"local_queries must be a list of L tensors (N, D), got one tensor of shape "
+            f"{shape_str(local_queries)}; pass list(x.unbind(0)) for (L, N, D)"
+        )
+    if not isinstance(local_queries, Sequence) or isinstance(local_queries, str):
+        raise TypeError(
+            f"local_queries must be a list of L tensors (N, D), got {type(local_queries).__name__}"
+        )
+    every = [*queries, *local_queries] if isinstance(queries, Sequence) else queries
+    stacked = stack_views(
+        every, labels=False, gathering=gathering, entry=entry, name="queries", rows_checked=False
+    )
+    momentum = stack_views(
+        keys, labels=False, gathering=gathering, entry=entry, name="keys", rows_checked=False
+    )
+    _, n, d = stacked.shape
+    if momentum.shape[1:] != stacked.shape[1:]:
+        raise ValueError(
+            f"keys must be two tensors of shape (N, D) = ({n}, {d}) as the queries, got "
+            f"{shape_str(momentum[0])}"
+        )
+    if n < 2 and not gathering:
+        raise ValueError(
+            f"the cross layout needs N >= 2 rows so that each query has negatives (the other "
+            f"rows' keys), got {n}"
+        )
+    dtype = promoted_dtype([stacked.dtype, momentum.dtype])
+    stacked, momentum = stacked.to(dtype), momentum.to(dtype)
+    check_same_device({"queries": stacked, "keys": momentum})
+    if options.check_finite:
+        check_finite_inputs({"queries": stacked, "keys": momentum})
+    counts = None
+    if gathering:
+        fields = distributed.agreement(
+            "cct_loss_multicrop", stacked, {}, Field("the number of query views", len(stacked))
+        )
+        counts = distributed.row_counts(n, stacked.device, fields=fields)
+    return MultiCropCall(stacked, momentum, counts)
+
+
+def check_own_layout(options: CCTOptions, entry: str) -> None:
+    """Refuse a ``layout`` for a call whose layout is its own (the paper's objectives)."""
+    if options.layout != "all":
+        raise ValueError(
+            f"{entry} has its own layout (docs/layouts.md), got layout={options.layout!r}; drop "
+            "layout=, or call cct_loss / cct_loss_multiview for their layouts"
+        )

@@ -24,7 +24,7 @@ from ..maths.expectation import ConditionalExpectation, Side, block_expectation
 from ..maths.precision import HALF_DTYPES, tf32_matmul_allowed
 from ..options import CCTOptions
 from ..problem.description import ContrastiveProblem, KeySet
-from . import chunked, dense, dense_two_way, sdpa, triton_op
+from . import chunked, dense, dense_mixed, dense_two_way, sdpa, triton_op
 
 Sides = tuple[ConditionalExpectation | None, ConditionalExpectation | None]
 
@@ -107,6 +107,9 @@ TABLE: dict[str, Implementation] = {
     "sdpa": Implementation("sdpa", streamed(sdpa_or_chunked)),
     "triton": Implementation("triton", streamed(triton_op.expected_cost)),
 }
+
+#: Dense for a softmax whose first keys' weights are treated apart (:mod:`.dense_mixed`).
+SPLIT_DENSE = Implementation("dense", dense_mixed.expectations)
 
 #: CPU: ``auto`` stays dense while the ``Q x K`` cost matrix has at most this many entries
 #: (64 MiB in float32; dense keeps a few such matrices alive for the backward pass).
@@ -223,6 +226,16 @@ def choose(problem: ContrastiveProblem, options: CCTOptions) -> Implementation:
             "(indices_tuple): it streams the keys by class ids, never a mask. Use impl='dense' "
             "(or 'auto', which picks it for mined pairs), or call without indices_tuple"
         )
+    negatives = problem.negatives
+    if isinstance(negatives, KeySet) and negatives.leading is not None:  # two treatments
+        if options.impl not in ("auto", "dense"):
+            raise ValueError(
+                f"impl={options.impl!r} cannot treat the in-batch negatives' weights apart from "
+                "the queue's in one softmax: it takes one treatment per softmax. Use "
+                "impl='dense' (or 'auto', which picks it), or give the in-batch weights the "
+                "queue's treatment (in_batch_weights=None)"
+            )
+        return SPLIT_DENSE
     if options.impl != "auto":
         return TABLE[options.impl]
     if options.wants_weights or mined:

@@ -17,6 +17,9 @@ from .. import distributed
 from ..options import CCTOptions
 from .expectation import ConditionalExpectation
 
+#: One problem's two sides (the attraction's and the repulsion's expectations).
+Sides = tuple[ConditionalExpectation | None, ConditionalExpectation | None]
+
 
 class QueryTerms(NamedTuple):
     """One entry per query (per row for the paper's objective): ``(Q,)`` attraction and
@@ -183,6 +186,89 @@ def paper_row_terms(
         None if pos_weights is None else pos_weights.reshape(num_views, n, num_views - 1),
         None if any(w is None for w in neg_weights) else torch.stack(neg_weights),  # type: ignore[arg-type]
     )
+
+
+def concatenated(parts: list[QueryTerms]) -> QueryTerms:
+    """The terms of several problems' queries, one after the other (their weights too, where
+    every part holds them with one shape)."""
+
+    def joined(xs: list[Tensor | None]) -> Tensor | None:
+        if any(x is None for x in xs):
+            return None
+        kept = [x for x in xs if x is not None]
+        return torch.cat(kept) if all(x.shape[1:] == kept[0].shape[1:] for x in kept) else None
+
+    def flags(xs: list[Tensor | None], values: list[Tensor]) -> Tensor | None:
+        if all(x is None for x in xs):
+            return None
+        return torch.cat(
+            [
+                torch.ones_like(v, dtype=torch.bool) if x is None else x
+                for x, v in zip(xs, values, strict=True)
+            ]
+        )
+
+    def column(name: str) -> list[Tensor | None]:
+        return [getattr(part, name) for part in parts]
+
+    attraction, repulsion = joined(column("attraction")), joined(column("repulsion"))
+    assert attraction is not None and repulsion is not None
+    values = [part.attraction for part in parts]
+    return QueryTerms(
+        attraction, repulsion, joined(column("pos_entropy")), joined(column("neg_entropy")),
+        joined(column("accuracy")), joined(column("pos_weights")), joined(column("neg_weights")),
+        flags(column("has_positives"), values), flags(column("has_negatives"), values),
+    )  # fmt: skip
+
+
+def multicrop_row_terms(sides: list[list[Sides]], options: CCTOptions) -> QueryTerms:
+    """The multi-crop objective per row (docs/layouts.md) from its cross problems' sides: for
+    each key view ``i`` (``sides[i]``, one pair per query view ``v``), the view weights
+    ``p_v = softmax_v(t_pos * c(q_v, k_i))`` (detached; ``c(q_v, k_i)`` is the attraction of a
+    one-positive problem), then ``sum_v p_v term_v``; averaged over the two key views. The
+    diagnostics: the view weights' entropy, the p-weighted entropy of the negative weights, and
+    the fraction of query views whose own key is nearer than every negative; the weights
+    ``(2, N, L + 1)`` (the view weights) and ``(2, L + 1, N, K)``."""
+    first, second = (_weighted_over_views(listed, options) for listed in sides)
+
+    def mean(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+        return None if a is None or b is None else (a + b) / 2
+
+    def both(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+        return None if a is None or b is None else torch.stack([a, b])
+
+    return QueryTerms(
+        (first.attraction + second.attraction) / 2, (first.repulsion + second.repulsion) / 2,
+        mean(first.pos_entropy, second.pos_entropy), mean(first.neg_entropy, second.neg_entropy),
+        mean(first.accuracy, second.accuracy),
+        both(first.pos_weights, second.pos_weights), both(first.neg_weights, second.neg_weights),
+    )  # fmt: skip
+
+
+def _weighted_over_views(listed: list[Sides], options: CCTOptions) -> QueryTerms:
+    """One key view's rows: each query view's cross terms weighted by the view weights."""
+    attracts, repels = [], []
+    for attract, repel in listed:
+        assert attract is not None and repel is not None
+        attracts.append(attract)
+        repels.append(repel)
+    costs = torch.stack([a.value for a in attracts])  # (V, N): one positive, its cost
+    p = torch.softmax(costs.detach() * options.t_pos, dim=0)
+    attraction = (p * costs).sum(0)
+    repulsion = -(p * torch.stack([r.value for r in repels])).sum(0)
+    if not options.return_details:
+        return QueryTerms(attraction, repulsion, None, None, None)
+    wins, entropies, weights = [], [], []
+    for a, r in zip(attracts, repels, strict=True):
+        assert a.extreme is not None and r.extreme is not None and r.entropy is not None
+        wins.append((a.extreme < r.extreme).to(costs.dtype))
+        entropies.append(r.entropy)
+        weights.append(r.weights)
+    return QueryTerms(
+        attraction, repulsion, -torch.special.xlogy(p, p).sum(0),
+        (p * torch.stack(entropies)).sum(0), torch.stack(wins).mean(0), p.T,
+        None if any(w is None for w in weights) else torch.stack(weights),  # type: ignore[arg-type]
+    )  # fmt: skip
 
 
 def reduce(

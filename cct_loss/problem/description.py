@@ -112,6 +112,16 @@ class OwnRows(NamedTuple):
         return own.reshape(-1), torch.arange(num_keys, device=device)
 
 
+class Leading(NamedTuple):
+    """The first ``size`` keys of a softmax whose weights are constants to autograd
+    (``detach=True``) or differentiated (``False``) whatever ``detach_weights`` says of the
+    others: one softmax over every key, two treatments (the MoCo objective's in-batch
+    negatives before its queue, docs/layouts.md)."""
+
+    size: int
+    detach: bool
+
+
 #: A :class:`KeySet` as four id arrays ``(query_groups, key_groups, query_self, key_self)``,
 #: ``None`` where absent: what a streaming implementation passes to autograd.
 KeyIds = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]
@@ -123,7 +133,8 @@ class KeySet(NamedTuple):
     (``same_group=True``, positives). Groups are labels (``query_groups``, ``key_groups``) or,
     without, the instances of ``rows``; ``KeySet()`` is every key. ``pairs``: a ``(Q, K)``
     boolean mask, True where a miner kept the pair, which alone decides (no groups, no rows).
-    ``may_be_empty``: a query may have none (labels, mined pairs)."""
+    ``may_be_empty``: a query may have none (labels, mined pairs). ``leading``: the first keys'
+    weights treated apart (:class:`Leading`; dense alone reads it)."""
 
     query_groups: Tensor | None = None
     key_groups: Tensor | None = None
@@ -131,6 +142,7 @@ class KeySet(NamedTuple):
     rows: OwnRows | None = None
     may_be_empty: bool = False
     pairs: Tensor | None = None
+    leading: Leading | None = None
 
     @property
     def labelled(self) -> bool:

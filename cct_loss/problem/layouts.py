@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .. import shortcuts
 from ..maths.costs import Preparation
-from .description import ContrastiveProblem, KeySet, OwnRows
+from .description import ContrastiveProblem, KeySet, Leading, OwnRows
 
 
 class GlobalRows(NamedTuple):
@@ -289,3 +289,51 @@ def paper(
         for x, y in itertools.combinations(range(num_views), 2)
     ]
     return PaperProblems(attraction, repulsions, num_views)
+
+
+def moco_views(
+    queries: Tensor,
+    keys: Tensor,
+    queue: Tensor,
+    in_batch: Leading | None = None,
+    preparation: Preparation | None = None,
+) -> list[ContrastiveProblem]:
+    """The paper's MoCo-v2 objective (docs/layouts.md) on ``(V, N, D)`` queries and momentum
+    keys and a ``(K, D)`` queue, one problem per view ``x``: the queries ``queries[x]``, their
+    positives the other views' keys of their row ``(N, V - 1, D)`` (not their own view's), their
+    negatives one softmax over the same view's other queries and the queue (keys
+    ``queries[x]`` then ``queue``; ``in_batch``: the first ``N`` keys' weights treated apart)."""
+    num_views, n, _ = queries.shape
+    own = OwnRows(1, n, 1, n)  # the in-batch keys are the rows; the queue's belong to none
+    negatives = KeySet(rows=own, leading=in_batch)
+    problems = []
+    for x in range(num_views):
+        others = [keys[j] for j in range(num_views) if j != x]
+        positives = others[0].unsqueeze(1) if len(others) == 1 else torch.stack(others, dim=1)
+        rows = torch.cat([queries[x], queue])
+        problems.append(ContrastiveProblem(queries[x], rows, positives, negatives, preparation))
+    return problems
+
+
+class MultiCropProblems(NamedTuple):
+    """The multi-crop objective as problems: for each of the two key views ``i``, one cross
+    problem per view of its query list (the other global view, then every local crop)."""
+
+    per_key_view: list[list[ContrastiveProblem]]
+
+
+def multicrop(
+    queries: Tensor, keys: Tensor, global_keys: list[GlobalRows] | None = None
+) -> MultiCropProblems:
+    """The paper's multi-crop objective (docs/layouts.md) on prepared ``(2 + L, N, D)`` queries
+    (the two global views, then ``L`` local crops) and ``(2, N, D)`` momentum keys: for key view
+    ``i``, each query view ``v`` but ``i`` against ``keys[i]`` in the cross layout (its own row's
+    key the positive, every other row's key a negative; ``global_keys[i]``: ``keys[i]`` across
+    processes)."""
+    problems = []
+    for i in range(2):
+        own_keys = keys[i].unsqueeze(1)
+        rows = None if global_keys is None else global_keys[i]
+        listed = [v for v in range(queries.shape[0]) if v != i]
+        problems.append([cross(queries[v], own_keys, global_rows=rows) for v in listed])
+    return MultiCropProblems(problems)
