@@ -360,10 +360,11 @@ BAD_MOCO: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"in_batch_weights": "yes"}, ValueError, "in_batch_weights must be None"),
     ({"layout": "cross"}, ValueError, "has its own layout"),
     ({"queue": torch.randn(4, 9)}, ValueError, "pass queue.T"),
-    ({"queue": torch.randn(3, 9, 4)}, ValueError, "queue must have shape"),
+    ({"queue": torch.randn(3, 9, 4)}, ValueError, r"queue must have shape \(K, D\) \(2 dims\)"),
+    ({"queue": torch.randn(9, 5)}, ValueError, "queue must have shape .K, D. with D = 4"),
     ({"queries": [torch.randn(6, 4)]}, ValueError, "queries must hold at least 2"),
     ({"keys": [torch.randn(6, 4) for _ in range(3)]}, ValueError, "keys must be 2 tensors"),
-    ({"queries": torch.randn(2, 6, 4)}, ValueError, "views must be a list|queries"),
+    ({"queries": torch.randn(2, 6, 4)}, ValueError, "queries must be a list of V tensors"),
     ({"queue": 0.2}, TypeError, "temperature"),
 ]
 

@@ -370,7 +370,7 @@ def stack_views(
     if isinstance(views, Tensor) and views.dim() == 2:
         with_labels = ", labels=labels" if labels else ""
         raise ValueError(
-            f"views must be a list of V tensors (N, D), got one tensor of shape "
+            f"{name} must be a list of V tensors (N, D), got one tensor of shape "
             f"{shape_str(views)}: one view. Pass it in a list: {entry}([embeddings]"
             f"{with_labels}) (one view needs labels: every other row with the same label is "
             "a positive), or the views of each image: "
@@ -378,7 +378,7 @@ def stack_views(
         )
     if isinstance(views, Tensor):
         raise ValueError(
-            f"views must be a list of V tensors (N, D), got one tensor of shape "
+            f"{name} must be a list of V tensors (N, D), got one tensor of shape "
             f"{shape_str(views)}: a stacked (V, N, D) and SupCon's (N, V, D) cannot be told "
             f"apart. Pass {entry}(list(x.unbind(0))) for (V, N, D) or "
             f"{entry}(list(x.unbind(1))) for (N, V, D)"
@@ -521,12 +521,7 @@ def moco(
             f"keys must be {v} tensors of shape (N, D) = ({n}, {d}), one per view of queries, "
             f"got {momentum.shape[0]} of shape {shape_str(momentum[0])}"
         )
-    if isinstance(queue, Tensor) and queue.dim() == 3:
-        raise ValueError(
-            f"queue must have shape (K, D), got {shape_str(queue)}: the MoCo objective shares "
-            "one queue among every query"
-        )
-    queue = check_negatives(queue, n, d, entry)
+    queue = _check_queue(queue, d, entry)
     if queue.shape[0] == 0 and n < 2 and not gathering:
         raise ValueError(
             f"an empty queue leaves the in-batch negatives only, which need N >= 2 rows per "
@@ -547,6 +542,27 @@ def moco(
     elif n == 0:
         raise ValueError(f"queries are an empty batch: got {v} views of shape (0, {d})")
     return MocoCall(stacked, momentum, queue, counts)
+
+
+def _check_queue(queue: object, d: int, entry: str) -> Tensor:
+    """The ``(K, D)`` queue of :func:`cct_loss.cct_loss_moco` (a number in its place, a
+    temperature, names the keyword; MoCo's ``(D, K)`` buffer, its transpose)."""
+    if isinstance(queue, Real) and not isinstance(queue, bool):
+        raise TypeError(
+            f"queue must be a torch.Tensor of shape (K, D), got {type(queue).__name__} "
+            f"{queue!r}; to set the temperature, name it: {entry}(queries, keys, queue, "
+            f"temperature={queue!r})"
+        )
+    checked = check_float_tensor("queue", queue, (2,), "(K, D)")
+    if checked.shape[1] != d:
+        hint = ""
+        if checked.shape[0] == d:
+            hint = f"; this looks like MoCo's (D, K) = {shape_str(checked)} buffer: pass queue.T"
+        raise ValueError(
+            f"queue must have shape (K, D) with D = {d} as the queries, got "
+            f"{shape_str(checked)}{hint}"
+        )
+    return checked
 
 
 #: What ``in_batch_weights`` of :func:`cct_loss.cct_loss_moco` takes.
