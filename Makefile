@@ -32,9 +32,9 @@ $(EXAMPLES_STAMP): requirements-examples.txt $(DEV_STAMP)
 demo: $(EXAMPLES_STAMP)
 	$(PY) examples/demo.py
 
-# The science comparison on Fashion-MNIST (a long run, not part of make test: 35 minutes on an
-# idle 2-core machine, set-up included). The data come from the Debian package
-# dataset-fashion-mnist.
+# The science comparison on Fashion-MNIST (a long run, not part of make test: 16 minutes on the
+# 2-core machine, set-up included, 35 on a busier day; the limit is 90). The data come from the
+# Debian package dataset-fashion-mnist.
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 experiment: $(EXAMPLES_STAMP)
 	@test -f $(FASHION_MNIST) || apt-get install -y --no-install-recommends dataset-fashion-mnist \
@@ -42,8 +42,9 @@ experiment: $(EXAMPLES_STAMP)
 		|| { echo "make experiment needs Fashion-MNIST: install the Debian package dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist), then rerun"; exit 1; }
 	$(PY) examples/experiment.py --out experiment_output
 
-# Does it matter how many negatives? The queue and batch sweeps on the same split (about 32
-# minutes on an idle 2-core machine, set-up included; not part of make test).
+# Does it matter how many negatives? The queue (K = 8 to 16,384) and batch sweeps on the same
+# split (73 minutes on the 2-core machine, set-up included, half of it beside the test suite;
+# the limit is 90; not part of make test).
 experiment-negatives: $(EXAMPLES_STAMP)
 	@test -f $(FASHION_MNIST) || apt-get install -y --no-install-recommends dataset-fashion-mnist \
 		|| sudo -n apt-get install -y --no-install-recommends dataset-fashion-mnist \
