@@ -290,6 +290,52 @@ def check_sharpness_up_to_the_bound(impl: str, t: float) -> None:
         )  # fmt: skip
 
 
+def far_positives() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries whose every positive sits near the far side of the sphere (costs above 3.4, where
+    ``1e38 * cost`` overflows float32), and a few negatives."""
+    q = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], device=TEST_DEVICE)
+    tilt = torch.tensor([[0.0, 0.02, -0.01], [0.03, 0.0, 0.01], [-0.02, 0.01, 0.0]])
+    p = torch.stack([-q + tilt.to(TEST_DEVICE), -q - tilt.to(TEST_DEVICE)], dim=1)  # (3, 2, 3)
+    return q, p, random_embeddings((4, 3), 5).float()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("call", ["given", "in_batch"])
+def test_the_largest_t_pos_over_far_positives_is_finite_and_exact(
+    impl: str, detach: bool, call: str
+) -> None:
+    """At ``t_pos = 1e38`` positives all costing more than 3.4 gave +inf logits and NaN weights
+    (the few-positives softmax of every implementation); now the weights pick the farthest
+    positive, as the float64 reference does, values and gradients."""
+    check_far_positives(impl, detach, call)
+
+
+def check_far_positives(impl: str, detach: bool, call: str) -> None:
+    """:func:`test_the_largest_t_pos_over_far_positives_is_finite_and_exact` on ``impl``
+    (tests/test_triton.py runs it on triton)."""
+    q, p, negatives = far_positives()
+    options: dict[str, Any] = {"t_pos": 1e38, "t_neg": 2.0, "detach_weights": detach}
+    given = negatives if call == "given" else None
+    query = q.detach().requires_grad_()
+    loss = cct_loss(query, p, given, **options, **impl_options(impl))
+    (grad,) = torch.autograd.grad(loss, [query])
+    expected, expected_grad = _reference_and_grad([q, p, given], **options)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), expected, rtol=RTOL, atol=RTOL)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_the_largest_t_pos_over_far_positives_differentiates_twice() -> None:
+    """The formula the double backward records shifts its logits as the forward does."""
+    q, p, negatives = far_positives()
+    query = q.double().requires_grad_()
+    loss = cct_loss(query, p.double(), negatives.double(), t_pos=1e38, detach_weights=False)
+    (grad,) = torch.autograd.grad(loss, [query], create_graph=True)
+    (second,) = torch.autograd.grad(grad.sum(), [query])
+    assert torch.isfinite(second).all()
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("t", [1e5, 1e20, 1e38])
 def test_every_sharpness_the_validator_takes_is_exact(impl: str, t: float) -> None:

@@ -356,6 +356,26 @@ def test_compiles_with_fullgraph(which: str) -> None:
         assert_close_rel(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("which", ["moco", "moco_live", "multicrop"])
+@pytest.mark.parametrize("t", [0.0, 1e38])
+def test_the_bounds_of_the_sharpness_are_exact(which: str, t: float) -> None:
+    """Uniform weights at 0; at the largest sharpness the farthest positive (view) and the
+    nearest negative, finite, as the float64 loops."""
+    q = [random_embeddings((5, 3), i).float() for i in range(3)]
+    k = [-x + 0.01 * random_embeddings((5, 3), 10 + i).float() for i, x in enumerate(q)]
+    queue = random_embeddings((6, 3), 20).float()
+    opts: dict[str, Any] = {"t_pos": t, "t_neg": t}
+    if which == "multicrop":
+        got = as_loss(cct_loss_multicrop(q[:2], k[:2], q[2:], **opts))
+        want = reference_multicrop(q[:2], k[:2], q[2:], **opts)
+    else:
+        opts["in_batch_weights"] = "live" if which == "moco_live" else None
+        got = as_loss(cct_loss_moco(q, k, queue, **opts))
+        want = reference_moco(q, k, queue, **opts)
+    assert torch.isfinite(got)
+    assert_close_rel(got, want, atol=1e-6)
+
+
 BAD_MOCO: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"in_batch_weights": "yes"}, ValueError, "in_batch_weights must be None"),
     ({"layout": "cross"}, ValueError, "has its own layout"),

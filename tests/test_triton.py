@@ -259,6 +259,12 @@ def test_paper_layout(detach: bool) -> None:
 
 
 @pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("call", ["given", "in_batch"])
+def test_the_largest_t_pos_over_far_positives_is_finite_and_exact(detach: bool, call: str) -> None:
+    test_edges.check_far_positives("triton", detach, call)
+
+
+@pytest.mark.parametrize("detach", [True, False])
 @pytest.mark.parametrize("which", ["moco", "multicrop"])
 def test_large_scale_objectives(which: str, detach: bool) -> None:
     """The paper's MoCo-v2 objective (every weight treated alike: the split treatment is

@@ -42,10 +42,15 @@ def _split_expectation(
     ``options.detach_weights`` says."""
     costs = cost_matrix(query, keys, options.cost)  # (Q, K)
     excluded = key_set.excluded_mask(keys.shape[0], query.device)
-    logits = costs * -options.t_neg
+    # Shifted by each row's nearest cost (a constant to the softmax): the largest sharpness
+    # gives 0 and -inf logits, never -inf alone (every query has a key, checked by the call).
+    taking_part = costs.detach()
+    if excluded is not None:
+        taking_part = taking_part.masked_fill(excluded, float("inf"))
+    logits = (costs - taking_part.amin(-1, keepdim=True)) * -options.t_neg
     if excluded is not None:
         logits = logits.masked_fill(excluded, float("-inf"))
-    weights = torch.softmax(logits, dim=-1)  # every query has a key (checked by the call)
+    weights = torch.softmax(logits, dim=-1)
     first, rest = weights[:, : leading.size], weights[:, leading.size :]
     treated = torch.cat(
         [

@@ -137,7 +137,9 @@ def _pairs_forward(inputs: Inputs, *, total: bool) -> SideResult:
         return SideResult(value, difference=difference, operands=(a, b), copies=copies)
     queries, keys, exclude_self = pairs(inputs)
     costs, _ = pair_costs(queries.unsqueeze(1), keys.unsqueeze(0), plan.cost)  # (V, W, N)
-    logits = costs * inputs.t_pos
+    # Shifted by each query's farthest cost (a constant to the softmax): at the largest t_pos the
+    # logits are 0 and finite or -inf, never +inf (which made the weights NaN).
+    logits = (costs - costs.amax(1, keepdim=True)) * inputs.t_pos
     if exclude_self:
         logits.diagonal(dim1=0, dim2=1).fill_(float("-inf"))
     weights = torch.softmax(logits, dim=1)

@@ -64,11 +64,13 @@ def grad_of_costs(
     signed: float | Tensor, detach_weights: bool,
 ) -> Tensor:  # fmt: skip
     """``grad dE/dc``, a fresh tensor (``weights`` are not written): ``grad pi`` for detached
-    weights, else ``grad pi (1 + s (c - E))`` (``expected`` broadcast against ``costs``)."""
+    weights, else ``grad pi (1 + s (c - E))`` (``expected`` broadcast against ``costs``), the
+    weight applied before the sharpness: a key whose weight is 0 adds 0, not ``0 * inf``, at
+    the largest sharpness."""
     if detach_weights:
         return weights * grad
     assert costs is not None and expected is not None
-    return (costs - expected).mul_(signed).add_(1.0).mul_(weights).mul_(grad)
+    return (costs - expected).mul_(weights).mul_(signed).add_(weights).mul_(grad)
 
 
 def block_expectation(query: Tensor, keys: Tensor, options: CCTOptions) -> ConditionalExpectation:
@@ -91,9 +93,12 @@ def block_formula(
     query: Tensor, keys: Tensor, *, cost: str, signed: float | Tensor, detach_weights: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Each query's expected cost over its own ``(Q, M, D)`` keys in plain autograd (every key
-    takes part): ``(value (Q,), weights (Q, M), costs (Q, M))``."""
+    takes part; ``signed >= 0``, the positives' sharpness): ``(value (Q,), weights (Q, M),
+    costs (Q, M))``."""
     costs = cost_matrix(query, keys, cost)
-    logits = (costs.detach() if detach_weights else costs) * signed
+    source = costs.detach() if detach_weights else costs
+    # Shifted by each query's farthest cost (a constant to the softmax): never +inf logits.
+    logits = (source - costs.detach().amax(-1, keepdim=True)) * signed
     weights = torch.softmax(logits, dim=-1)
     return (weights * costs).sum(-1), weights, costs
 
@@ -134,7 +139,17 @@ def expected_cost_formula(
     key sits out), in plain autograd differentiable to any order (no in-place update, no 0/0):
     the formula every closed-form backward stands for."""
     costs = cost_matrix(query, keys, cost)
-    logits = (costs.detach() if detach_weights else costs) * signed
+    # Shifted by the extreme cost taking part (a constant to the softmax: the farthest for
+    # positives, the nearest for negatives), so that no logit is +inf at the largest sharpness.
+    source, plain = (costs.detach() if detach_weights else costs), costs.detach()
+    farthest = plain if excluded is None else plain.masked_fill(excluded, float("-inf"))
+    nearest = plain if excluded is None else plain.masked_fill(excluded, float("inf"))
+    shift = torch.where(
+        torch.as_tensor(signed, device=costs.device) >= 0,
+        farthest.amax(-1, keepdim=True),
+        nearest.amin(-1, keepdim=True),
+    )
+    logits = (source - torch.where(torch.isfinite(shift), shift, 0.0)) * signed
     if excluded is not None:
         present = ~excluded.all(-1, keepdim=True)
         logits = torch.where(excluded, float("-inf"), logits)

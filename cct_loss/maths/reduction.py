@@ -253,7 +253,9 @@ def _weighted_over_views(listed: list[Sides], options: CCTOptions) -> QueryTerms
         attracts.append(attract)
         repels.append(repel)
     costs = torch.stack([a.value for a in attracts])  # (V, N): one positive, its cost
-    p = torch.softmax(costs.detach() * options.t_pos, dim=0)
+    # Shifted by the farthest view's cost: the largest t_pos gives 0 and -inf logits, never inf.
+    spread = costs.detach() - costs.detach().amax(0)
+    p = torch.softmax(spread * options.t_pos, dim=0)
     attraction = (p * costs).sum(0)
     repulsion = -(p * torch.stack([r.value for r in repels])).sum(0)
     if not options.return_details:
