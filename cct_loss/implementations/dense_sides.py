@@ -27,7 +27,7 @@ from ..maths.costs import (
     shifted_logits,
     weights_vjp,
 )
-from ..maths.expectation import block_formula, expected_cost_formula, grad_of_costs
+from ..maths.expectation import block_formula, expected_cost_formula, grad_of_costs, needs_shift
 from ..maths.precision import product, squared_norms
 from ..problem.description import KeySet, OwnRows
 
@@ -137,9 +137,10 @@ def _pairs_forward(inputs: Inputs, *, total: bool) -> SideResult:
         return SideResult(value, difference=difference, operands=(a, b), copies=copies)
     queries, keys, exclude_self = pairs(inputs)
     costs, _ = pair_costs(queries.unsqueeze(1), keys.unsqueeze(0), plan.cost)  # (V, W, N)
-    # Shifted by each query's farthest cost (a constant to the softmax): at the largest t_pos the
-    # logits are 0 and finite or -inf, never +inf (which made the weights NaN).
-    logits = (costs - costs.amax(1, keepdim=True)) * inputs.t_pos
+    if needs_shift(inputs.t_pos):  # by each query's farthest cost, a constant to the softmax
+        logits = (costs - costs.amax(1, keepdim=True)).mul_(inputs.t_pos)
+    else:
+        logits = costs * inputs.t_pos
     if exclude_self:
         logits.diagonal(dim1=0, dim2=1).fill_(float("-inf"))
     weights = torch.softmax(logits, dim=1)

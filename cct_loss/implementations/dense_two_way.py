@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..maths.costs import cost_matrix
+from ..maths.expectation import needs_shift
 from ..maths.precision import accumulation_dtype, cast, product, squared_norms
 from ..options import CCTOptions
 from ..problem.description import ContrastiveProblem
@@ -67,17 +68,10 @@ def _constant_shares(query: Tensor, keys: Tensor, options: CCTOptions) -> Tensor
     return shares
 
 
-#: From this ``t_neg`` on (and for a tensor ``t_neg``, whose value is not read) the logits are
-#: shifted by each softmax's nearest cost first: ``t_neg`` times a cost of up to 4 (unit rows)
-#: would overflow float32 to ``-inf`` along a whole row, a NaN where every implementation is
-#: exact up to ``MAX_SHARPNESS``.
-SHIFTED_FROM = 1e37
-
-
 def _both_weights(costs: Tensor, t_neg: float | Tensor, *, fresh: bool = False) -> Tensor:
     """``softmax_rows(-t_neg c) + softmax_columns(-t_neg c)`` over the other rows, zero on the
     own rows (``fresh``: ``costs`` is a buffer of its own, scaled in place)."""
-    if isinstance(t_neg, Tensor) or t_neg >= SHIFTED_FROM:
+    if needs_shift(t_neg):  # (maths.expectation.SHIFTED_FROM)
         # each softmax's nearest cost, its own row left out (a copy only where costs are in
         # the graph: in place, the diagonal is overwritten below anyway)
         masked = costs.fill_diagonal_(float("inf")) if fresh else costs.detach().clone()

@@ -31,6 +31,19 @@ class ConditionalExpectation(NamedTuple):
     present: Tensor | None = None
 
 
+#: From this sharpness on (and for a tensor sharpness, whose value is not read) a softmax's
+#: logits are shifted by its extreme cost first: the sharpness times a cost of up to 4 (unit
+#: rows) would overflow float32 (``+inf`` logits give NaN weights; ``-inf`` along a whole row
+#: too), where every implementation is exact up to ``MAX_SHARPNESS``. Below it no logit can
+#: overflow, and no call pays for the shift.
+SHIFTED_FROM = 1e37
+
+
+def needs_shift(sharpness: float | Tensor) -> bool:
+    """Whether logits of ``sharpness`` times a cost must be shifted first (:data:`SHIFTED_FROM`)."""
+    return isinstance(sharpness, Tensor) or abs(sharpness) >= SHIFTED_FROM
+
+
 def signed_sharpness(options: CCTOptions, side: Side) -> float | Tensor:
     """``+t_pos`` for the positives, ``-t_neg`` for the negatives: the logits are this times
     the cost."""
@@ -97,8 +110,9 @@ def block_formula(
     costs (Q, M))``."""
     costs = cost_matrix(query, keys, cost)
     source = costs.detach() if detach_weights else costs
-    # Shifted by each query's farthest cost (a constant to the softmax): never +inf logits.
-    logits = (source - costs.detach().amax(-1, keepdim=True)) * signed
+    if needs_shift(signed):  # by each query's farthest cost, a constant to the softmax
+        source = source - costs.detach().amax(-1, keepdim=True)
+    logits = source * signed
     weights = torch.softmax(logits, dim=-1)
     return (weights * costs).sum(-1), weights, costs
 
@@ -139,17 +153,10 @@ def expected_cost_formula(
     key sits out), in plain autograd differentiable to any order (no in-place update, no 0/0):
     the formula every closed-form backward stands for."""
     costs = cost_matrix(query, keys, cost)
-    # Shifted by the extreme cost taking part (a constant to the softmax: the farthest for
-    # positives, the nearest for negatives), so that no logit is +inf at the largest sharpness.
-    source, plain = (costs.detach() if detach_weights else costs), costs.detach()
-    farthest = plain if excluded is None else plain.masked_fill(excluded, float("-inf"))
-    nearest = plain if excluded is None else plain.masked_fill(excluded, float("inf"))
-    shift = torch.where(
-        torch.as_tensor(signed, device=costs.device) >= 0,
-        farthest.amax(-1, keepdim=True),
-        nearest.amin(-1, keepdim=True),
-    )
-    logits = (source - torch.where(torch.isfinite(shift), shift, 0.0)) * signed
+    source = costs.detach() if detach_weights else costs
+    if needs_shift(signed):  # by the extreme cost taking part, a constant to the softmax
+        source = source - _extreme_cost(costs.detach(), excluded, signed)
+    logits = source * signed
     if excluded is not None:
         present = ~excluded.all(-1, keepdim=True)
         logits = torch.where(excluded, float("-inf"), logits)
@@ -158,6 +165,16 @@ def expected_cost_formula(
     else:
         weights = torch.softmax(logits, dim=-1)
     return (weights * costs).sum(-1)
+
+
+def _extreme_cost(costs: Tensor, excluded: Tensor | None, signed: float | Tensor) -> Tensor:
+    """``(Q, 1)``: each query's farthest cost taking part for ``signed >= 0`` (positives), its
+    nearest for ``signed < 0`` (negatives); 0 for a query with none."""
+    farthest = costs if excluded is None else costs.masked_fill(excluded, float("-inf"))
+    nearest = costs if excluded is None else costs.masked_fill(excluded, float("inf"))
+    positive = torch.as_tensor(signed, device=costs.device) >= 0
+    shift = torch.where(positive, farthest.amax(-1, keepdim=True), nearest.amin(-1, keepdim=True))
+    return torch.where(torch.isfinite(shift), shift, 0.0)
 
 
 def differentiable_backward(
