@@ -591,9 +591,10 @@ def multicrop(
     gathering = options.gather_distributed and distributed.is_active()
     for name, given in (("queries", queries), ("keys", keys)):
         if isinstance(given, Sequence) and not isinstance(given, Tensor) and len(given) != 2:
+            pair = "(q1, q2)" if name == "queries" else "(k1, k2)"
             raise ValueError(
-                f"{name} must be the two global views' (N, D) {name} (q1, q2) or (k1, k2), got "
-                f"{len(given)}; pass the local crops' queries as local_queries"
+                f"{name} must be the two global views' (N, D) {name} {pair}, got {len(given)}; "
+                "pass the local crops' queries as local_queries (they have no keys)"
             )
     if isinstance(local_queries, Tensor):
         raise ValueError(
