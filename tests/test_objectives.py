@@ -258,9 +258,16 @@ def test_moco_treatments_share_the_value_and_differ_in_the_gradient() -> None:
     assert values[None] == values["live"] == values["detached"]
     torch.testing.assert_close(grads[None], grads["detached"])
     assert (grads["live"] - grads["detached"]).abs().max() > 1e-4
+    ref_q = [x.detach().double().requires_grad_() for x in q]
+    for mode in ("live", "detached"):
+        want = reference_moco(ref_q, k, queue, t_neg=3.0, in_batch_weights=mode)
+        assert_close_rel(grads[mode], torch.autograd.grad(want, ref_q)[0], atol=1e-7)
+    want = reference_moco(ref_q, k, queue, t_neg=3.0)
+    (expected,) = torch.autograd.grad(want, ref_q[:1])
     for impl in IMPLS:
         got = as_loss(cct_loss_moco(q, k, queue, t_neg=3.0, **impl_options(impl, 2)))
-        torch.testing.assert_close(torch.autograd.grad(got, q)[0], grads["detached"])
+        grad = torch.autograd.grad(got, q)[0]
+        assert_close_rel(grad, expected, RTOL[impl], what=impl, atol=1e-7)
 
 
 def test_moco_split_weights_differentiate_twice_as_the_reference() -> None:

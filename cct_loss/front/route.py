@@ -398,7 +398,7 @@ def moco_loss(
             problems = layouts.moco_views(views, momentum, rows, split, ready)
             sides = [table.choose(one, options).expectations(one, options) for one in problems]
             return reduce(
-                concatenated([combine(*pair) for pair in sides]), options, call.row_counts
+                concatenated([combine(*pair) for pair in sides], options), options, call.row_counts
             )
 
 

@@ -12,7 +12,13 @@ import torch
 from torch import Tensor
 
 from ..maths.costs import cost_matrix
-from ..maths.expectation import ConditionalExpectation, block_expectation, weighted_expectation
+from ..maths.expectation import (
+    ConditionalExpectation,
+    block_expectation,
+    extreme_cost,
+    needs_shift,
+    weighted_expectation,
+)
 from ..options import CCTOptions
 from ..problem.description import ContrastiveProblem, KeySet, Leading
 
@@ -42,12 +48,11 @@ def _split_expectation(
     ``options.detach_weights`` says."""
     costs = cost_matrix(query, keys, options.cost)  # (Q, K)
     excluded = key_set.excluded_mask(keys.shape[0], query.device)
-    # Shifted by each row's nearest cost (a constant to the softmax): the largest sharpness
-    # gives 0 and -inf logits, never -inf alone (every query has a key, checked by the call).
-    taking_part = costs.detach()
-    if excluded is not None:
-        taking_part = taking_part.masked_fill(excluded, float("inf"))
-    logits = (costs - taking_part.amin(-1, keepdim=True)) * -options.t_neg
+    signed = -options.t_neg
+    shifted = costs
+    if needs_shift(signed):  # by each row's nearest cost taking part, a constant to the softmax
+        shifted = costs - extreme_cost(costs.detach(), excluded, signed)
+    logits = shifted * signed
     if excluded is not None:
         logits = logits.masked_fill(excluded, float("-inf"))
     weights = torch.softmax(logits, dim=-1)

@@ -155,7 +155,7 @@ def expected_cost_formula(
     costs = cost_matrix(query, keys, cost)
     source = costs.detach() if detach_weights else costs
     if needs_shift(signed):  # by the extreme cost taking part, a constant to the softmax
-        source = source - _extreme_cost(costs.detach(), excluded, signed)
+        source = source - extreme_cost(costs.detach(), excluded, signed)
     logits = source * signed
     if excluded is not None:
         present = ~excluded.all(-1, keepdim=True)
@@ -167,7 +167,7 @@ def expected_cost_formula(
     return (weights * costs).sum(-1)
 
 
-def _extreme_cost(costs: Tensor, excluded: Tensor | None, signed: float | Tensor) -> Tensor:
+def extreme_cost(costs: Tensor, excluded: Tensor | None, signed: float | Tensor) -> Tensor:
     """``(Q, 1)``: each query's farthest cost taking part for ``signed >= 0`` (positives), its
     nearest for ``signed < 0`` (negatives); 0 for a query with none."""
     farthest = costs if excluded is None else costs.masked_fill(excluded, float("-inf"))

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import distributed
 from ..options import CCTOptions
-from .expectation import ConditionalExpectation
+from .expectation import ConditionalExpectation, needs_shift
 
 #: One problem's two sides (the attraction's and the repulsion's expectations).
 Sides = tuple[ConditionalExpectation | None, ConditionalExpectation | None]
@@ -188,9 +188,10 @@ def paper_row_terms(
     )
 
 
-def concatenated(parts: list[QueryTerms]) -> QueryTerms:
+def concatenated(parts: list[QueryTerms], options: CCTOptions) -> QueryTerms:
     """The terms of several problems' queries, one after the other (their weights too, where
-    every part holds them with one shape)."""
+    ``return_details="weights"`` asks for them and every part holds them with one shape: no
+    copy of the weight matrices otherwise)."""
 
     def joined(xs: list[Tensor | None]) -> Tensor | None:
         if any(x is None for x in xs):
@@ -216,7 +217,9 @@ def concatenated(parts: list[QueryTerms]) -> QueryTerms:
     values = [part.attraction for part in parts]
     return QueryTerms(
         attraction, repulsion, joined(column("pos_entropy")), joined(column("neg_entropy")),
-        joined(column("accuracy")), joined(column("pos_weights")), joined(column("neg_weights")),
+        joined(column("accuracy")),
+        joined(column("pos_weights")) if options.wants_weights else None,
+        joined(column("neg_weights")) if options.wants_weights else None,
         flags(column("has_positives"), values), flags(column("has_negatives"), values),
     )  # fmt: skip
 
@@ -253,23 +256,25 @@ def _weighted_over_views(listed: list[Sides], options: CCTOptions) -> QueryTerms
         attracts.append(attract)
         repels.append(repel)
     costs = torch.stack([a.value for a in attracts])  # (V, N): one positive, its cost
-    # Shifted by the farthest view's cost: the largest t_pos gives 0 and -inf logits, never inf.
-    spread = costs.detach() - costs.detach().amax(0)
+    spread = costs.detach()
+    if needs_shift(options.t_pos):  # by the farthest view's cost, a constant to the softmax
+        spread = spread - spread.amax(0)
     p = torch.softmax(spread * options.t_pos, dim=0)
     attraction = (p * costs).sum(0)
     repulsion = -(p * torch.stack([r.value for r in repels])).sum(0)
     if not options.return_details:
         return QueryTerms(attraction, repulsion, None, None, None)
-    wins, entropies, weights = [], [], []
+    wins, entropies = [], []
     for a, r in zip(attracts, repels, strict=True):
         assert a.extreme is not None and r.extreme is not None and r.entropy is not None
         wins.append((a.extreme < r.extreme).to(costs.dtype))
         entropies.append(r.entropy)
-        weights.append(r.weights)
+    weights = [r.weights for r in repels if r.weights is not None]
+    held = options.wants_weights and len(weights) == len(repels)
     return QueryTerms(
         attraction, repulsion, -torch.special.xlogy(p, p).sum(0),
-        (p * torch.stack(entropies)).sum(0), torch.stack(wins).mean(0), p.T,
-        None if any(w is None for w in weights) else torch.stack(weights),  # type: ignore[arg-type]
+        (p * torch.stack(entropies)).sum(0), torch.stack(wins).mean(0),
+        p.T if options.wants_weights else None, torch.stack(weights) if held else None,
     )  # fmt: skip
 
 
