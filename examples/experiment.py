@@ -9,16 +9,19 @@ The same encoder, augmentations, optimiser and epochs for every loss; rows at 2 
 
 Each loss gets the same tuning budget on the validation split, on matched grids (InfoNCE
 ``tau`` in {0.1, 0.25, 0.5, 1}; CCT ``t_neg`` in {5, 2, 1, 0.5}, their equivalents
-``1 / (2 tau)``), selected by validation kNN accuracy; tuning uses fewer seeds and epochs than
-the final runs. A pick at the edge of the values tried widens that loss's grid one step along
-``TAU_LADDER`` (``tau`` 0.0125 to 8; ``t_neg`` 40 to 1/16), until the pick is interior or the
-ladder ends; the report lists every value tried and says which. The final runs train each loss at its best setting with the same seeds (the same
-initialisation and augmentations per seed), evaluate on the test split, and report the paired
-differences against InfoNCE with a 95% t-interval. Results (every run) go to
-``experiment_output/results.json``, the table to ``results.md``, the figure to
-``paired_differences.png``.
+``1 / (2 tau)``), selected by validation kNN accuracy over 4 seeds at the full run length. A pick
+at the edge of the values tried widens that loss's grid one step along ``TAU_LADDER`` (``tau``
+0.0125 to 8; ``t_neg`` 40 to 1/16), until the pick is interior or the ladder ends.
 
-    python examples/experiment.py [--seeds 16] [--epochs 8] [--tune-seeds 1] [--tune-epochs 6]
+Then, on the test split (the design of :mod:`grid`): every loss at every value of its grid with
+6 paired seeds (the same initialisation and augmentations per seed for every loss and value),
+and each loss's pick with 16. The paired differences against InfoNCE are reported twice, at the
+validation picks and at each loss's best test value (an optimistic bound), with whether the
+conclusion changes between them. Every run goes to ``experiment_output/results.json``, the
+tables to ``results.md``, the figures to ``paired_differences.png`` and ``grid.png``;
+``--from-json`` rebuilds the tables and figures from a ``results.json`` without training.
+
+    python examples/experiment.py [--seeds 16] [--grid-seeds 6] [--tune-seeds 4] [--epochs 8]
 """
 
 from __future__ import annotations
@@ -37,7 +40,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from common import Split, load_fashion_mnist, make_reproducible, paired_difference
+from common import Split, load_fashion_mnist, make_reproducible
+from grid import (
+    GRID_HEADER,
+    METRICS,
+    Design,
+    best_on_test,
+    both_ways,
+    conclusion,
+    final_seeds,
+    grid_rows,
+    interval_of,
+    per_seed,
+    signed,
+    unsigned,
+)
 from simclr import Config, train
 
 LOSSES = ("infonce", "cct", "cct_paper")
@@ -46,7 +63,6 @@ VIEWS = (2, 5)
 #: one step at a time, while a loss's best value sits at the edge of what it has tried.
 TAUS = (0.1, 0.25, 0.5, 1.0)
 TAU_LADDER = (0.0125, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-METRICS = (("knn", "kNN"), ("linear", "linear probe"))
 TUNE_SEED_BASE = 100  # tuning seeds are not the final seeds
 
 
@@ -66,6 +82,12 @@ class Tuned:
             "interior": self.edge is None,
             "edge": self.edge,
         }
+
+    @classmethod
+    def from_json(cls, found: dict[str, Any]) -> Tuned:
+        """The inverse of :meth:`as_json` (``--from-json``)."""
+        scores = {float(tau): float(score) for tau, score in found["scores"].items()}
+        return cls(scores, float(found["best"]), found["edge"])
 
 
 def tune_widening(
@@ -123,6 +145,8 @@ def setting(loss: str, tau: float) -> dict[str, float]:
 
 
 def run(loss: str, views: int, tau: float, seed: int, epochs: int, split: Split) -> dict[str, Any]:
+    """One training of ``loss`` at grid value ``tau`` (its InfoNCE-temperature equivalent),
+    evaluated on ``split``'s held-out images."""
     cfg = Config(
         loss=loss,
         views=views,
@@ -140,7 +164,7 @@ def run(loss: str, views: int, tau: float, seed: int, epochs: int, split: Split)
     return {
         "loss": loss,
         "views": views,
-        "tau_equivalent": tau,
+        "tau": tau,
         **setting(loss, tau),
         "seed": seed,
         "epochs": epochs,
@@ -149,29 +173,19 @@ def run(loss: str, views: int, tau: float, seed: int, epochs: int, split: Split)
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--seeds", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--tune-seeds", type=int, default=1)
-    parser.add_argument("--tune-epochs", type=int, default=6)
-    parser.add_argument("--out", type=Path, default=Path("experiment_output"))
-    parser.add_argument("--limit", type=int, default=None, help="training images (smoke tests)")
-    args = parser.parse_args()
-    make_reproducible(threads=2)
-    args.out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+def collect(args: argparse.Namespace, design: Design) -> dict[str, Any]:
+    """Tune every loss on the validation split, then train it at every value of its grid and at
+    its pick on the test split; returns every run (the report's raw data)."""
     validation = load_fashion_mnist("validation", limit=args.limit)
     test = load_fashion_mnist("test", limit=args.limit)
+    tune_epochs = args.tune_epochs or args.epochs
     print(
         f"Fashion-MNIST: {len(test.train_x)} training, {len(validation.test_x)} validation, "
-        f"{len(test.test_x)} test images; tuning {args.tune_seeds} seed(s) x {args.tune_epochs} "
-        f"epochs, final {args.seeds} seeds x {args.epochs} epochs",
+        f"{len(test.test_x)} test images; tuning {design.tune_seeds} seed(s) x {tune_epochs} "
+        f"epochs; test {design.grid_seeds} seeds at every grid value, {design.pick_seeds} at "
+        f"each pick, {args.epochs} epochs",
         flush=True,
     )
-
     tuning: list[dict[str, Any]] = []
     tuned: dict[tuple[str, int], Tuned] = {}
     for views in VIEWS:
@@ -179,8 +193,8 @@ def main() -> None:
 
             def score(tau: float, loss: str = loss, views: int = views) -> float:
                 runs = [
-                    run(loss, views, tau, TUNE_SEED_BASE + s, args.tune_epochs, validation)
-                    for s in range(args.tune_seeds)
+                    run(loss, views, tau, TUNE_SEED_BASE + s, tune_epochs, validation)
+                    for s in range(design.tune_seeds)
                 ]
                 tuning.extend(runs)
                 mean = statistics.fmean(r["knn"] for r in runs)
@@ -188,108 +202,281 @@ def main() -> None:
                 return mean
 
             tuned[(loss, views)] = tune_widening(score)
-    best = {key: t.best for key, t in tuned.items()}
-
     final: list[dict[str, Any]] = []
     for views in VIEWS:
         for loss in LOSSES:
-            tau = best[(loss, views)]
-            for seed in range(args.seeds):
-                r = run(loss, views, tau, seed, args.epochs, test)
-                final.append(r)
+            t = tuned[(loss, views)]
+            for tau in sorted(t.scores):
+                rows = [
+                    run(loss, views, tau, seed, args.epochs, test)
+                    for seed in final_seeds(tau, t.best, design)
+                ]
+                final.extend(rows)
                 print(
-                    f"  final {loss:<9} V={views} {setting(loss, tau)} seed={seed}: "
-                    f"kNN {r['knn']:.3f} probe {r['linear']:.3f} ({r['seconds']:.0f} s)",
+                    f"  test {loss:<9} V={views} tau~{tau:<6}{' (pick)' if tau == t.best else ''}"
+                    f": kNN {statistics.fmean(r['knn'] for r in rows):.3f} over {len(rows)} seeds",
                     flush=True,
                 )
+    return {
+        "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist), 4000/1000/1000 stratified",
+        "design": design.as_json(),
+        "tuning": {
+            "seeds": design.tune_seeds,
+            "epochs": tune_epochs,
+            "select_by": "validation kNN",
+            "runs": tuning,
+        },
+        "grids": {f"{loss}/{views}": t.as_json() for (loss, views), t in tuned.items()},
+        "final": {"epochs": args.epochs, "runs": final},
+        "threads": torch.get_num_threads(),
+    }
 
-    def metric(loss: str, views: int, key: str) -> list[float]:
-        rows = sorted(
-            (r for r in final if r["loss"] == loss and r["views"] == views), key=lambda r: r["seed"]
-        )
-        return [float(r[key]) for r in rows]
 
-    differences = {}
+def summarise(raw: dict[str, Any]) -> dict[str, Any]:
+    """The paired differences against InfoNCE, per views and metric, at the validation picks
+    and at the best test values, from the runs of ``raw`` (what :func:`collect` returns)."""
+    design = Design(**raw["design"])
+    final = raw["final"]["runs"]
+    tuned = {key: Tuned.from_json(found) for key, found in raw["grids"].items()}
+    differences: dict[str, Any] = {}
+    for views in VIEWS:
+        for loss in LOSSES[1:]:
+            for metric, _ in METRICS:
+                where = {name: {"loss": name, "views": views} for name in (loss, "infonce")}
+                best = {
+                    name: best_on_test(
+                        final,
+                        metric,
+                        sorted(tuned[f"{name}/{views}"].scores),
+                        design.grid_seeds,
+                        **where[name],
+                    )
+                    for name in (loss, "infonce")
+                }
+                comparison = both_ways(
+                    final,
+                    metric,
+                    design,
+                    at_pick=[
+                        (sign, where[name] | {"tau": tuned[f"{name}/{views}"].best})
+                        for sign, name in ((1.0, loss), (-1.0, "infonce"))
+                    ],
+                    at_best=[
+                        (sign, where[name] | {"tau": best[name]})
+                        for sign, name in ((1.0, loss), (-1.0, "infonce"))
+                    ],
+                )
+                differences[f"{loss}-infonce/{views}/{metric}"] = comparison | {"best": best}
+    return differences
+
+
+def budget(raw: dict[str, Any], design: Design) -> str:
+    """Where the minutes went: tuning, the grid's runs, the picks' extra seeds, the rest."""
+    tuning = sum(r["seconds"] for r in raw["tuning"]["runs"]) / 60
+    grid = sum(r["seconds"] for r in raw["final"]["runs"] if r["seed"] < design.grid_seeds) / 60
+    picks = sum(r["seconds"] for r in raw["final"]["runs"] if r["seed"] >= design.grid_seeds) / 60
+    rest = raw["minutes"] - tuning - grid - picks
+    return (
+        f"{raw['minutes']:.0f} minutes on {raw['threads']} threads: tuning {tuning:.0f} "
+        f"({len(raw['tuning']['runs'])} runs), every grid value {grid:.0f}, the picks' extra "
+        f"seeds {picks:.0f}, data and reports {rest:.0f}"
+    )
+
+
+def markdown(raw: dict[str, Any], differences: dict[str, Any]) -> str:
+    design = Design(**raw["design"])
+    final = raw["final"]["runs"]
+    tuned = {key: Tuned.from_json(found) for key, found in raw["grids"].items()}
     lines = [
-        "| views | loss | setting | kNN (test) | linear probe (test) |",
+        f"# Does CCT help? ({design.pick_seeds} paired seeds at each validation pick, "
+        f"{design.grid_seeds} at every grid value)",
+        "",
+        "## At each loss's validation pick",
+        "",
+        "| views | loss | setting | kNN (test), 95% interval | linear probe (test) |",
         "|---|---|---|---|---|",
     ]
     for views in VIEWS:
         for loss in LOSSES:
+            pick = tuned[f"{loss}/{views}"].best
             cells = [
-                f"{statistics.fmean(metric(loss, views, k)):.3f} ± {statistics.stdev(metric(loss, views, k)):.3f}"
-                for k, _ in METRICS
+                unsigned(
+                    interval_of(
+                        per_seed(final, metric, design.pick_seeds, loss=loss, views=views, tau=pick)
+                    )
+                )
+                for metric, _ in METRICS
             ]
-            lines.append(
-                f"| {views} | {loss} | {setting(loss, best[(loss, views)])} | {cells[0]} | {cells[1]} |"
-            )
-    lines += ["", "Tuning (widened along the ladder until each pick is interior):", ""]
-    lines += tuning_table(
-        {f"{loss}, {views} views": (loss, t) for (loss, views), t in tuned.items()}
-    )
+            lines.append(f"| {views} | {loss} | {_value(loss, pick)} | {cells[0]} | {cells[1]} |")
     lines += [
         "",
-        "| views | paired difference | metric | mean | SE | 95% t-interval | excludes 0 |",
+        "## Paired differences against InfoNCE, at the picks and at the best test values",
+        "",
+        f"At the validation picks: {design.pick_seeds} seeds. At each loss's best test value (the "
+        f"grid value with the best mean test accuracy over {design.grid_seeds} seeds, per metric): "
+        "selected on the test split, an optimistic bound, not an estimate. Verdict: + or - when "
+        "the 95% interval excludes 0, 0 when it holds 0.",
+        "",
+        "| views | difference | metric | at the validation picks | at the best test values "
+        "(upper bound) | best values | conclusion |",
         "|---|---|---|---|---|---|---|",
     ]
     for views in VIEWS:
         for loss in LOSSES[1:]:
-            for key, name in METRICS:
-                d = paired_difference(metric(loss, views, key), metric("infonce", views, key))
-                differences[f"{loss}-infonce/{views}/{key}"] = d
-                excludes = d["low"] > 0 or d["high"] < 0
+            for metric, name in METRICS:
+                c = differences[f"{loss}-infonce/{views}/{metric}"]
+                values = ", ".join(f"{_value(n, tau)}" for n, tau in c["best"].items())
                 lines.append(
-                    f"| {views} | {loss} - infonce | {name} | {d['mean']:+.4f} | {d['se']:.4f} | "
-                    f"[{d['low']:+.4f}, {d['high']:+.4f}] | {'yes' if excludes else 'no'} |"
+                    f"| {views} | {loss} - infonce | {name} | {signed(c['at_pick'])} | "
+                    f"{signed(c['at_best'])} | {values} | {conclusion(c)} |"
                 )
-    minutes = (time.perf_counter() - start) / 60
-    lines.append(
-        f"\n{args.seeds} seeds, {args.epochs} epochs; {minutes:.0f} minutes on {torch.get_num_threads()} threads"
-    )
-    table = "\n".join(lines)
-    print("\n" + table)
-    (args.out / "results.md").write_text(table + "\n")
-    (args.out / "results.json").write_text(
-        json.dumps(
-            {
-                "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist), 4000/1000/1000 stratified",
-                "tuning": {
-                    "seeds": args.tune_seeds,
-                    "epochs": args.tune_epochs,
-                    "select_by": "validation kNN",
-                    "runs": tuning,
-                },
-                "best_tau_equivalent": {
-                    f"{loss}/{views}": tau for (loss, views), tau in best.items()
-                },
-                "grids": {f"{loss}/{views}": t.as_json() for (loss, views), t in tuned.items()},
-                "final": {"seeds": args.seeds, "epochs": args.epochs, "runs": final},
-                "paired_differences": differences,
-                "minutes": minutes,
-            },
-            indent=1,
+    lines += [
+        "",
+        f"## Every loss at every grid value ({design.grid_seeds} paired seeds; best test value "
+        "per metric in bold)",
+        "",
+        *(line.format(label="views") for line in GRID_HEADER),
+    ]
+    for views in VIEWS:
+        lines += grid_rows(
+            final,
+            LOSSES,
+            {loss: sorted(tuned[f"{loss}/{views}"].scores) for loss in LOSSES},
+            {loss: tuned[f"{loss}/{views}"].best for loss in LOSSES},
+            design,
+            str(views),
+            _value,
+            views=views,
         )
+    lines += [
+        "",
+        f"## Tuning: validation kNN, {design.tune_seeds} seeds at {raw['tuning']['epochs']} "
+        "epochs (widened along the ladder until each pick is interior)",
+        "",
+    ]
+    lines += tuning_table(
+        {
+            f"{loss}, {views} views": (loss, tuned[f"{loss}/{views}"])
+            for views in VIEWS
+            for loss in LOSSES
+        }
     )
-    plot(differences, args.out / "paired_differences.png")
-    print(f"wrote {args.out}/results.json, results.md, paired_differences.png")
+    lines += ["", f"{raw['final']['epochs']} epochs; {budget(raw, design)}"]
+    return "\n".join(lines) + "\n"
 
 
-def plot(differences: dict[str, dict[str, float]], path: Path) -> None:
-    """Each paired difference with its 95% interval."""
-    fig, ax = plt.subplots(figsize=(8, 4))
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, default=16, help="test seeds at each pick")
+    parser.add_argument("--grid-seeds", type=int, default=6, help="test seeds at every value")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--tune-seeds", type=int, default=4)
+    parser.add_argument("--tune-epochs", type=int, default=None, help="default: --epochs")
+    parser.add_argument("--out", type=Path, default=Path("experiment_output"))
+    parser.add_argument("--limit", type=int, default=None, help="training images (smoke tests)")
+    parser.add_argument(
+        "--from-json", type=Path, default=None, help="rebuild the reports from a results.json"
+    )
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.from_json is not None:
+        raw = json.loads(args.from_json.read_text())
+    else:
+        design = Design(args.grid_seeds, args.seeds, args.tune_seeds)
+        make_reproducible(threads=2)
+        start = time.perf_counter()
+        raw = collect(args, design)
+        raw["minutes"] = (time.perf_counter() - start) / 60
+    differences = summarise(raw)
+    table = markdown(raw, differences)
+    print("\n" + table)
+    (args.out / "results.md").write_text(table)
+    (args.out / "results.json").write_text(
+        json.dumps(raw | {"paired_differences": differences}, indent=1)
+    )
+    plot_differences(raw, differences, args.out / "paired_differences.png")
+    plot_grid(raw, args.out / "grid.png")
+    print(f"wrote {args.out}/results.json, results.md, paired_differences.png, grid.png")
+
+
+def plot_differences(raw: dict[str, Any], differences: dict[str, Any], path: Path) -> None:
+    """Each paired difference with its 95% interval: at the validation picks (filled) and at
+    the best test values (open, an upper bound)."""
+    fig, ax = plt.subplots(figsize=(9, 4))
     labels = list(differences)
     for i, name in enumerate(labels):
-        d = differences[name]
-        ax.errorbar(
-            i, d["mean"], yerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o", capsize=4
-        )
+        for offset, part, style in ((-0.15, "at_pick", "o"), (0.15, "at_best", "s")):
+            d = differences[name][part]
+            ax.errorbar(
+                i + offset,
+                d["mean"],
+                yerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]],
+                fmt=style,
+                mfc="C0" if part == "at_pick" else "none",
+                color="C0" if part == "at_pick" else "C1",
+                capsize=3,
+                label=(
+                    ("at the validation picks" if part == "at_pick" else "at the best test values")
+                    if i == 0
+                    else None
+                ),
+            )
     ax.axhline(0.0, color="grey", lw=1)
-    ax.set_xticks(
-        range(len(labels)), [n.replace("-infonce", " - InfoNCE\n") for n in labels], fontsize=7
-    )
+    ax.set_xticks(range(len(labels)), [_label(n) for n in labels], fontsize=7)
     ax.set_ylabel("test accuracy difference (paired by seed)")
     ax.set_title("CCT - InfoNCE on Fashion-MNIST, mean and 95% t-interval")
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _label(name: str) -> str:
+    """``cct_paper-infonce/2/knn`` -> three short lines for a tick."""
+    pair, views, metric = name.split("/")
+    return f"{pair.replace('-infonce', '')}\n{views} views\n{dict(METRICS)[metric]}"
+
+
+def plot_grid(raw: dict[str, Any], path: Path) -> None:
+    """Test accuracy against the grid value (InfoNCE ``tau``; CCT at ``t_neg = 1 / (2 tau)``),
+    per views and metric, one line per loss with its 95% band; the validation picks starred."""
+    design = Design(**raw["design"])
+    final = raw["final"]["runs"]
+    tuned = {key: Tuned.from_json(found) for key, found in raw["grids"].items()}
+    fig, axes = plt.subplots(len(VIEWS), len(METRICS), figsize=(10, 7), squeeze=False)
+    for row, views in enumerate(VIEWS):
+        for col, (metric, name) in enumerate(METRICS):
+            ax = axes[row][col]
+            for i, loss in enumerate(LOSSES):
+                t = tuned[f"{loss}/{views}"]
+                taus = sorted(t.scores)
+                points = [
+                    interval_of(
+                        per_seed(final, metric, design.grid_seeds, loss=loss, views=views, tau=tau)
+                    )
+                    for tau in taus
+                ]
+                ax.plot(taus, [p["mean"] for p in points], marker="o", color=f"C{i}", label=loss)
+                ax.fill_between(
+                    taus,
+                    [p["low"] for p in points],
+                    [p["high"] for p in points],
+                    color=f"C{i}",
+                    alpha=0.15,
+                )
+                picked = points[taus.index(t.best)]["mean"]
+                ax.plot([t.best], [picked], marker="*", markersize=14, color=f"C{i}")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("tau (CCT: t_neg = 1 / (2 tau))")
+            ax.set_ylabel(f"{name} accuracy (test)")
+            ax.set_title(
+                f"{views} views, {name} ({design.grid_seeds} seeds; * = pick)", fontsize=10
+            )
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -49,8 +49,9 @@ import matplotlib.pyplot as plt
 import moco
 import torch
 from common import Split, load_fashion_mnist, make_reproducible, mean_interval, paired_difference
-from experiment import METRICS, TUNE_SEED_BASE, Tuned, tune_widening, tuning_table
+from experiment import TUNE_SEED_BASE, Tuned, tune_widening, tuning_table
 from experiment import setting as setting_of
+from grid import METRICS
 from simclr import Config
 from simclr import train as train_in_batch
 
