@@ -201,7 +201,7 @@ def collect(args: argparse.Namespace, design: Design) -> dict[str, Any]:
                 print(f"  tune {loss:<9} V={views} tau~{tau:<6}: val kNN {mean:.3f}", flush=True)
                 return mean
 
-            tuned[(loss, views)] = tune_widening(score)
+            tuned[(loss, views)] = tune_widening(score, tuple(args.grid))
     final: list[dict[str, Any]] = []
     for views in VIEWS:
         for loss in LOSSES:
@@ -374,6 +374,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--tune-seeds", type=int, default=4)
     parser.add_argument("--tune-epochs", type=int, default=None, help="default: --epochs")
+    parser.add_argument(
+        "--grid", nargs="+", type=float, default=list(TAUS), help="the starting grid (tau)"
+    )
     parser.add_argument("--out", type=Path, default=Path("experiment_output"))
     parser.add_argument("--limit", type=int, default=None, help="training images (smoke tests)")
     parser.add_argument(

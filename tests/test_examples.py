@@ -9,7 +9,6 @@ asserted: at this scale that is a measurement (see ``make demo``), not a guarant
 from __future__ import annotations
 
 import gzip
-import json
 import math
 import os
 import statistics
@@ -288,61 +287,3 @@ def run_on_synthetic_fashion(
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return result, out
-
-
-def test_experiment_runs_end_to_end(tmp_path: Path) -> None:
-    """make experiment's pipeline (tuning, paired finals, table, JSON, figure) on a synthetic
-    Fashion-MNIST and a tiny budget."""
-    args = ["--seeds", "2", "--epochs", "1", "--tune-epochs", "1", "--limit", "256"]
-    result, out = run_on_synthetic_fashion(tmp_path, "experiment.py", args)
-    assert "cct_paper - infonce" in result.stdout and "95% t-interval" in result.stdout
-    assert "values tried: validation kNN" in result.stdout
-    report = json.loads((out / "results.json").read_text())
-    assert set(report["grids"]) == {
-        f"{loss}/{v}" for loss in ("infonce", "cct", "cct_paper") for v in (2, 5)
-    }
-    for grid in report["grids"].values():
-        assert set(TAUS) <= set(grid["tried"]) and grid["best"] in grid["tried"]
-    for name in ("results.json", "results.md", "paired_differences.png"):
-        assert (out / name).stat().st_size > 0
-
-
-def test_negatives_experiment_runs_end_to_end(tmp_path: Path) -> None:
-    """make experiment-negatives' pipeline (tuning at the middle setting, paired finals, drops,
-    the difference of drops, JSON, table, figure) on a synthetic Fashion-MNIST, tiny sweeps."""
-    args = ["--seeds", "2", "--tune-seeds", "1", "--length", "0.02", "--tune-length", "0.02"]
-    args += ["--queue-sizes", "16", "64", "256", "--batches", "16", "32", "64", "--limit", "256"]
-    _, out = run_on_synthetic_fashion(tmp_path, "negatives.py", args)
-    report = json.loads((out / "negatives.json").read_text())
-    queue, batch = report["sweeps"]["queue"], report["sweeps"]["batch"]
-    assert queue["tuned_at"] == 64 and batch["tuned_at"] == 32
-    for sweep in ("queue", "batch"):  # each pick is interior, or its grid reached the ladder's end
-        for loss, grid in report["grids"][sweep].items():
-            assert grid["best"] == report["best_tau_equivalent"][sweep][loss]
-            assert set(TAUS) <= set(grid["tried"])
-            assert grid["interior"] == (grid["tried"][0] < grid["best"] < grid["tried"][-1])
-            if not grid["interior"]:
-                assert grid["best"] in (TAU_LADDER[0], TAU_LADDER[-1]), grid
-            tuning = [
-                r["knn"]
-                for r in report["tuning"]["runs"]
-                if (r["sweep"], r["loss"], r["tau"]) == (sweep, loss, grid["best"])
-            ]
-            assert grid["scores"][str(grid["best"])] == pytest.approx(sum(tuning) / len(tuning))
-    assert {r["setting"] for r in queue["runs"]} == {16, 64, 256}
-    assert len(batch["runs"]) == 3 * 3 * 2  # settings x losses x seeds
-    assert set(batch["difference_of_drops"]) == {
-        f"{loss}-infonce/{key}" for loss in ("cct", "cct_paper") for key in ("knn", "linear")
-    }
-    knn = {(r["loss"], r["setting"], r["seed"]): r["knn"] for r in queue["runs"]}
-
-    def drops(loss: str) -> list[float]:
-        return [knn[(loss, 256, s)] - knn[(loss, 16, s)] for s in range(2)]
-
-    assert queue["drops"]["cct/knn"]["mean"] == pytest.approx(sum(drops("cct")) / 2)
-    paired = [c - i for c, i in zip(drops("cct"), drops("infonce"), strict=True)]
-    assert queue["difference_of_drops"]["cct-infonce/knn"]["mean"] == pytest.approx(sum(paired) / 2)
-    text = (out / "negatives.md").read_text()
-    assert "Paired difference of drops" in text and "| cct - infonce |" in text
-    assert "values tried: validation kNN" in text
-    assert (out / "negatives.png").stat().st_size > 0
