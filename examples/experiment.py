@@ -126,7 +126,7 @@ def tuning_table(tuned: dict[str, tuple[str, Tuned]]) -> list[str]:
     for label, (loss, t) in tuned.items():
         cells = []
         for tau in sorted(t.scores):
-            cell = f"{_value(loss, tau)}: {t.scores[tau]:.3f}"
+            cell = f"{value_label(loss, tau)}: {t.scores[tau]:.3f}"
             cells.append(f"**{cell}**" if tau == t.best else cell)
         lines.append(
             f"| {label} | {', '.join(cells)} | {'yes' if t.edge is None else 'no: ' + t.edge} |"
@@ -134,7 +134,8 @@ def tuning_table(tuned: dict[str, tuple[str, Tuned]]) -> list[str]:
     return lines
 
 
-def _value(loss: str, tau: float) -> str:
+def value_label(loss: str, tau: float) -> str:
+    """``tau=0.5`` for InfoNCE, ``t_neg=1`` for CCT: the loss's own hyper-parameter."""
     ((name, value),) = setting(loss, tau).items()
     return f"{'tau' if name == 'temperature' else name}={value:g}"
 
@@ -307,7 +308,9 @@ def markdown(raw: dict[str, Any], differences: dict[str, Any]) -> str:
                 )
                 for metric, _ in METRICS
             ]
-            lines.append(f"| {views} | {loss} | {_value(loss, pick)} | {cells[0]} | {cells[1]} |")
+            lines.append(
+                f"| {views} | {loss} | {value_label(loss, pick)} | {cells[0]} | {cells[1]} |"
+            )
     lines += [
         "",
         "## Paired differences against InfoNCE, at the picks and at the best test values",
@@ -325,7 +328,7 @@ def markdown(raw: dict[str, Any], differences: dict[str, Any]) -> str:
         for loss in LOSSES[1:]:
             for metric, name in METRICS:
                 c = differences[f"{loss}-infonce/{views}/{metric}"]
-                values = ", ".join(f"{_value(n, tau)}" for n, tau in c["best"].items())
+                values = ", ".join(f"{value_label(n, tau)}" for n, tau in c["best"].items())
                 lines.append(
                     f"| {views} | {loss} - infonce | {name} | {signed(c['at_pick'])} | "
                     f"{signed(c['at_best'])} | {values} | {conclusion(c)} |"
@@ -345,7 +348,7 @@ def markdown(raw: dict[str, Any], differences: dict[str, Any]) -> str:
             {loss: tuned[f"{loss}/{views}"].best for loss in LOSSES},
             design,
             str(views),
-            _value,
+            value_label,
             views=views,
         )
     lines += [

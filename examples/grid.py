@@ -25,7 +25,7 @@ recomputed from ``results.json`` or ``negatives.json`` and checked (``--from-jso
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,7 +178,7 @@ def grid_rows(
     picks: Mapping[str, float],
     design: Design,
     label: str,
-    value_of: Any,
+    value_of: Callable[[str, float], str],
     **key: Any,
 ) -> list[str]:
     """Markdown rows: per loss and grid value, the mean test kNN and linear probe with 95%

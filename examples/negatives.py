@@ -52,7 +52,7 @@ import matplotlib.pyplot as plt
 import moco
 import torch
 from common import Split, load_fashion_mnist, make_reproducible
-from experiment import TAUS, TUNE_SEED_BASE, Tuned, tune_widening, tuning_table
+from experiment import TAUS, TUNE_SEED_BASE, Tuned, tune_widening, tuning_table, value_label
 from experiment import setting as setting_of
 from grid import (
     GRID_HEADER,
@@ -344,7 +344,7 @@ def markdown(sweeps: tuple[Sweep, ...], raw: dict[str, Any]) -> str:
                     for metric, _ in METRICS
                 ]
                 lines.append(
-                    f"| {loss} {_value(loss, tuned[loss].best)} | {setting} | "
+                    f"| {loss} {value_label(loss, tuned[loss].best)} | {setting} | "
                     f"{sweep.negatives(loss, setting)} | {cells[0]} | {cells[1]} |"
                 )
         lines += [
@@ -381,7 +381,7 @@ def markdown(sweeps: tuple[Sweep, ...], raw: dict[str, Any]) -> str:
                 {loss: t.best for loss, t in tuned.items()},
                 design,
                 str(setting),
-                _value,
+                value_label,
                 setting=setting,
             )
         lines += [
@@ -411,11 +411,6 @@ def _comparison_rows(sweep: Sweep) -> list[tuple[str, tuple[str, str]]]:
         for loss in others
     ]
     return rows
-
-
-def _value(loss: str, tau: float) -> str:
-    ((name, value),) = setting_of(loss, tau).items()
-    return f"{'tau' if name == 'temperature' else name}={value:g}"
 
 
 def budget(sweeps: tuple[Sweep, ...], raw: dict[str, Any], design: Design) -> str:
